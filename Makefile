@@ -1,0 +1,29 @@
+# Every target creates and fills .venv itself; constraints.txt pins torch to the local CPU wheel.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[all]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ppl-vae train vae_digits --out runs/vae_digits --overwrite
+	$(BIN)/ppl-vae eval runs/vae_digits
+	$(BIN)/ppl-vae sample runs/vae_digits --n 64 --out runs/vae_digits/samples.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_step.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check ppl_vae tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,472 @@
+"""Model specs: frozen dataclasses, TOML loading, validation and dotted overrides.
+
+A spec names components; each backend knows how to build each kind. The allowed kinds are the
+registries below (one line each), so a new kind is declared once here and the parity tests pick it
+up in both backends.
+
+Every mistake (unknown key, wrong type, unknown kind, impossible combination) is a ``SpecError``
+that names the file, the dotted key, the value given and what is allowed, raised before any data
+is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# ---- registries of component kinds ---------------------------------------------------------
+DATA_SOURCES = ("digits", "mnist", "npz")
+BINARIZE = ("none", "static", "dynamic")
+PRIOR_KINDS = ("normal", "learned_normal", "mixture")
+ENCODER_KINDS = ("mlp", "conv")
+DECODER_KINDS = ("mlp", "conv")
+LIKELIHOOD_KINDS = ("bernoulli", "gaussian", "binomial", "categorical")
+DISTORTIONS = ("nll", "mse", "l1")
+SCHEDULE_KINDS = ("constant", "linear", "cyclical")
+AUX_KINDS = ("infonce", "supervised")  # or a user function "package.module:function"
+ACTIVATIONS = ("relu", "tanh", "elu", "softplus", "gelu", "leaky_relu")
+DEVICES = ("auto", "cpu", "cuda")
+
+#: Image shapes of the built-in sources, known before loading (used by the conv checks).
+SOURCE_IMAGE_SHAPES = {"digits": (8, 8), "mnist": (28, 28)}
+
+_USER_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class SpecError(ValueError):
+    """A spec mistake: names the file, the dotted key, the value given and what is allowed."""
+
+    def __init__(self, key: str, given: Any, allowed: str, source: str | None = None):
+        self.key, self.given, self.allowed, self.source = key, given, allowed, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key} = {given!r} is not allowed; expected {allowed}")
+
+
+def _choice(default: str, choices: tuple[str, ...]):
+    return field(default=default, metadata={"choices": choices})
+
+
+# ---- the spec ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the data comes from and how it is prepared; values end up in [0, 1] for images."""
+
+    source: str = _choice("digits", DATA_SOURCES)
+    path: str = ""  # folder of IDX files (mnist) or an .npz file (npz)
+    binarize: str = _choice("none", BINARIZE)
+    test_fraction: float = 0.2  # held-out share when the source has no test split of its own
+    limit: int = 0  # use only the first `limit` examples (0 = all); for quick runs
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    dim: int = 8
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    kind: str = _choice("normal", PRIOR_KINDS)
+    components: int = 10  # mixture only: number K of learnable diagonal Gaussians
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    kind: str = _choice("mlp", ENCODER_KINDS)
+    hidden: tuple[int, ...] = (256, 128)  # mlp: hidden widths, () = linear; conv: dense after conv
+    channels: tuple[int, ...] = (32, 64)  # conv only: one stride-2 4x4 conv per entry
+    activation: str = _choice("relu", ACTIVATIONS)
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    kind: str = _choice("mlp", DECODER_KINDS)
+    hidden: tuple[int, ...] = (128, 256)
+    channels: tuple[int, ...] = (64, 32)  # conv only: transposed convs, from deep to shallow
+    activation: str = _choice("relu", ACTIVATIONS)
+
+
+@dataclass(frozen=True)
+class LikelihoodSpec:
+    kind: str = _choice("bernoulli", LIKELIHOOD_KINDS)
+    scale: float | str = 0.1  # gaussian: a fixed std, or "learned" (one per pixel)
+    total_count: int = 16  # binomial: y * total_count is the count, y in [0, 1]
+    categories: int = 17  # categorical: y * (categories - 1) is the level, y in [0, 1]
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """β(step): constant; linear warm-up from `start` to β over `warmup`; cyclical (Fu et al. 2019)."""
+
+    kind: str = _choice("constant", SCHEDULE_KINDS)
+    start: float = 0.0
+    warmup: int = 1000  # linear: steps to reach β; cyclical: ramp length within each cycle
+    period: int = 2000  # cyclical: cycle length in steps
+
+
+@dataclass(frozen=True)
+class AuxSpec:
+    """An encoder-only loss term. `kind` is infonce | supervised | "package.module:function"."""
+
+    kind: str = "infonce"
+    weight: float = 1.0
+    hidden: tuple[int, ...] = ()  # supervised: hidden widths of the classifier head
+    classes: int = 10  # supervised: number of classes
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    beta: float = 1.0
+    lam: float = 1.0
+    distortion: str = _choice("nll", DISTORTIONS)
+    analytic_kl: bool = True
+    num_particles: int = 1
+    beta_schedule: ScheduleSpec = ScheduleSpec()
+    aux: tuple[AuxSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    clip_norm: float = 0.0  # 0 = no gradient clipping
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    eval_batch_size: int = 1000
+    device: str = _choice("auto", DEVICES)
+    dtype: str = _choice("float32", ("float32", "float64"))
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str = "model"
+    description: str = ""
+    data: DataSpec = DataSpec()
+    latent: LatentSpec = LatentSpec()
+    prior: PriorSpec = PriorSpec()
+    encoder: EncoderSpec = EncoderSpec()
+    decoder: DecoderSpec = DecoderSpec()
+    likelihood: LikelihoodSpec = LikelihoodSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
+    train: TrainSpec = TrainSpec()
+    source: str = field(default="", compare=False, metadata={"internal": True})
+
+    def replace(self, **changes) -> Spec:
+        return dataclasses.replace(self, **changes)
+
+
+# ---- conversion from plain data (TOML tables) ----------------------------------------------
+def _type_name(tp) -> str:
+    if tp is float:
+        return "a number"
+    if tp is int:
+        return "an integer"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    return str(tp)
+
+
+def _convert(value: Any, tp, key: str, meta: dict, source: str | None):
+    """Check `value` against the annotation `tp` and return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpecError(key, value, f"a table of {_field_list(tp)}", source)
+        return _from_dict(tp, value, key, source)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise SpecError(key, value, f"a list of {_type_name(item_tp)}s", source)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]", {}, source) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        if isinstance(value, str) and str in typing.get_args(tp):
+            if value != "learned":
+                raise SpecError(key, value, 'a positive number or "learned"', source)
+            return value
+        return _convert(value, float, key, meta, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SpecError(key, value, "true or false", source)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(key, value, "an integer", source)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SpecError(key, value, "a number", source)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise SpecError(key, value, "a string", source)
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise SpecError(key, value, "one of " + ", ".join(repr(c) for c in choices), source)
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this file, not a spec
+
+
+def _field_list(cls) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal"))
+
+
+def _from_dict(cls, table: dict, prefix: str, source: str | None):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for name, value in table.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in fields:
+            raise SpecError(key, value, f"a known key ({_field_list(cls)})", source)
+        kwargs[name] = _convert(value, hints[name], key, fields[name].metadata, source)
+    return cls(**kwargs)
+
+
+def _to_dict(obj) -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("internal"):
+            continue
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = _to_dict(v)
+        elif isinstance(v, tuple):
+            out[f.name] = [_to_dict(x) if dataclasses.is_dataclass(x) else x for x in v]
+        else:
+            out[f.name] = v
+    return out
+
+
+def spec_from_dict(table: dict, source: str | None = None) -> Spec:
+    """Build and validate a `Spec` from nested plain data (what `tomllib` returns)."""
+    spec = _from_dict(Spec, table, "", source)
+    spec = dataclasses.replace(spec, source=source or "")
+    validate(spec)
+    return spec
+
+
+def spec_to_dict(spec: Spec) -> dict:
+    return _to_dict(spec)
+
+
+# ---- cross-field validation ----------------------------------------------------------------
+def validate(spec: Spec) -> None:
+    """Checks that need more than one field. Raises `SpecError`; returns None when valid."""
+    src = spec.source or None
+
+    def need(cond: bool, key: str, given: Any, allowed: str):
+        if not cond:
+            raise SpecError(key, given, allowed, src)
+
+    d, lik, obj, tr = spec.data, spec.likelihood, spec.objective, spec.train
+    need(d.source != "digits" or not d.path, "data.path", d.path, "empty for source 'digits'")
+    need(d.source == "digits" or bool(d.path), "data.path", d.path,
+         f"a path (a folder of IDX files for mnist, an .npz file for npz) with source {d.source!r}")
+    need(0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
+    need(d.limit >= 0, "data.limit", d.limit, "an integer >= 0 (0 = all)")
+    need(spec.latent.dim >= 1, "latent.dim", spec.latent.dim, "an integer >= 1")
+    need(spec.prior.components >= 1, "prior.components", spec.prior.components, "an integer >= 1")
+    for part in ("encoder", "decoder"):
+        net = getattr(spec, part)
+        need(all(h >= 1 for h in net.hidden), f"{part}.hidden", list(net.hidden),
+             "a list of positive widths ([] means linear)")
+        need(all(c >= 1 for c in net.channels), f"{part}.channels", list(net.channels),
+             "a list of positive channel counts")
+        if net.kind == "conv":
+            shape = SOURCE_IMAGE_SHAPES.get(d.source)
+            need(d.source in ("mnist", "npz"), f"{part}.kind", "conv",
+                 f"'mlp' for source {d.source!r} (conv needs 28x28 or 64x64 images: mnist, or an "
+                 "npz of images)")
+            need(len(net.channels) >= 1, f"{part}.channels", list(net.channels),
+                 "at least one channel count for a conv network")
+            if shape is not None:
+                side = shape[0]
+                need(side % 2 ** len(net.channels) == 0, f"{part}.channels", list(net.channels),
+                     f"at most {_max_halvings(side)} entries: each halves the {side}x{side} image")
+    if lik.kind == "gaussian":
+        need(lik.scale == "learned" or (isinstance(lik.scale, float) and lik.scale > 0),
+             "likelihood.scale", lik.scale, 'a positive number or "learned"')
+    need(lik.total_count >= 1, "likelihood.total_count", lik.total_count, "an integer >= 1")
+    need(lik.categories >= 2, "likelihood.categories", lik.categories, "an integer >= 2")
+    if d.binarize != "none":
+        need(lik.kind == "bernoulli", "data.binarize", d.binarize,
+             f"'none' with a {lik.kind} likelihood (binarised data needs 'bernoulli')")
+    need(obj.beta >= 0, "objective.beta", obj.beta, "a number >= 0")
+    need(obj.lam > 0, "objective.lam", obj.lam, "a number > 0")
+    need(obj.num_particles >= 1, "objective.num_particles", obj.num_particles, "an integer >= 1")
+    sch = obj.beta_schedule
+    need(sch.start >= 0, "objective.beta_schedule.start", sch.start, "a number >= 0")
+    need(sch.warmup >= 1, "objective.beta_schedule.warmup", sch.warmup, "an integer >= 1")
+    if sch.kind == "cyclical":
+        need(sch.period >= sch.warmup, "objective.beta_schedule.period", sch.period,
+             f"an integer >= warmup ({sch.warmup})")
+    for i, aux in enumerate(obj.aux):
+        key = f"objective.aux[{i}]"
+        need(aux.kind in AUX_KINDS or bool(_USER_FN.match(aux.kind)), f"{key}.kind", aux.kind,
+             "'infonce', 'supervised' or a user function 'package.module:function'")
+        need(aux.weight >= 0, f"{key}.weight", aux.weight, "a number >= 0")
+        need(aux.classes >= 2, f"{key}.classes", aux.classes, "an integer >= 2")
+        if aux.kind not in AUX_KINDS:
+            try:
+                resolve_user_function(aux.kind)
+            except (ImportError, AttributeError) as err:
+                raise SpecError(f"{key}.kind", aux.kind,
+                                f"an importable 'package.module:function' ({err})", src) from None
+    need(tr.steps >= 1, "train.steps", tr.steps, "an integer >= 1")
+    need(tr.batch_size >= 1, "train.batch_size", tr.batch_size, "an integer >= 1")
+    need(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
+    need(tr.clip_norm >= 0, "train.clip_norm", tr.clip_norm, "a number >= 0 (0 = off)")
+    for name in ("log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
+        need(getattr(tr, name) >= 1, f"train.{name}", getattr(tr, name), "an integer >= 1")
+    need(tr.eval_every % tr.log_every == 0, "train.eval_every", tr.eval_every,
+         f"a multiple of train.log_every ({tr.log_every})")
+    need(tr.checkpoint_every % tr.log_every == 0, "train.checkpoint_every", tr.checkpoint_every,
+         f"a multiple of train.log_every ({tr.log_every})")
+
+
+def _max_halvings(side: int) -> int:
+    n = 0
+    while side % 2 == 0:
+        side //= 2
+        n += 1
+    return n
+
+
+def resolve_user_function(path: str):
+    """Import "package.module:function" and return the function."""
+    module_name, fn_name = path.split(":")
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
+# ---- files, names and overrides ----------------------------------------------------------------
+def models_dir() -> Path:
+    """The bundled `models/` folder (next to the package in a source checkout)."""
+    here = Path(__file__).resolve().parent.parent / "models"
+    return here if here.is_dir() else Path.cwd() / "models"
+
+
+def list_models() -> list[tuple[str, str]]:
+    """(name, description) of each bundled spec in `models/`."""
+    out = []
+    for path in sorted(models_dir().glob("*.toml")):
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+        out.append((path.stem, str(table.get("description", ""))))
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'objective.beta=4' -> ('objective.beta', 4.0); the value is read as a TOML value.
+
+    A bare word that is not valid TOML (`encoder.kind=conv`) is taken as a string.
+    """
+    if "=" not in text:
+        raise SpecError(text, text, "an override of the form section.key=value")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(table: dict, overrides, source: str | None = None) -> dict:
+    """Return a copy of `table` with dotted `overrides` ("a.b=v" strings or (key, value)) set."""
+    import copy
+
+    table = copy.deepcopy(table)
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        parts = key.split(".")
+        node = table
+        for i, part in enumerate(parts[:-1]):
+            sub = node.setdefault(part, {})
+            if not isinstance(sub, dict):
+                raise SpecError(".".join(parts[: i + 1]), sub, "a table to set keys inside", source)
+            node = sub
+        node[parts[-1]] = value
+    return table
+
+
+def resolve_spec_path(path_or_name: str | Path) -> Path:
+    path = Path(path_or_name)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"spec file {str(path)!r} does not exist")
+        return path
+    candidate = models_dir() / f"{path_or_name}.toml"
+    if candidate.is_file():
+        return candidate
+    names = ", ".join(n for n, _ in list_models()) or "(none found)"
+    raise FileNotFoundError(
+        f"no spec file or bundled model named {str(path_or_name)!r}; bundled models: {names}"
+    )
+
+
+def load_spec(path_or_name: str | Path | Spec, overrides=()) -> Spec:
+    """Load a spec from a TOML file or a bundled model name, apply dotted overrides, validate.
+
+    >>> spec = load_spec("vae_digits", ["objective.beta=4", "latent.dim=16"])
+    """
+    if isinstance(path_or_name, Spec):
+        table, source = spec_to_dict(path_or_name), path_or_name.source or None
+    else:
+        path = resolve_spec_path(path_or_name)
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                table = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as err:
+            raise SpecError("(file)", path.name, f"valid TOML ({err})", source) from None
+    return spec_from_dict(apply_overrides(table, overrides, source), source)
+
+
+# ---- writing TOML (the resolved spec of a run) ----------------------------------------------
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_table(table: dict, prefix: str, lines: list[str]) -> None:
+    subtables, arrays = [], []
+    for k, v in table.items():
+        if isinstance(v, dict):
+            subtables.append((k, v))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            arrays.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in subtables:
+        name = f"{prefix}.{k}" if prefix else k
+        lines.extend(["", f"[{name}]"])
+        _toml_table(v, name, lines)
+    for k, items in arrays:
+        name = f"{prefix}.{k}" if prefix else k
+        for item in items:
+            lines.extend(["", f"[[{name}]]"])
+            _toml_table(item, name, lines)
+
+
+def spec_to_toml(spec: Spec) -> str:
+    """The resolved spec as TOML text; `load_spec` of it gives back an equal spec."""
+    lines: list[str] = []
+    _toml_table(spec_to_dict(spec), "", lines)
+    return "\n".join(lines) + "\n"
