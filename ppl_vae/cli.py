@@ -1,0 +1,150 @@
+"""The `ppl-vae` command line: train, eval, sample, models.
+
+Examples::
+
+    ppl-vae models
+    ppl-vae train vae_digits --set objective.beta=4 --out runs/beta4
+    ppl-vae eval runs/beta4
+    ppl-vae sample runs/beta4 --n 64 --out samples.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ppl_vae.backends import BACKENDS
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a spec (a TOML file or a bundled model name)")
+    p.add_argument("spec", help="path to a .toml spec, or a name from `ppl-vae models`")
+    p.add_argument("--backend", choices=list(BACKENDS), default="pyro")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value by dotted key, e.g. objective.beta=4 (repeatable)")
+    p.add_argument("--out", help="run folder (default runs/<spec name>)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides train.device")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in --out")
+    group.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="test ELBO, rate, distortion and per-dimension KL of a run")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("--backend", choices=list(BACKENDS), help="default: the one that trained it")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--bits", action="store_true", help="also print bits per dimension")
+
+
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="decode draws from the prior into an image grid")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("--n", type=int, default=64, help="how many samples (default 64)")
+    p.add_argument("--out", required=True, help="a .png image grid, or .npy for the raw means")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=list(BACKENDS), help="default: the one that trained it")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+
+
+def cmd_models(args) -> int:
+    from ppl_vae.spec import list_models
+
+    rows = list_models()
+    width = max((len(n) for n, _ in rows), default=4)
+    for name, description in rows:
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ppl_vae.spec import load_spec
+    from ppl_vae.training import fit
+
+    spec = load_spec(args.spec, args.overrides)
+    out = args.out or str(Path("runs") / spec.name)
+    run = fit(spec, backend=args.backend, device=args.device, out_dir=out, resume=args.resume,
+              overwrite=args.overwrite, progress=not args.no_progress)
+    test = run.final_test
+    print(f"run folder: {run.path}")
+    print(f"test (nats per example): elbo {test['elbo']:.3f}  rate {test['rate']:.3f}  "
+          f"distortion {test['distortion']:.3f}  objective {test['objective']:.3f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ppl_vae.report import evaluate_run, format_report
+
+    report = evaluate_run(args.run, backend=args.backend, device=args.device)
+    print(format_report(report, bits=args.bits))
+    print(f"written: {Path(args.run) / 'report.json'}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from ppl_vae.runs import load_run
+
+    if args.n < 1:
+        raise ValueError("--n must be at least 1")
+    run = load_run(args.run)
+    model = run.model(args.backend, args.device)
+    means = model.decode_mean(model.sample_prior(args.n, seed=args.seed))
+    out = Path(args.out)
+    if out.suffix == ".npy":
+        np.save(out, means)
+    else:
+        shape = run.info.get("image_shape")
+        if not shape:
+            raise ValueError("these data are not images; use --out FILE.npy for the raw means")
+        from ppl_vae.plots import save_image_grid
+
+        save_image_grid(means.reshape(-1, *shape), out,
+                        title=f"{run.spec.name}: E[y|z], z ~ prior")
+    print(f"written: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppl-vae",
+        description="VAE-family models as probabilistic programs: "
+                    "loss = beta*rate + lam*distortion + aux(encoder)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list the bundled model specs")
+    _add_train(sub)
+    _add_eval(sub)
+    _add_sample(sub)
+    return parser
+
+
+COMMANDS = {"models": cmd_models, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+
+
+def main(argv=None) -> int:
+    from ppl_vae.backends import BackendError
+    from ppl_vae.data import DataError
+    from ppl_vae.runs import RunError
+    from ppl_vae.spec import SpecError
+    from ppl_vae.training import TrainingDiverged, TrainingInterrupted
+
+    args = build_parser().parse_args(argv)
+    if os.environ.get("PPL_VAE_DEBUG"):  # full tracebacks instead of one-line errors
+        return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except TrainingInterrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 130
+    except (SpecError, DataError, RunError, TrainingDiverged, BackendError, FileNotFoundError,
+            ImportError, ValueError) as err:
+        print(f"ppl-vae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

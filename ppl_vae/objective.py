@@ -1,0 +1,43 @@
+"""The objective, backend-free: β schedules, aux-term names and the InfoNCE bound's constants.
+
+    loss = β · rate + λ · distortion + aux(Ψ)
+
+rate = E[ln q_Ψ(z|y) − ln p̂_Φ(z)] (Î(y, z) in the lecture), distortion = E[−ln p̂_Φ(y|z)]
+(Ĥ(y|z)) or any Dist_Φ(y|z), aux = a loss on the encoder alone (encoder autonomy). All in nats.
+The backends' `ScaledELBO` compute the terms; this module decides the weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ppl_vae.spec import ObjectiveSpec, Spec
+
+
+def beta_schedule(objective: ObjectiveSpec, steps: np.ndarray) -> np.ndarray:
+    """β at each (0-based) step in `steps`, as float64 (len(steps),).
+
+    constant: β. linear: start → β over `warmup` steps, then β (Bowman et al. 2016).
+    cyclical: the linear ramp repeated every `period` steps (Fu et al. 2019).
+    A schedule is a pure function of the step, so resuming at step k gives the same β.
+    """
+    sch = objective.beta_schedule
+    steps = np.asarray(steps, dtype=np.float64)
+    if sch.kind == "constant":
+        return np.full(steps.shape, objective.beta)
+    phase = steps if sch.kind == "linear" else np.mod(steps, sch.period)
+    ramp = np.clip(phase / sch.warmup, 0.0, 1.0)
+    return sch.start + (objective.beta - sch.start) * ramp
+
+
+def aux_site_names(spec: Spec) -> list[str]:
+    """Guide factor-site names of the aux terms: the kind (or function name), made unique."""
+    names: list[str] = []
+    for aux in spec.objective.aux:
+        base = aux.kind.rsplit(":", 1)[-1]
+        name, i = base, 1
+        while name in names:
+            i += 1
+            name = f"{base}_{i}"
+        names.append(name)
+    return names

@@ -1,0 +1,210 @@
+"""`fit`: the backend-free training driver.
+
+The driver owns everything that is the same for both backends: β per step from the schedule,
+windows of `train.log_every` steps, metrics (per example, nats), evaluation on the test split,
+atomic checkpoints, the progress bar, NaN/inf detection and Ctrl-C. A backend's `Trainer` runs
+the steps of one window (`run_steps(betas, lam)`) and hands back one array per window, so the host
+waits for the device once per window, not once per step.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from ppl_vae import runs
+from ppl_vae.backends import backend_module
+from ppl_vae.data import Dataset, binarize, load_data
+from ppl_vae.diagnostics import gaussian_kl_per_dim
+from ppl_vae.objective import beta_schedule
+from ppl_vae.spec import Spec, load_spec
+
+STEP_FIELDS = ("objective", "rate", "distortion", "aux")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last finite metrics."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: a checkpoint was saved; `step` says where."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+@contextmanager
+def _interrupt_flag():
+    """While active, the first Ctrl-C sets flag["stop"] (the driver stops at the end of the
+    window and saves); a second Ctrl-C interrupts at once."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def evaluation_data(spec: Spec, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The test split as the model is scored on it: binarised once (seeded) when training
+    binarises dynamically, so every evaluation sees the same binary images."""
+    x = dataset.x_test
+    if spec.data.binarize == "dynamic":
+        x = binarize(x, np.random.default_rng(spec.train.seed + 1))
+    return x, dataset.labels_test
+
+
+def evaluate(model, spec: Spec, x: np.ndarray, labels: np.ndarray, beta: float,
+             lam: float) -> dict[str, float]:
+    """Per-example test metrics in nats: elbo (β = λ = 1, nll), objective (as trained), rate,
+    distortion (as trained), nll, aux and, where the prior factorises, rate/dim_<i>."""
+    sums = model.eval_terms(x, labels, beta, lam, seed=spec.train.seed,
+                            batch_size=spec.train.eval_batch_size)
+    n = len(x)
+    out = {k: v / n for k, v in sums.items()}
+    out["elbo"] = -(out["rate"] + out["nll"])
+    prior = model.prior_normal()
+    if prior is not None:
+        loc, scale = model.encode(x, spec.train.eval_batch_size)
+        per_dim = gaussian_kl_per_dim(loc, scale, *prior).mean(0)
+        out.update({f"rate/dim_{i}": float(v) for i, v in enumerate(per_dim)})
+    return out
+
+
+def _windows(start: int, steps: int, every: int):
+    """(first, last) completed-step counts of each logging window: ends at multiples of
+    `every` and at `steps`, so a resumed run logs at the same steps as a straight one."""
+    s = start
+    while s < steps:
+        e = min((s // every + 1) * every, steps)
+        yield s, e
+        s = e
+
+
+def _fmt(record: dict) -> str:
+    return ", ".join(f"{k}={record[k]:.4g}" for k in ("rate", "distortion", "elbo", "objective")
+                     if k in record)
+
+
+def default_out_dir(spec: Spec) -> Path:
+    return Path("runs") / f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = None,
+        out_dir: str | Path | None = None, *, overrides=(), resume: bool = False,
+        overwrite: bool = False, progress: bool = True, dataset: Dataset | None = None):
+    """Train `spec` with `backend`; return the finished `Run` (its folder, metrics, params).
+
+    :param spec: a `Spec`, a TOML path or a bundled model name (see `ppl_vae.list_models()`).
+    :param device: "auto" | "cpu" | "cuda"; overrides ``train.device``.
+    :param out_dir: the run folder; default ``runs/<name>-<timestamp>``.
+    :param resume: continue the run in `out_dir` from its checkpoint (to ``train.steps``).
+    :param overwrite: replace an existing `out_dir`.
+    :param dataset: use these arrays instead of loading ``spec.data`` (tests, notebooks).
+    """
+    spec = load_spec(spec, overrides)
+    if device is not None:
+        spec = spec.replace(train=replace(spec.train, device=device))
+    train_mod = backend_module(backend, "train")
+    dataset = dataset if dataset is not None else load_data(spec)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(spec)
+    out = runs.prepare_run_dir(out, spec, resume=resume, overwrite=overwrite,
+                               checkpoint_name=train_mod.Trainer.checkpoint_name)
+    trainer = train_mod.Trainer(spec, dataset, spec.train.device)
+    metrics_path, ckpt_path = out / runs.METRICS_FILE, out / train_mod.Trainer.checkpoint_name
+    start = 0
+    if resume:
+        start = trainer.load_checkpoint(ckpt_path)
+        runs.truncate_metrics(metrics_path, start)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    info = {"backend": backend, "data_dim": dataset.dim, "image_shape": dataset.image_shape,
+            "data": dataset.name, "n_train": len(dataset.x_train), "n_test": len(dataset.x_test),
+            "device": str(trainer.device), "step": start, "wall_seconds": 0.0,
+            "version": __import__("ppl_vae").__version__}
+    _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress)
+    return runs.load_run(out)
+
+
+def _save(trainer, out: Path, ckpt_path: Path, info: dict) -> None:
+    runs.save_params(out / runs.PARAMS_FILE, trainer.model.export_params())
+    runs.write_atomic(ckpt_path, trainer.save_checkpoint)
+    runs.write_json_atomic(out / runs.INFO_FILE, info | {"step": trainer.step})
+
+
+def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress):
+    tr, obj = spec.train, spec.objective
+    x_eval, labels_eval = evaluation_data(spec, dataset)
+    nll_trained = obj.distortion == "nll"
+    last_finite: dict = {}
+    last_ckpt = start if start else None
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tr.steps, initial=start, desc=f"{spec.name} [{info['backend']}]",
+                   unit="step", dynamic_ncols=True)
+    try:
+        with _interrupt_flag() as flag:
+            for first, last in _windows(start, tr.steps, tr.log_every):
+                betas = beta_schedule(obj, np.arange(first, last))
+                values = trainer.run_steps(betas, obj.lam)
+                bad = ~np.isfinite(values[:, 0])
+                if bad.any():
+                    step = first + int(np.argmax(bad)) + 1
+                    where = (f"the last good checkpoint (step {last_ckpt}) is in {ckpt_path}"
+                             if last_ckpt else "no checkpoint was written yet")
+                    raise TrainingDiverged(
+                        f"the loss became {values[np.argmax(bad), 0]} at step {step}; last finite "
+                        f"metrics (step {last_finite.get('step', '-')}): "
+                        f"{_fmt(last_finite) or 'none'}; {where}. Try a smaller train.lr, "
+                        "train.clip_norm > 0, or float64 (train.dtype).")
+                record = {"step": last, "split": "train", "beta": float(betas[-1]),
+                          "lam": obj.lam}
+                record |= dict(zip(STEP_FIELDS, values.mean(0).tolist()))
+                if nll_trained:
+                    record["elbo"] = -(record["rate"] + record["distortion"])
+                record["seconds"] = time.perf_counter() - t0
+                runs.append_metrics(metrics_path, record)
+                last_finite = record
+                if bar is not None:
+                    bar.update(last - first)
+                    bar.set_postfix(rate=f"{record['rate']:.3g}",
+                                    distortion=f"{record['distortion']:.4g}")
+                if last % tr.eval_every == 0 or last == tr.steps:
+                    test = evaluate(trainer.model, spec, x_eval, labels_eval, float(betas[-1]),
+                                    obj.lam)
+                    runs.append_metrics(metrics_path, {"step": last, "split": "test"} | test)
+                    if bar is not None:
+                        bar.write(f"step {last}: test {_fmt(test)}")
+                info["wall_seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if last % tr.checkpoint_every == 0 or last == tr.steps or flag["stop"]:
+                    _save(trainer, out, ckpt_path, info)
+                    last_ckpt = last
+                if flag["stop"] and last < tr.steps:
+                    raise TrainingInterrupted(
+                        f"interrupted at step {last}: checkpoint saved in {out}; continue with "
+                        f"`ppl-vae train {spec.source or 'SPEC'} --out {out} --resume`", last)
+    finally:
+        if bar is not None:
+            bar.close()
+
