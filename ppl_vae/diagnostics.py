@@ -1,0 +1,353 @@
+"""Diagnostics of a trained encoder/decoder pair, in NumPy only (no torch, no jax).
+
+Everything here works on arrays the backends hand over: the encoder's diagonal-Gaussian
+posterior parameters `loc_q`, `scale_q` of shape (N, d) for N evaluation examples and d latent
+dimensions, or importance log weights of shape (N, K). All information quantities are in nats
+per example unless a name says otherwise.
+
+The lecture's quantities (`../shared/seed/vae_lecture.md`) map onto these functions as
+
+* rate        Î(y, z) = E_y KL(q(z|y) || p̂(z))          `gaussian_kl_per_dim`, `rate_per_dim`
+* I_q(y, z)   E_y E_q(z|y)[ln q(z|y) − ln q(z)]          `mutual_information`
+* Î − I_q     KL(q(z) || p̂(z)) ≥ 0                       `marginal_kl`
+* ln P(y)     IWAE bound L_K ≤ ln P(y), ↑ as K grows      `iwae_bound`
+
+with q(z) = E_y q(z|y) the aggregate posterior (Hoffman & Johnson 2016, "ELBO surgery").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "Estimate",
+    "IWAEBound",
+    "active_units",
+    "aggregate_log_density",
+    "ess_from_log_weights",
+    "gaussian_kl_per_dim",
+    "iwae_bound",
+    "iwae_bound_chunked",
+    "logsumexp",
+    "marginal_kl",
+    "mutual_information",
+    "psis_khat",
+    "psis_summary",
+    "rate_per_dim",
+    "to_bits_per_dim",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+#: Elements (S × chunk) of one block of the aggregate-posterior density; 2**22 float64 = 32 MiB.
+_BLOCK_ELEMENTS = 2**22
+
+
+class Estimate(NamedTuple):
+    """A Monte Carlo estimate and its standard error (same units); unpacks as a pair."""
+
+    value: float
+    stderr: float
+
+
+class IWAEBound(NamedTuple):
+    """The IWAE bound L_K per example (N,), its mean over examples, and that mean's stderr."""
+
+    per_example: np.ndarray
+    mean: float
+    stderr: float
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def logsumexp(a: np.ndarray, axis: int = -1) -> np.ndarray:
+    """ln Σ exp(a) along `axis`, without overflow; rows that are all −inf give −inf.
+
+    Shifting by the row maximum keeps every exp() in (0, 1]; a row of −inf has no finite
+    maximum, so its shift is replaced by 0 to avoid (−inf) − (−inf) = NaN.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    peak = np.max(a, axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):  # ln 0 = −inf is the right answer for an all −inf row
+        out = np.log(np.sum(np.exp(a - peak), axis=axis, keepdims=True)) + peak
+    return np.squeeze(out, axis=axis)
+
+
+def _stderr(values: np.ndarray) -> float:
+    """Standard error of the mean of a 1-D sample; NaN when fewer than two values."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return float("nan")
+    return float(np.std(values, ddof=1) / math.sqrt(values.size))
+
+
+def _posterior_arrays(loc_q, scale_q) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a batch of diagonal-Gaussian posteriors: both (N, d), scales > 0, finite."""
+    loc_q = np.asarray(loc_q, dtype=np.float64)
+    scale_q = np.asarray(scale_q, dtype=np.float64)
+    if loc_q.ndim != 2 or loc_q.shape != scale_q.shape:
+        raise ValueError(f"loc_q and scale_q must both have shape (N, d); got {loc_q.shape} "
+                         f"and {scale_q.shape}")
+    if not (np.all(np.isfinite(loc_q)) and np.all(np.isfinite(scale_q))):
+        raise ValueError("loc_q and scale_q must be finite (the encoder produced NaN or inf)")
+    if np.any(scale_q <= 0):
+        raise ValueError("scale_q must be > 0 (a standard deviation, not a log-scale)")
+    return loc_q, scale_q
+
+
+def _log_weight_array(log_weights) -> np.ndarray:
+    """Validate importance log weights: (N, K) with K ≥ 1, no NaN (−inf is a zero weight)."""
+    lw = np.asarray(log_weights, dtype=np.float64)
+    if lw.ndim != 2 or lw.shape[1] < 1:
+        raise ValueError(f"log_weights must have shape (N, K) with K >= 1; got {lw.shape}")
+    if np.any(np.isnan(lw)) or np.any(lw == np.inf):
+        raise ValueError("log_weights contain NaN or +inf")
+    return lw
+
+
+# ---------------------------------------------------------------------------------------------
+# rate and active units
+
+
+def gaussian_kl_per_dim(loc_q, scale_q, loc_p=0.0, scale_p=1.0) -> np.ndarray:
+    """KL(N(loc_q, scale_q²) || N(loc_p, scale_p²)) per example and dimension, in nats.
+
+    Shapes: loc_q, scale_q (N, d); loc_p, scale_p broadcast against them ((d,), scalar or
+    (N, d)). Returns (N, d), every entry ≥ 0. Summed over d it is the analytic rate term of
+    one example (its mean over examples is the rate Î(y, z) with prior p̂ = the second argument).
+
+        KL = ½ [ r − 1 − ln r + (loc_q − loc_p)² / scale_p² ],   r = scale_q² / scale_p²
+
+    Reference: Kingma & Welling (2014), "Auto-Encoding Variational Bayes", appendix B.
+    """
+    loc_q = np.asarray(loc_q, dtype=np.float64)
+    scale_q = np.asarray(scale_q, dtype=np.float64)
+    loc_p = np.asarray(loc_p, dtype=np.float64)
+    scale_p = np.asarray(scale_p, dtype=np.float64)
+    if np.any(scale_q <= 0) or np.any(scale_p <= 0):
+        raise ValueError("scales must be > 0 (standard deviations, not log-scales)")
+    # r − 1 − ln r written as expm1(t) − t with t = ln r: no cancellation when q ≈ p.
+    log_ratio = 2.0 * (np.log(scale_q) - np.log(scale_p))
+    mahalanobis = np.square((loc_q - loc_p) / scale_p)
+    return 0.5 * (np.expm1(log_ratio) - log_ratio + mahalanobis)
+
+
+def rate_per_dim(loc_q, scale_q, loc_p=0.0, scale_p=1.0) -> np.ndarray:
+    """Rate per latent dimension (d,): mean over the N examples of `gaussian_kl_per_dim`, nats.
+
+    Its sum is the rate Î(y, z) = E_y KL(q(z|y) || p̂(z)) per example when the prior factorises.
+    A dimension whose rate is ~0 carries no information about y (it has collapsed).
+    Reference: Alemi et al. (2018), "Fixing a Broken ELBO".
+    """
+    return gaussian_kl_per_dim(loc_q, scale_q, loc_p, scale_p).mean(axis=0)
+
+
+def active_units(loc_q, threshold: float = 0.01) -> tuple[int, np.ndarray]:
+    """Number of active latent dimensions and the per-dimension statistic behind it.
+
+    loc_q (N, d) are the posterior means E_q(z|y_n)[z]. A dimension u is active when
+    A_u = Var_y(E_q(z|y)[z_u]) > threshold (units of z², default 0.01): if the posterior mean
+    does not move with y, that dimension tells the decoder nothing about y.
+    Returns (n_active, cov_per_dim (d,)); the variance uses 1/N (population variance).
+
+    Reference: Burda, Grosse & Salakhutdinov (2016), "Importance Weighted Autoencoders", §5.2.
+    """
+    loc_q = np.asarray(loc_q, dtype=np.float64)
+    if loc_q.ndim != 2 or loc_q.shape[0] < 1:
+        raise ValueError(f"loc_q must have shape (N, d) with N >= 1; got {loc_q.shape}")
+    cov_per_dim = np.var(loc_q, axis=0)
+    return int(np.sum(cov_per_dim > threshold)), cov_per_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregate posterior and mutual information
+
+
+def aggregate_log_density(z, loc_q, scale_q, chunk: int | None = None) -> np.ndarray:
+    """ln q(z) of the aggregate posterior q(z) = (1/N) Σ_n N(z; loc_n, diag scale_n²), in nats.
+
+    z (S, d): the points; loc_q, scale_q (N, d): the N posteriors of an evaluation set.
+    Returns (S,). The N components are visited `chunk` at a time (default: as many as keep
+    one (S, chunk) block near 32 MiB) and combined with a running log-sum-exp, so memory is
+    O(S · chunk) whatever N is: N = S = 10 000 fits comfortably.
+
+    Accuracy: the squared distances come from matrix products, so their rounding error is about
+    1e-16 · max_n,d ((z − c)/scale_n)², c the mean code: ~1e-10 nats for codes within ±5 of c
+    at scale 0.01, but ~1e-5 nats for codes 10⁴ away at scale 0.1.
+
+    Reference: Hoffman & Johnson (2016), "ELBO surgery: yet another way to carve up the
+    variational evidence lower bound".
+    """
+    loc_q, scale_q = _posterior_arrays(loc_q, scale_q)
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != loc_q.shape[1]:
+        raise ValueError(f"z must have shape (S, {loc_q.shape[1]}); got {z.shape}")
+    n_post, dim = loc_q.shape
+    if chunk is None:
+        chunk = max(1, _BLOCK_ELEMENTS // max(1, z.shape[0]))
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1; got {chunk}")
+
+    # The squared distance is expanded as z²·λ − 2 z·(μλ) + μ²·λ (λ = 1/σ²) so each block is
+    # three matrix products, never an (S, chunk, d) array. Shifting z and μ by one common
+    # centre is exact and keeps the expansion's cancellation small when the codes sit far from
+    # the origin; the centre is global so every chunking gives the same numbers.
+    centre = loc_q.mean(axis=0)
+    zc = z - centre
+    zc_sq = np.square(zc)
+    running_max = np.full(z.shape[0], -np.inf)
+    running_sum = np.zeros(z.shape[0])
+    for start in range(0, n_post, chunk):
+        mu = loc_q[start:start + chunk] - centre
+        precision = 1.0 / np.square(scale_q[start:start + chunk])
+        quad = (zc_sq @ precision.T - 2.0 * (zc @ (mu * precision).T)
+                + np.sum(np.square(mu) * precision, axis=1))
+        log_norm = -np.sum(np.log(scale_q[start:start + chunk]), axis=1) - 0.5 * dim * _LOG_2PI
+        block = log_norm - 0.5 * np.maximum(quad, 0.0)  # quad ≥ 0 exactly; clip rounding
+        new_max = np.maximum(running_max, block.max(axis=1))
+        running_sum = (running_sum * np.exp(running_max - new_max)
+                       + np.exp(block - new_max[:, None]).sum(axis=1))
+        running_max = new_max
+    return np.log(running_sum) + running_max - math.log(n_post)
+
+
+def _diag_gaussian_log_density(z, loc, scale) -> np.ndarray:
+    """ln N(z; loc, diag scale²) summed over the last axis (broadcasting leading axes)."""
+    standard = (z - loc) / scale
+    return -0.5 * np.sum(np.square(standard) + _LOG_2PI + 2.0 * np.log(scale), axis=-1)
+
+
+def mutual_information(loc_q, scale_q, rng: np.random.Generator,
+                       num_samples_per_example: int = 1, chunk: int | None = None) -> Estimate:
+    """I_q(y; z) = E_y E_q(z|y)[ln q(z|y) − ln q(z)] of the encoder on an evaluation set, nats.
+
+    loc_q, scale_q (N, d): the posteriors of N examples y_n, which stand in for Pop(y).
+    For each n, `num_samples_per_example` draws z ~ q(z|y_n) are scored against their own
+    posterior and against the aggregate posterior q(z) = (1/N) Σ_m q(z|y_m), evaluated exactly
+    over all N (`aggregate_log_density`), not by a minibatch estimate.
+
+    Returns `Estimate(value, stderr)`: the mean over examples, and its standard error across
+    examples (each example's draws averaged first, so the stderr covers both y and z noise).
+    Over the N-component mixture the estimand lies in [0, ln N] (a single draw can stray out);
+    as an estimate of the population I_q its bias is small once N ≫ exp(I_q).
+    I_q ≤ rate, with equality iff q(z) = p̂(z) (see `marginal_kl`).
+
+    Reference: Hoffman & Johnson (2016), "ELBO surgery", eq. (2)–(4).
+    """
+    loc_q, scale_q = _posterior_arrays(loc_q, scale_q)
+    if num_samples_per_example < 1:
+        raise ValueError(f"num_samples_per_example must be >= 1; got {num_samples_per_example}")
+    n, dim = loc_q.shape
+    m = num_samples_per_example
+    eps = rng.standard_normal((n, m, dim))
+    z = loc_q[:, None, :] + scale_q[:, None, :] * eps
+    log_q_cond = _diag_gaussian_log_density(z, loc_q[:, None, :], scale_q[:, None, :])
+    log_q_agg = aggregate_log_density(z.reshape(n * m, dim), loc_q, scale_q, chunk)
+    per_example = (log_q_cond - log_q_agg.reshape(n, m)).mean(axis=1)
+    return Estimate(float(per_example.mean()), _stderr(per_example))
+
+
+def marginal_kl(rate: float, mutual_info: float) -> float:
+    """KL(q(z) || p̂(z)) = rate − I_q, in nats per example (≥ 0 up to Monte Carlo error).
+
+    The rate Î(y, z) = E_y KL(q(z|y) || p̂(z)) splits exactly into I_q(y; z) + KL(q(z) || p̂(z))
+    (Hoffman & Johnson 2016). In the lecture's terms this is the gap Î − I in I ≤ Î: the part of
+    the rate spent because the prior p̂ is not the aggregate posterior. Optimising p̂ alone
+    drives it to 0 under universal expressiveness; what remains, I_q, is information about y.
+    """
+    return float(rate) - float(mutual_info)
+
+
+# ---------------------------------------------------------------------------------------------
+# importance sampling: IWAE, ESS, PSIS
+
+
+def iwae_bound(log_weights) -> IWAEBound:
+    """Importance-weighted bound L_K on ln p(y), per example, in nats (Burda et al. 2016).
+
+    log_weights (N, K): ln p(y_n, z_k) − ln q(z_k|y_n) for K draws z_k ~ q(z|y_n).
+    L_K(y_n) = ln (1/K) Σ_k exp(log_weights[n, k]). E[L_K] ≤ ln p(y), grows with K and reaches
+    ln p(y) as K → ∞; L_1 is the ELBO. Returns IWAEBound(per_example (N,), mean, stderr), the
+    stderr being across examples (NaN for N = 1). Negate for a negative log-likelihood.
+    """
+    lw = _log_weight_array(log_weights)
+    per_example = logsumexp(lw, axis=1) - math.log(lw.shape[1])
+    return IWAEBound(per_example, float(per_example.mean()), _stderr(per_example))
+
+
+def iwae_bound_chunked(blocks: Iterable[np.ndarray]) -> IWAEBound:
+    """`iwae_bound` over an iterable of (n_i, K_i) blocks of examples, e.g. one per minibatch.
+
+    Only one block's log weights need to be in memory at a time; the (N,) bounds are kept.
+    """
+    parts = [iwae_bound(block).per_example for block in blocks]
+    if not parts:
+        raise ValueError("iwae_bound_chunked needs at least one block of log weights")
+    per_example = np.concatenate(parts)
+    return IWAEBound(per_example, float(per_example.mean()), _stderr(per_example))
+
+
+def ess_from_log_weights(log_weights) -> np.ndarray:
+    """Effective sample size per example (N,) of K importance weights: 1 / Σ_k w̄_k².
+
+    log_weights (N, K) as in `iwae_bound`; w̄ are the self-normalised weights. The ESS is in
+    [1, K]: K when all weights are equal (q(z|y) ∝ p(z|y)), near 1 when one draw dominates.
+    Reference: Kong (1992); Owen (2013), "Monte Carlo theory, methods and examples", §9.3.
+    """
+    lw = _log_weight_array(log_weights)
+    log_norm_w = lw - logsumexp(lw, axis=1)[:, None]
+    return 1.0 / np.sum(np.exp(2.0 * log_norm_w), axis=1)
+
+
+def psis_khat(log_weights) -> np.ndarray:
+    """Pareto k̂ per example (N,) of K importance weights, via ArviZ (`ppl_vae.arviz_compat`).
+
+    k̂ < 0.5: the weights have finite variance, IWAE/IS estimates are reliable; 0.5–0.7: usable
+    but slow to converge; > 0.7: the proposal q(z|y) misses mass of p(z|y) and the bound can be
+    far from ln p(y) however large K is. −inf: all weights equal (no tail to fit); NaN: too few
+    draws for the tail fit (K ≲ 25). Reference: Vehtari et al. (2024), "Pareto smoothed
+    importance sampling", JMLR 25(72).
+    """
+    from ppl_vae.arviz_compat import psis
+
+    return psis(_log_weight_array(log_weights))[1]
+
+
+def psis_summary(khat) -> dict:
+    """Summary of k̂ values (N,): mean/max k̂ and the shares above 0.7 and 0.5.
+
+    NaN entries (not estimable) are left out of every statistic and counted in `n_not_estimable`;
+    −inf entries (equal weights) count as below both thresholds. `khat_mean` is over the finite
+    entries only (NaN if none), `khat_max` over the estimable ones (−inf if all weights equal).
+    """
+    khat = np.asarray(khat, dtype=np.float64).ravel()
+    estimable = khat[~np.isnan(khat)]
+    finite = estimable[np.isfinite(estimable)]
+    n = estimable.size
+    return {
+        "khat_mean": float(finite.mean()) if finite.size else float("nan"),
+        "khat_max": float(estimable.max()) if n else float("nan"),
+        "share_above_0.7": float(np.mean(estimable > 0.7)) if n else float("nan"),
+        "share_above_0.5": float(np.mean(estimable > 0.5)) if n else float("nan"),
+        "n": int(khat.size),
+        "n_not_estimable": int(khat.size - n),
+    }
+
+
+def to_bits_per_dim(nats, dim: int):
+    """Convert nats per example to bits per data dimension: nats / (dim · ln 2).
+
+    Typically applied to a negative log-likelihood (−L_K or −ELBO, positive). Discrete-data
+    convention: no dequantisation offset is added here.
+    """
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1; got {dim}")
+    bits = np.asarray(nats, dtype=np.float64) / (dim * math.log(2.0))
+    return float(bits) if bits.ndim == 0 else bits
