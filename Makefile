@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(BIN)/ppl-vae sample runs/vae_digits --n 64 --out runs/vae_digits/samples.png
 
 test: $(STAMP)
+	$(BIN)/ruff check ppl_vae tests examples benchmarks
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+
 class BackendError(RuntimeError):
     """A backend cannot do what was asked (a CUDA device where there is none, …)."""
 

@@ -50,6 +50,27 @@ def _add_sample(sub):
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
 
 
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="train a spec with both backends and compare them")
+    p.add_argument("spec", help="path to a .toml spec, or a name from `ppl-vae models`")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="parent folder of the two runs (default runs/<name>-compare)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--overwrite", action="store_true")
+
+
+def cmd_compare(args) -> int:
+    from ppl_vae.compare import compare_backends, format_comparison
+    from ppl_vae.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    out = Path(args.out or Path("runs") / f"{spec.name}-compare")
+    rows = compare_backends(args.spec, args.overrides, out, device=args.device,
+                            overwrite=args.overwrite)
+    print(format_comparison(rows))
+    return 0
+
+
 def cmd_models(args) -> int:
     from ppl_vae.spec import list_models
 
@@ -119,10 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_sample(sub)
+    _add_compare(sub)
     return parser
 
 
-COMMANDS = {"models": cmd_models, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+COMMANDS = {"models": cmd_models, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
+            "compare": cmd_compare}
 
 
 def main(argv=None) -> int:

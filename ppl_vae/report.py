@@ -65,6 +65,7 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu") -> dict:
 
 def format_report(report: dict, bits: bool = False) -> str:
     """A readable table of a report."""
+    objective_label = f"objective (β={report['beta']:.3g}, λ={report['lam']:.3g})"
     lines = [
         f"run {report['run']}  (backend {report['backend']}, trained with "
         f"{report['trained_with']}, step {report['step']}, {report['n_test']} test examples)",
@@ -74,8 +75,7 @@ def format_report(report: dict, bits: bool = False) -> str:
         f"  {'rate  Î(y,z)':<24}{report['rate']:>16.3f}",
         f"  {'distortion (trained)':<24}{report['distortion']:>16.3f}",
         f"  {'distortion −ln p(y|z)':<24}{report['nll_distortion']:>16.3f}",
-        f"  {'objective (β=%.3g, λ=%.3g)' % (report['beta'], report['lam']):<24}"
-        f"{report['objective']:>16.3f}",
+        f"  {objective_label:<24}{report['objective']:>16.3f}",
         f"  {'aux':<24}{report['aux']:>16.3f}",
     ]
     if bits:

@@ -102,7 +102,8 @@ class LikelihoodSpec:
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    """β(step): constant; linear warm-up from `start` to β over `warmup`; cyclical (Fu et al. 2019)."""
+    """β(step): constant; a linear warm-up from `start` to β over `warmup` steps; cyclical: the
+    warm-up repeated every `period` steps (Fu et al. 2019)."""
 
     kind: str = _choice("constant", SCHEDULE_KINDS)
     start: float = 0.0

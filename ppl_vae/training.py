@@ -143,10 +143,20 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
     return runs.load_run(out)
 
 
+def _peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def _save(trainer, out: Path, ckpt_path: Path, info: dict) -> None:
     runs.save_params(out / runs.PARAMS_FILE, trainer.model.export_params())
     runs.write_atomic(ckpt_path, trainer.save_checkpoint)
-    runs.write_json_atomic(out / runs.INFO_FILE, info | {"step": trainer.step})
+    runs.write_json_atomic(out / runs.INFO_FILE, info | {"step": trainer.step,
+                                                         "peak_memory_mb": _peak_memory_mb()})
 
 
 def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress):

@@ -58,7 +58,8 @@ class ScaledELBO(Trace_ELBO):
     :param num_particles: Monte Carlo samples of z per example (averaged).
     :param analytic_kl: use ``kl_divergence(q, p)`` for the rate of a latent site when it is
         registered for the pair, else the Monte Carlo ln q − ln p (as `TraceMeanField_ELBO`).
-    Other keyword arguments go to `pyro.infer.ELBO` (``vectorize_particles``, ``max_plate_nesting``…).
+    Other keyword arguments go to `pyro.infer.ELBO` (``vectorize_particles``,
+    ``max_plate_nesting``, …).
     """
 
     def __init__(self, beta: Weight = 1.0, lam: Weight = 1.0, num_particles: int = 1,

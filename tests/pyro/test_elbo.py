@@ -186,7 +186,7 @@ def test_model_latent_without_guide_site_is_a_clear_error():
         ScaledELBO().loss(model, lambda: None)
 
 
-# ---- on models built from a spec ------------------------------------------------------------------
+# ---- on models built from a spec ----------------------------------------------------------
 def _built(prior="learned_normal", aux='[{kind="infonce"}, {kind="supervised", weight=2.0}]'):
     spec = load_spec(Spec(), [f'prior.kind="{prior}"', f"objective.aux={aux}",
                               "encoder.hidden=[16]", "decoder.hidden=[16]", "latent.dim=3"])

@@ -1,0 +1,69 @@
+"""`ppl-vae compare`: one spec trained by both backends, side by side (backend-free).
+
+Each backend trains in its own process, so peak memory and start-up are its own.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from ppl_vae import runs
+from ppl_vae.backends import BACKENDS
+from ppl_vae.diagnostics import active_units
+
+
+def timing(run) -> dict:
+    """Steps per second after the first window, and the first window's extra time (compilation
+    and warm-up), from the per-window wall seconds in metrics.jsonl."""
+    train = run.records("train")
+    if len(train) < 2:
+        return {"steps_per_second": float("nan"), "compile_seconds": float("nan")}
+    steps = [b["step"] - a["step"] for a, b in zip(train[:-1], train[1:])]
+    per_step = statistics.median(r["seconds"] / n for r, n in zip(train[1:], steps))
+    first = train[0]["seconds"] - train[0]["step"] * per_step
+    return {"steps_per_second": 1.0 / per_step, "compile_seconds": max(first, 0.0)}
+
+
+def compare_backends(spec, overrides, out: Path, device=None, overwrite=False) -> list[dict]:
+    from ppl_vae.data import load_data
+    from ppl_vae.training import evaluation_data
+
+    rows = []
+    for backend in BACKENDS:
+        run_dir = Path(out) / backend
+        cmd = [sys.executable, "-m", "ppl_vae.cli", "train", str(spec), "--backend", backend,
+               "--out", str(run_dir), "--no-progress"]
+        cmd += [a for o in overrides for a in ("--set", o)]
+        cmd += ["--device", device] if device else []
+        cmd += ["--overwrite"] if overwrite else []
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"training with {backend} failed:\n{done.stderr[-2000:]}")
+        run = runs.load_run(run_dir)
+        test = run.final_test
+        x, _ = evaluation_data(run.spec, load_data(run.spec))
+        n_active, _ = active_units(run.model(backend).encode(x)[0])
+        rows.append({"backend": backend, "elbo": test["elbo"], "rate": test["rate"],
+                     "distortion": test["distortion"], "active_units": int(n_active),
+                     "latent_dim": run.spec.latent.dim,
+                     "peak_memory_mb": run.info.get("peak_memory_mb", float("nan")),
+                     "wall_seconds": run.info.get("wall_seconds", float("nan")),
+                     **timing(run)})
+    return rows
+
+
+def format_comparison(rows: list[dict]) -> str:
+    fields = [("test ELBO (nats)", "elbo", "{:.3f}"), ("rate (nats)", "rate", "{:.3f}"),
+              ("distortion (nats)", "distortion", "{:.3f}"),
+              ("active dimensions", "active_units", "{}"),
+              ("compile/warm-up (s)", "compile_seconds", "{:.2f}"),
+              ("steps per second", "steps_per_second", "{:.1f}"),
+              ("training wall time (s)", "wall_seconds", "{:.1f}"),
+              ("peak memory (MiB)", "peak_memory_mb", "{:.0f}")]
+    lines = [f"{'':<24}" + "".join(f"{r['backend']:>14}" for r in rows)]
+    for label, key, fmt in fields:
+        lines.append(f"{label:<24}" + "".join(f"{fmt.format(r[key]):>14}" for r in rows))
+    return "\n".join(lines)

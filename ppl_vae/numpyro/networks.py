@@ -1,0 +1,172 @@
+"""Flax networks built from a spec, the twins of `ppl_vae/pyro/networks.py`, and the conversion
+between Flax parameter trees and the canonical (PyTorch-layout) names of `params.npz`.
+
+Canonical ↔ Flax: ``<module>.<path>.weight|bias`` ↔ ``{path: {"kernel"|"bias"}}``
+where a list member ``layers.0`` is Flax's ``layers_0``. Dense kernels are transposed ((out, in)
+↔ (in, out)); 4-D kernels, Conv and ConvTranspose alike, map by ``transpose(2, 3, 1, 0)`` (PyTorch
+OIHW ↔ Flax HWIO; for the transposed convolution with ``transpose_kernel=True`` this also gives
+PyTorch's semantics — checked numerically in the parity tests). Images are NCHW in the data and
+in the canonical flattening order; the Flax convs run NHWC and transpose back before flattening.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppl_vae.spec import AuxSpec, DecoderSpec, EncoderSpec
+
+#: The smallest posterior standard deviation (the same as the Pyro backend's).
+MIN_SCALE = 1e-4
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "elu": jax.nn.elu,
+    "softplus": jax.nn.softplus,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # PyTorch's default is the exact GELU
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
+}
+
+
+class MLP(nn.Module):
+    sizes: Sequence[int]
+    activation: str
+
+    def setup(self):
+        self.layers = [nn.Dense(h) for h in self.sizes]
+
+    def __call__(self, h):
+        act = ACTIVATIONS[self.activation]
+        for layer in self.layers:
+            h = act(layer(h))
+        return h
+
+
+class Encoder(nn.Module):
+    """y (..., D) -> (loc, scale), each (..., d); scale = softplus(raw) + MIN_SCALE."""
+
+    spec: EncoderSpec
+    latent_dim: int
+    image_shape: tuple[int, int] | None
+
+    def setup(self):
+        if self.spec.kind == "conv":
+            self.convs = [nn.Conv(c, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))
+                          for c in self.spec.channels]
+        self.body = MLP(tuple(self.spec.hidden), self.spec.activation)
+        self.loc = nn.Dense(self.latent_dim)
+        self.scale = nn.Dense(self.latent_dim)
+
+    def __call__(self, y):
+        if self.spec.kind == "conv":
+            act = ACTIVATIONS[self.spec.activation]
+            lead = y.shape[:-1]
+            h = y.reshape(-1, *self.image_shape, 1)
+            for conv in self.convs:
+                h = act(conv(h))
+            y = h.transpose(0, 3, 1, 2).reshape(*lead, -1)  # flatten as (C, H, W), like torch
+        h = self.body(y)
+        return self.loc(h), jax.nn.softplus(self.scale(h)) + MIN_SCALE
+
+
+class Decoder(nn.Module):
+    """z (..., d) -> likelihood parameters (..., D), or (..., D, K) when per_pixel = K > 1."""
+
+    spec: DecoderSpec
+    data_dim: int
+    image_shape: tuple[int, int] | None
+    per_pixel: int
+
+    def setup(self):
+        self.body = MLP(tuple(self.spec.hidden), self.spec.activation)
+        if self.spec.kind == "conv":
+            low = [s // 2 ** len(self.spec.channels) for s in self.image_shape]
+            self.project = nn.Dense(self.spec.channels[0] * low[0] * low[1])
+            chans = [*self.spec.channels[1:], self.per_pixel]
+            self.deconvs = [nn.ConvTranspose(c, (4, 4), strides=(2, 2),
+                                             padding=((2, 2), (2, 2)), transpose_kernel=True)
+                            for c in chans]
+        else:
+            self.out = nn.Dense(self.data_dim * self.per_pixel)
+
+    def __call__(self, z):
+        lead = z.shape[:-1]
+        h = self.body(z)
+        if self.spec.kind == "conv":
+            act = ACTIVATIONS[self.spec.activation]
+            low = [s // 2 ** len(self.spec.channels) for s in self.image_shape]
+            h = act(self.project(h)).reshape(-1, self.spec.channels[0], *low)
+            h = h.transpose(0, 2, 3, 1)  # NCHW (torch's reshape order) -> NHWC
+            for i, deconv in enumerate(self.deconvs):
+                h = deconv(h)
+                if i < len(self.deconvs) - 1:
+                    h = act(h)
+            h = h.reshape(*lead, self.data_dim, self.per_pixel)  # NHWC: pixels row-major, K last
+        else:
+            h = self.out(h).reshape(*lead, self.data_dim, self.per_pixel)
+        return h[..., 0] if self.per_pixel == 1 else h
+
+
+class SupervisedHead(nn.Module):
+    """Classifier on the posterior mean: loc (..., d) -> logits (..., classes)."""
+
+    spec: AuxSpec
+
+    def setup(self):
+        self.body = MLP(tuple(self.spec.hidden), "relu")
+        self.out = nn.Dense(self.spec.classes)
+
+    def __call__(self, loc):
+        return self.out(self.body(loc))
+
+
+# ---- canonical names ------------------------------------------------------------------------
+_LIST_MEMBER = re.compile(r"^(.*)_(\d+)$")
+
+
+def flax_to_canonical(module: str, tree) -> dict[str, np.ndarray]:
+    """A Flax params tree (what `flax_module` stores at ``<module>$params``) ->
+    {"<module>.<path>.weight|bias": PyTorch-layout array}."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [p.key for p in path]
+        parts = []
+        for k in keys[:-1]:
+            m = _LIST_MEMBER.match(k)
+            parts.extend([m.group(1), m.group(2)] if m else [k])
+        leaf = np.asarray(leaf)
+        if keys[-1] == "kernel":
+            leaf = leaf.T if leaf.ndim == 2 else leaf.transpose(3, 2, 0, 1)
+            parts.append("weight")
+        else:
+            parts.append(keys[-1])
+        out[".".join([module, *parts])] = leaf
+    return out
+
+
+def canonical_to_flax(module: str, params: dict[str, np.ndarray], like) -> dict:
+    """Inverse of `flax_to_canonical`, shaped like the Flax params tree `like`."""
+
+    def leaf(path, ref):
+        keys = [p.key for p in path]
+        parts = []
+        for k in keys[:-1]:
+            m = _LIST_MEMBER.match(k)
+            parts.extend([m.group(1), m.group(2)] if m else [k])
+        name = ".".join([module, *parts, "weight" if keys[-1] == "kernel" else keys[-1]])
+        if name not in params:
+            raise KeyError(name)
+        value = np.asarray(params[name])
+        if keys[-1] == "kernel":
+            value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
+        if value.shape != ref.shape:
+            raise ValueError(f"parameter {name!r}: shape {value.shape} does not fit {ref.shape}")
+        return jnp.asarray(value, dtype=ref.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, like)

@@ -1,0 +1,114 @@
+"""The NumPyro SVI loop: one compiled function runs a whole window of steps (`lax.scan`).
+
+* The dataset is placed on the device once; minibatch indices, dynamic binarisation and the
+  ELBO's draws come from JAX keys on the device.
+* β and λ enter as traced arrays, so a schedule never recompiles; every window has the same
+  length (`train.log_every`; a shorter last window is padded with steps that are skipped), so a
+  whole run compiles the window function once (`Trainer.compilations` counts it).
+* The driver (`ppl_vae.training`) receives one array per window: the only host transfer.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ppl_vae.data import Dataset
+from ppl_vae.numpyro.elbo import ScaledELBO
+
+from ppl_vae.numpyro.model import Model
+from ppl_vae.spec import Spec
+
+STEP_FIELDS = ("objective", "rate", "distortion", "aux")
+
+
+class Trainer:
+    """State: params, Adam's state, the step count and the JAX random key (all explicit)."""
+
+    checkpoint_name = "checkpoint.pkl"
+
+    def __init__(self, spec: Spec, dataset: Dataset, device: str = "auto"):
+        tr, obj = spec.train, spec.objective
+        self.spec = spec
+        init_key, self.key = jax.random.split(jax.random.PRNGKey(tr.seed))
+        self.model = Model(spec, dataset.dim, dataset.image_shape, device, rng_key=init_key)
+        self.device = self.model.device
+        self.x = self.model.tensor(dataset.x_train)
+        self.labels = jax.device_put(jnp.asarray(dataset.labels_train, jnp.int32), self.device)
+        parts = [optax.clip_by_global_norm(tr.clip_norm)] if tr.clip_norm > 0 else []
+        self.optimizer = optax.chain(*parts, optax.adam(tr.lr))
+        self.opt_state = self.optimizer.init(self.model.param_map)
+        self.elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl)
+        self.step = 0
+        self.compilations = 0
+        self._window = jax.jit(self._window_fn)
+
+    def _window_fn(self, params, opt_state, key, x, labels, betas, active, lam):
+        """`len(betas)` SVI steps (those with active=False leave the state as it is)."""
+        self.compilations += 1  # runs only while JAX traces, i.e. once per compilation
+        tr, built = self.spec.train, self.model.built
+        dynamic = self.spec.data.binarize == "dynamic"
+        n, batch = x.shape[0], tr.batch_size
+
+        def loss_fn(p, k, y, lab, beta):
+            t = self.elbo.with_weights(beta, lam).terms(k, p, built.model, built.guide, y, lab)
+            return t["loss"] / batch, jnp.stack([t["loss"], t["rate"], t["distortion"],
+                                                 t["aux"]]) / batch
+
+        def step(carry, inputs):
+            params, opt_state, key = carry
+            beta, on = inputs
+            key, k_idx, k_bin, k_elbo = jax.random.split(key, 4)
+            idx = jax.random.randint(k_idx, (batch,), 0, n)
+            y = x[idx]
+            if dynamic:
+                y = jax.random.bernoulli(k_bin, y).astype(y.dtype)
+            (_, row), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, k_elbo, y, labels[idx], beta)
+            updates, new_opt = self.optimizer.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+                lambda a, b: jnp.where(on, a, b), new, old)
+            return (keep(new_params, params), keep(new_opt, opt_state),
+                    jnp.where(on, key, carry[2])), row
+
+        (params, opt_state, key), rows = jax.lax.scan(step, (params, opt_state, key),
+                                                      (betas, active))
+        return params, opt_state, key, rows
+
+    def run_steps(self, betas: np.ndarray, lam: float) -> np.ndarray:
+        """One SVI step per entry of `betas`; returns (len(betas), 4) per-example STEP_FIELDS."""
+        length = max(self.spec.train.log_every, len(betas))
+        padded = np.zeros(length)
+        padded[: len(betas)] = betas
+        active = np.arange(length) < len(betas)
+        dtype = self.model.dtype
+        params, self.opt_state, self.key, rows = self._window(
+            self.model.param_map, self.opt_state, self.key, self.x, self.labels,
+            jnp.asarray(padded, dtype), jnp.asarray(active), jnp.asarray(lam, dtype))
+        self.model.param_map = params
+        self.step += len(betas)
+        return np.asarray(rows, np.float64)[: len(betas)]
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, path) -> None:
+        state = {"step": self.step, "params": jax.device_get(self.model.param_map),
+                 "opt_state": jax.device_get(self.opt_state),
+                 "key": np.asarray(jax.random.key_data(self.key)
+                                   if jnp.issubdtype(self.key.dtype, jax.dtypes.prng_key)
+                                   else self.key)}
+        with open(path, "wb") as fh:
+            pickle.dump(state, fh)
+
+    def load_checkpoint(self, path) -> int:
+        with open(path, "rb") as fh:
+            state = pickle.load(fh)
+        put = lambda tree: jax.device_put(tree, self.device)  # noqa: E731
+        self.model.param_map = put(state["params"])
+        self.opt_state = put(state["opt_state"])
+        self.key = put(jnp.asarray(state["key"]))
+        self.step = int(state["step"])
+        return self.step

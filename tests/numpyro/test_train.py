@@ -1,0 +1,65 @@
+"""Training with the NumPyro backend: one compilation per run, exact resume, NaN stop."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numpyro")
+
+from ppl_vae.numpyro import train as ntrain  # noqa: E402
+from ppl_vae.training import TrainingDiverged, fit  # noqa: E402
+from tests import aux_fns  # noqa: E402
+from tests.pyro.test_train import TINY, _close_records  # noqa: E402
+
+
+def tiny_fit(tmp_path, name, extra=(), **kwargs):
+    return fit("vae_digits", backend="numpyro", out_dir=tmp_path / name,
+               overrides=[*TINY, *extra], progress=False, **kwargs)
+
+
+def test_a_run_with_a_changing_beta_compiles_the_step_once(tmp_path, monkeypatch):
+    made = []
+    original = ntrain.Trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(ntrain.Trainer, "__init__", spy)
+    # 45 steps: four full windows of 10 and a short last one, β rising every step.
+    run = tiny_fit(tmp_path, "c", ["train.steps=45", "train.eval_every=20",
+                                   "train.checkpoint_every=20", "objective.beta=2",
+                                   'objective.beta_schedule={kind="linear", warmup=40}'])
+    (trainer,) = made
+    assert trainer.compilations == 1
+    betas = [r["beta"] for r in run.records("train")]
+    assert betas == pytest.approx([0.45, 0.95, 1.45, 1.95, 2.0])
+    train = run.records("train")
+    assert train[-1]["objective"] < train[0]["objective"]
+
+
+def test_resume_equals_straight_run(tmp_path):
+    straight = tiny_fit(tmp_path, "straight", ["train.steps=40"])
+    tiny_fit(tmp_path, "resumed", ["train.steps=20"])
+    resumed = tiny_fit(tmp_path, "resumed", ["train.steps=40"], resume=True)
+    _close_records(resumed.metrics, straight.metrics)
+    for k, v in straight.params.items():
+        np.testing.assert_allclose(resumed.params[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_nan_stops_with_the_step(tmp_path):
+    # The aux function runs once per trace: in a compiled scan that is once, so make it NaN
+    # from the start: the first step is already non-finite.
+    aux_fns.CALLS["n"] = 100
+    with pytest.raises(TrainingDiverged, match="at step 1;"):
+        tiny_fit(tmp_path, "nan", ["train.steps=20",
+                                   'objective.aux=[{kind="tests.aux_fns:nan_after_25"}]'])
+
+
+def test_a_numpyro_run_evaluates_with_pyro(tmp_path):
+    pytest.importorskip("torch")
+    run = tiny_fit(tmp_path, "x", ["train.steps=20"])
+    x = np.random.default_rng(0).random((7, 64)).round()
+    loc_n, scale_n = run.model("numpyro").encode(x)
+    loc_p, scale_p = run.model("pyro").encode(x)
+    np.testing.assert_allclose(loc_p, loc_n, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scale_p, scale_n, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,151 @@
+"""Training with the Pyro backend: exact resume, NaN stop, Ctrl-C, devices, run folders."""
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_vae.backends import BackendError
+from ppl_vae.runs import RunError, load_run
+from ppl_vae.training import TrainingDiverged, TrainingInterrupted, fit
+from tests import aux_fns
+
+TINY = ["data.limit=300", "encoder.hidden=[32]", "decoder.hidden=[32]", "latent.dim=4",
+        "train.batch_size=32", "train.log_every=10", "train.eval_every=20",
+        "train.checkpoint_every=20", "train.eval_batch_size=100"]
+
+
+def tiny_fit(tmp_path, name, extra=(), **kwargs):
+    return fit("vae_digits", out_dir=tmp_path / name, overrides=[*TINY, *extra],
+               progress=False, **kwargs)
+
+
+def test_training_lowers_the_loss_and_writes_the_run_folder(tmp_path):
+    run = tiny_fit(tmp_path, "a", ["train.steps=200", "train.eval_every=100",
+                                   "train.checkpoint_every=100"])
+    train = run.records("train")
+    assert [r["step"] for r in train] == list(range(10, 201, 10))
+    assert train[-1]["objective"] < train[0]["objective"] - 5
+    test = run.records("test")
+    assert [r["step"] for r in test] == [100, 200]
+    last = test[-1]
+    assert last["elbo"] == pytest.approx(-(last["rate"] + last["nll"]))
+    assert sum(last[f"rate/dim_{i}"] for i in range(4)) == pytest.approx(last["rate"], rel=1e-4)
+    for f in ("spec.toml", "run.json", "metrics.jsonl", "params.npz", "checkpoint.pt"):
+        assert (run.path / f).exists(), f
+    assert run.info["step"] == 200 and run.info["backend"] == "pyro"
+    assert {"encoder.loc.weight", "decoder.out.bias"} <= set(run.params)
+
+
+def test_resume_equals_straight_run(tmp_path):
+    straight = tiny_fit(tmp_path, "straight", ["train.steps=40"])
+    first = tiny_fit(tmp_path, "resumed", ["train.steps=20"])
+    assert first.info["step"] == 20
+    resumed = tiny_fit(tmp_path, "resumed", ["train.steps=40"], resume=True)
+    _close_records(resumed.metrics, straight.metrics)
+    for k, v in straight.params.items():
+        np.testing.assert_allclose(resumed.params[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def _close_records(a, b):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if k == "split":
+                assert ra[k] == rb[k]
+            elif k != "seconds":
+                assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-6), (ra["step"], k)
+    return True
+
+
+def test_two_builds_in_one_process_train_identically(tmp_path):
+    a = tiny_fit(tmp_path, "a", ["train.steps=20"])
+    b = tiny_fit(tmp_path, "b", ["train.steps=20"])
+    _close_records(a.metrics, b.metrics)
+    assert a.records("train")[-1]["objective"] < a.records("train")[0]["objective"]
+
+
+def test_existing_run_folder_is_refused(tmp_path):
+    tiny_fit(tmp_path, "a", ["train.steps=10", "train.eval_every=10",
+                             "train.checkpoint_every=10"])
+    with pytest.raises(RunError, match="already exists.*--resume.*--overwrite"):
+        tiny_fit(tmp_path, "a", ["train.steps=10"])
+    run = tiny_fit(tmp_path, "a", ["train.steps=10", "train.eval_every=10",
+                                   "train.checkpoint_every=10"], overwrite=True)
+    assert run.info["step"] == 10
+
+
+def test_resume_refuses_another_spec(tmp_path):
+    tiny_fit(tmp_path, "a", ["train.steps=20"])
+    with pytest.raises(RunError, match="differs"):
+        tiny_fit(tmp_path, "a", ["train.steps=40", "objective.beta=2"], resume=True)
+
+
+def test_nan_stops_with_the_step_and_last_finite_metrics(tmp_path):
+    aux_fns.CALLS["n"] = 0
+    with pytest.raises(TrainingDiverged) as err:
+        tiny_fit(tmp_path, "nan", ["train.steps=40", "train.eval_every=40",
+                                   "train.checkpoint_every=20",
+                                   'objective.aux=[{kind="tests.aux_fns:nan_after_25"}]'])
+    msg = str(err.value)
+    assert "at step 26" in msg and "(step 20)" in msg and "rate=" in msg
+    assert "checkpoint (step 20)" in msg
+    run_dir = tmp_path / "nan"
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 20
+    assert all(np.isfinite(v).all() for v in np.load(run_dir / "params.npz").values())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    aux_fns.CALLS["n"] = 0
+    extra = ["train.steps=40", 'objective.aux=[{kind="tests.aux_fns:ctrl_c_at_15"}]']
+    with pytest.raises(TrainingInterrupted) as err:
+        tiny_fit(tmp_path, "int", extra)
+    assert err.value.step == 20  # stops at the end of the window that saw Ctrl-C
+    assert "--resume" in str(err.value)
+    assert torch.load(tmp_path / "int" / "checkpoint.pt", weights_only=False)["step"] == 20
+    run = tiny_fit(tmp_path, "int", extra, resume=True)
+    assert run.info["step"] == 40 and [r["step"] for r in run.records("train")][-1] == 40
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present; the error needs none")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(BackendError, match="sees no CUDA GPU.*--device cpu"):
+        tiny_fit(tmp_path, "cuda", ["train.steps=10"], device="cuda")
+
+
+@pytest.mark.parametrize("extra", [
+    ['prior.kind="mixture"', "prior.components=3"],
+    ['prior.kind="learned_normal"', 'objective.beta_schedule={kind="cyclical", warmup=5, '
+                                    'period=10}'],
+    ['data.binarize="none"', 'likelihood.kind="binomial"', "likelihood.total_count=16"],
+    ['data.binarize="none"', 'likelihood.kind="categorical"', "likelihood.categories=17"],
+    ['data.binarize="none"', 'likelihood.kind="gaussian"', 'likelihood.scale="learned"'],
+    ['data.binarize="none"', 'likelihood.kind="gaussian"', 'objective.distortion="l1"',
+     "objective.lam=10"],
+    ['objective.aux=[{kind="supervised"}, {kind="infonce", weight=0.5}]',
+     "objective.num_particles=2", "train.clip_norm=5"],
+    ['train.dtype="float64"'],
+])
+def test_component_kinds_train(tmp_path, extra):
+    run = tiny_fit(tmp_path, "k", ["train.steps=20", *extra])
+    test = run.final_test
+    assert np.isfinite([test["elbo"], test["rate"], test["distortion"]]).all()
+    assert run.records("train")[-1]["objective"] < run.records("train")[0]["objective"]
+
+
+def test_beta_schedule_is_logged(tmp_path):
+    run = tiny_fit(tmp_path, "s", ["train.steps=40", "objective.beta=2",
+                                   'objective.beta_schedule={kind="linear", warmup=20}'])
+    betas = [r["beta"] for r in run.records("train")]
+    assert betas == pytest.approx([0.9, 1.9, 2.0, 2.0])
+
+
+def test_load_run_roundtrip(tmp_path):
+    run = tiny_fit(tmp_path, "a", ["train.steps=20"])
+    again = load_run(run.path)
+    assert again.spec == run.spec and again.metrics == run.metrics
+    model = again.model()
+    x = np.random.default_rng(0).random((5, 64)).round()
+    loc, scale = model.encode(x)
+    assert loc.shape == (5, 4) and (scale > 0).all()

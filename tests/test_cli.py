@@ -1,0 +1,77 @@
+"""`ppl-vae` end to end on the digits, in seconds, and its one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ppl_vae.cli import main
+
+pytest.importorskip("torch")  # the CLI trains with the Pyro backend by default
+
+FAST = ["--set", "train.steps=30", "--set", "train.log_every=10", "--set", "train.eval_every=30",
+        "--set", "train.checkpoint_every=30", "--set", "data.limit=400", "--no-progress"]
+
+
+def test_train_eval_sample_models(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "vae_digits", "--out", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "test (nats per example): elbo" in printed
+    assert main(["eval", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test ELBO" in printed and "active units" in printed and "collapse" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["elbo"] == pytest.approx(-(report["rate"] + report["nll_distortion"]))
+    assert len(report["rate_per_dim"]) == 8
+    assert main(["sample", str(out), "--n", "16", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    assert main(["sample", str(out), "--n", "5", "--out", str(tmp_path / "s.npy")]) == 0
+    means = np.load(tmp_path / "s.npy")
+    assert means.shape == (5, 64) and (means >= 0).all() and (means <= 1).all()
+    assert main(["models"]) == 0
+    assert "vae_mnist" in capsys.readouterr().out
+
+
+def test_existing_run_is_refused_then_resumed(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "vae_digits", "--out", out, *FAST]) == 0
+    assert main(["train", "vae_digits", "--out", out, *FAST]) == 2
+    assert "already exists" in capsys.readouterr().err
+    more = [a if a != "train.steps=30" else "train.steps=60" for a in FAST]
+    assert main(["train", "vae_digits", "--out", out, "--resume", *more]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "vae_digits", "--set", "latent.dim=zero"], "latent.dim = 'zero'"),
+    (["train", "vae_digits", "--set", "encoder.kind=conv"], "encoder.kind"),
+    (["train", "no_such_spec"], "no spec file or bundled model"),
+    (["train", "vae_mnist", "--set", 'data.path="/no/such/folder"'], "/no/such/folder"),
+    (["eval", "/no/such/run"], "not a finished run folder"),
+])
+def test_errors_are_one_line_with_exit_code_2(args, message, capsys, tmp_path):
+    assert main([*args, "--out", str(tmp_path / "r")] if args[0] == "train" else args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_npz_data_error_is_reported(tmp_path, capsys):
+    x = np.random.default_rng(0).random((50, 10)) * 3  # outside [0, 1]: not Bernoulli data
+    np.savez(tmp_path / "d.npz", x=x)
+    code = main(["train", "vae_digits", "--set", "data.source=npz",
+                 "--set", f'data.path="{tmp_path / "d.npz"}"', "--set", "data.binarize=none",
+                 "--out", str(tmp_path / "r"), *FAST])
+    assert code == 2
+    assert "[0, 1]" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "ppl-vae"
+    found = str(exe) if exe.exists() else shutil.which("ppl-vae")
+    assert found, "the ppl-vae console script is not installed (pip install -e .)"
+    done = subprocess.run([found, "models"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "vae_digits" in done.stdout
