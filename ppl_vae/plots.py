@@ -23,7 +23,7 @@ def save_image_grid(images: np.ndarray, path, title: str = "", ncols: int | None
     n, h, w = images.shape
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
-    grid = np.ones((nrows * (h + 1) + 1, ncols * (w + 1) + 1))
+    grid = np.full((nrows * (h + 1) + 1, ncols * (w + 1) + 1), 0.35)  # grey separators
     for i, img in enumerate(images):
         r, c = divmod(i, ncols)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = img

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppl_vae import runs
+from ppl_vae import __version__, runs
 from ppl_vae.backends import backend_module
 from ppl_vae.data import Dataset, binarize, load_data
 from ppl_vae.diagnostics import gaussian_kl_per_dim
@@ -138,7 +138,7 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
     info = {"backend": backend, "data_dim": dataset.dim, "image_shape": dataset.image_shape,
             "data": dataset.name, "n_train": len(dataset.x_train), "n_test": len(dataset.x_test),
             "device": str(trainer.device), "step": start, "wall_seconds": 0.0,
-            "version": __import__("ppl_vae").__version__}
+            "version": __version__}
     _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress)
     return runs.load_run(out)
 
