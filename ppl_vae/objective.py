@@ -41,3 +41,32 @@ def aux_site_names(spec: Spec) -> list[str]:
             name = f"{base}_{i}"
         names.append(name)
     return names
+
+
+def weight_for(weight, site: str):
+    """β or λ of one site: `weight` is a number/array, or a dict {site: number} (default 1)."""
+    if isinstance(weight, dict):
+        return weight.get(site, 1.0)
+    return weight
+
+
+def weighted_terms(terms: dict, beta, lam, zero) -> dict:
+    """Per-site terms {"rate/<site>", "distortion/<site>", "aux/<site>": value} -> the same
+    plus the unweighted totals `rate`, `distortion`, `aux` and the weighted `loss`
+
+        loss = Σ_s β_s · rate_s + Σ_s λ_s · distortion_s + Σ_s aux_s.
+
+    Works for any array type with + and * (torch tensors, jax arrays); `zero` is the 0-d zero
+    of that type (so every total is an array even when a role has no site).
+    """
+    out = {"loss": zero, "rate": zero, "distortion": zero, "aux": zero}
+    for key, value in terms.items():
+        role, site = key.split("/", 1)
+        out[role] = out[role] + value
+        if role == "rate":
+            value = weight_for(beta, site) * value
+        elif role == "distortion":
+            value = weight_for(lam, site) * value
+        out["loss"] = out["loss"] + value
+    out.update(terms)
+    return out

@@ -31,13 +31,9 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 from torch.distributions import kl_divergence
 
+from ppl_vae.objective import weighted_terms
+
 Weight = float | torch.Tensor | Mapping[str, float]
-
-
-def _weight(weight: Weight, site: str):
-    if isinstance(weight, Mapping):
-        return weight.get(site, 1.0)
-    return weight
 
 
 def _site_kind(site) -> str:
@@ -119,22 +115,6 @@ class ScaledELBO(Trace_ELBO):
                 return kl * torch.Size(gsite["fn"].batch_shape).numel()
         return gsite["log_prob_sum"] - msite["log_prob_sum"]
 
-    def _weighted(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Add the totals `rate`, `distortion`, `aux` and the weighted `loss`."""
-        zero = next(iter(terms.values())).new_zeros(()) if terms else torch.zeros(())
-        out = {"loss": zero, "rate": zero, "distortion": zero, "aux": zero}
-        for key, value in terms.items():
-            role, site = key.split("/", 1)
-            out[role] = out[role] + value
-            if role == "rate":
-                out["loss"] = out["loss"] + _weight(self.beta, site) * value
-            elif role == "distortion":
-                out["loss"] = out["loss"] + _weight(self.lam, site) * value
-            else:
-                out["loss"] = out["loss"] + value
-        out.update(terms)
-        return out
-
     # -- public API ---------------------------------------------------------------------------
     def differentiable_terms(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The loss and its parts, differentiable, averaged over particles, summed over the batch.
@@ -147,7 +127,8 @@ class ScaledELBO(Trace_ELBO):
             for key, value in self._particle_terms(model_trace, guide_trace).items():
                 value = value / self.num_particles
                 total[key] = total[key] + value if key in total else value
-        return self._weighted(total)
+        zero = next(iter(total.values())).new_zeros(()) if total else torch.zeros(())
+        return weighted_terms(total, self.beta, self.lam, zero)
 
     def terms(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
         """`differentiable_terms`, detached: 0-d tensors in nats, summed over the batch."""
