@@ -1,0 +1,157 @@
+"""NumPyro ScaledELBO against NumPyro's own estimators (same key, float64) and its invariants."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+
+import jax.numpy as jnp  # noqa: E402
+import numpyro  # noqa: E402
+import numpyro.distributions as dist  # noqa: E402
+import optax  # noqa: E402
+from numpyro import handlers  # noqa: E402
+from numpyro.distributions import constraints  # noqa: E402
+from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO  # noqa: E402
+
+from ppl_vae.numpyro.elbo import ScaledELBO  # noqa: E402
+from ppl_vae.numpyro.model import build  # noqa: E402
+from ppl_vae.spec import Spec, load_spec  # noqa: E402
+
+DATA = np.array([0.4, -1.2, 2.0, 0.1, 0.7])
+
+
+def scaled(b, fn):
+    if b is None:
+        return fn()
+    with handlers.scale(scale=b):
+        return fn()
+
+
+def model(data, b=None):
+    """z1 ~ N(m, 1), z2 | z1 ~ N(w z1, 0.8), y | z ~ N(z1 + z2, 0.7): two latent sites."""
+    m = numpyro.param("m", 0.3)
+    w = numpyro.param("w", 0.5)
+    with numpyro.plate("N", len(data)):
+        z1 = scaled(b, lambda: numpyro.sample("z1", dist.Normal(m, 1.0)))
+        z2 = scaled(b, lambda: numpyro.sample("z2", dist.Normal(w * z1, 0.8)))
+        numpyro.sample("y", dist.Normal(z1 + z2, 0.7), obs=data)
+
+
+def guide(data, b=None):
+    n = len(data)
+    a = numpyro.param("a", jnp.linspace(-0.5, 0.5, n))
+    s1 = numpyro.param("s1", jnp.full(n, 0.6), constraint=constraints.positive)
+    c = numpyro.param("c", jnp.linspace(0.2, -0.2, n))
+    s2 = numpyro.param("s2", jnp.full(n, 0.9), constraint=constraints.positive)
+    with numpyro.plate("N", n):
+        scaled(b, lambda: numpyro.sample("z1", dist.Normal(a + 0.1 * data, s1)))
+        scaled(b, lambda: numpyro.sample("z2", dist.Normal(c, s2)))
+
+
+PARAMS = {"m": 0.3, "w": 0.5, "a": np.linspace(-0.5, 0.5, 5), "s1": np.full(5, 0.6),
+          "c": np.linspace(0.2, -0.2, 5), "s2": np.full(5, 0.9)}
+
+
+def value_and_grad(elbo, *args):
+    params = {k: jnp.asarray(v) for k, v in PARAMS.items()}
+    key = jax.random.PRNGKey(3)
+    return jax.value_and_grad(lambda p: elbo.loss(key, p, model, guide, *args))(params)
+
+
+def assert_same(a, b, rtol):
+    np.testing.assert_allclose(a[0], b[0], rtol=rtol)
+    for k in a[1]:
+        np.testing.assert_allclose(a[1][k], b[1][k], rtol=rtol, atol=1e-12, err_msg=k)
+
+
+def identities(rtol):
+    """The identities with NumPyro's own ELBOs; called in float32 here and float64 below."""
+    data = jnp.asarray(DATA)
+    for n in (1, 3):
+        assert_same(value_and_grad(ScaledELBO(analytic_kl=False, num_particles=n), data),
+                    value_and_grad(Trace_ELBO(num_particles=n), data), rtol)
+    assert_same(value_and_grad(ScaledELBO(analytic_kl=True), data),
+                value_and_grad(TraceMeanField_ELBO(), data), rtol)
+    for b in (0.25, 4.0):
+        assert_same(value_and_grad(ScaledELBO(beta=b, analytic_kl=False), data),
+                    value_and_grad(Trace_ELBO(), data, b), rtol)
+        assert_same(value_and_grad(ScaledELBO(beta=b, analytic_kl=True), data),
+                    value_and_grad(TraceMeanField_ELBO(), data, b), rtol)
+
+
+def test_identities_float32():
+    identities(rtol=2e-5)
+
+
+def test_identities_float64():
+    code = "import tests.numpyro.test_elbo as t; t.identities(rtol=1e-6); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**__import__("os").environ, "JAX_ENABLE_X64": "1"}, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_terms_add_up_with_dict_weights():
+    elbo = ScaledELBO(beta={"z1": 2.0, "z2": 0.5}, lam={"y": 3.0})
+    params = {k: jnp.asarray(v) for k, v in PARAMS.items()}
+    t = elbo.terms(jax.random.PRNGKey(0), params, model, guide, jnp.asarray(DATA))
+    assert set(t) == {"loss", "rate", "distortion", "aux", "rate/z1", "rate/z2",
+                      "distortion/y"}
+    np.testing.assert_allclose(t["rate"], t["rate/z1"] + t["rate/z2"], rtol=1e-6)
+    np.testing.assert_allclose(
+        t["loss"], 2 * t["rate/z1"] + 0.5 * t["rate/z2"] + 3 * t["distortion/y"], rtol=1e-6)
+
+
+def test_traced_beta_compiles_once():
+    traces = []
+    params = {k: jnp.asarray(v) for k, v in PARAMS.items()}
+    elbo = ScaledELBO()
+
+    @jax.jit
+    def loss(beta):
+        traces.append(1)
+        return elbo.with_weights(beta, 1.0).loss(jax.random.PRNGKey(0), params, model, guide,
+                                                 jnp.asarray(DATA))
+
+    values = [float(loss(jnp.asarray(b))) for b in (0.0, 0.5, 1.0, 2.0)]
+    assert len(traces) == 1
+    assert values[0] < values[1] < values[2] < values[3]  # rate > 0 costs more with β
+
+
+def test_stock_svi_accepts_it():
+    svi = SVI(model, guide, optax.adam(0.05), loss=ScaledELBO(beta=4.0))
+    result = svi.run(jax.random.PRNGKey(0), 200, jnp.asarray(DATA), progress_bar=False)
+    assert result.losses[-20:].mean() < result.losses[:20].mean()
+
+
+def test_non_reparameterised_latent_is_a_clear_error():
+    def m():
+        numpyro.sample("coin", dist.Bernoulli(0.5))
+
+    def g():
+        p = numpyro.param("p", 0.3, constraint=constraints.unit_interval)
+        numpyro.sample("coin", dist.Bernoulli(p))
+
+    with pytest.raises(NotImplementedError, match="'coin'.*not reparameterised"):
+        ScaledELBO().loss(jax.random.PRNGKey(0), {"p": 0.3}, m, g)
+
+
+def test_aux_gradients_reach_the_encoder_only():
+    spec = load_spec(Spec(), ['prior.kind="learned_normal"', "latent.dim=3",
+                              'objective.aux=[{kind="infonce"}, {kind="supervised"}]',
+                              "encoder.hidden=[16]", "decoder.hidden=[16]"])
+    built = build(spec, 12)
+    from ppl_vae.numpyro.model import export_params, init_params
+
+    params = init_params(built, 12, jax.random.PRNGKey(0))
+    y = jnp.asarray(np.random.default_rng(0).integers(0, 2, (10, 12)), jnp.float32)
+    labels = jnp.asarray([0, 1, 2, -1, -1, 3, 4, 5, -1, 1])
+    grads = jax.grad(lambda p: ScaledELBO().terms(
+        jax.random.PRNGKey(1), p, built.model, built.guide, y, labels)["aux"])(params)
+    for name, g in export_params(grads).items():
+        if name.split(".")[0] in ("decoder", "prior", "likelihood"):
+            assert not np.any(g), name
+        elif name.endswith("weight"):
+            assert np.any(g), name
