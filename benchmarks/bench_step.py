@@ -127,9 +127,8 @@ def spec_for_benchmark(log_every: int):
 
 
 def ppl_vae_backend(backend, x, n_steps, warmup, log_every):
-    from ppl_vae.data import Dataset
-
     from ppl_vae.backends import backend_module
+    from ppl_vae.data import Dataset
 
     spec = spec_for_benchmark(log_every)
     data = Dataset(x, x[:10], np.full(len(x), -1), np.full(10, -1), (28, 28), "bench")
@@ -243,14 +242,12 @@ def main(args) -> dict[str, float]:
         "ppl_vae_numpyro": lambda: ppl_vae_backend("numpyro", x, args.steps, args.warmup,
                                                    log_every),
     }
-    seconds = {}
-    for name, run in ways.items():
-        if args.only and name not in args.only:
-            continue
-        best = math.inf
-        for _ in range(args.repeats):  # the best of a few repeats: least disturbed by noise
-            best = min(best, run())
-        seconds[name] = best
+    chosen = {k: v for k, v in ways.items() if not args.only or k in args.only}
+    seconds = {name: math.inf for name in chosen}
+    # Round-robin repeats, keeping each way's best: drifts in machine speed hit every way alike.
+    for _ in range(args.repeats):
+        for name, run in chosen.items():
+            seconds[name] = min(seconds[name], run())
     print(f"\nMLP VAE {D}-{H}-{Z}, batch {BATCH}, CPU, {args.threads} threads, "
           f"{args.steps} timed steps (best of {args.repeats})\n")
     print(f"{'way':<17}{'steps/s':>10}{'ms/step':>10}")

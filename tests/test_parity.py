@@ -17,11 +17,11 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 import pyro  # noqa: E402
 from numpyro import handlers  # noqa: E402
-from ppl_vae.numpyro.elbo import ScaledELBO as NumPyroELBO  # noqa: E402
 from pyro import poutine  # noqa: E402
 
 from ppl_vae import spec as spec_module  # noqa: E402
 from ppl_vae.numpyro import model as nmodel  # noqa: E402
+from ppl_vae.numpyro.elbo import ScaledELBO as NumPyroELBO  # noqa: E402
 from ppl_vae.pyro import model as pmodel  # noqa: E402
 from ppl_vae.pyro.elbo import ScaledELBO as PyroELBO  # noqa: E402
 from ppl_vae.spec import Spec, load_spec  # noqa: E402

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 from ppl_vae.data import Dataset
 from ppl_vae.numpyro.elbo import ScaledELBO
-
 from ppl_vae.numpyro.model import Model
 from ppl_vae.spec import Spec
 
@@ -58,9 +58,8 @@ class Trainer:
             return t["loss"] / batch, jnp.stack([t["loss"], t["rate"], t["distortion"],
                                                  t["aux"]]) / batch
 
-        def step(carry, inputs):
+        def sgd_step(carry, beta):
             params, opt_state, key = carry
-            beta, on = inputs
             key, k_idx, k_bin, k_elbo = jax.random.split(key, 4)
             idx = jax.random.randint(k_idx, (batch,), 0, n)
             y = x[idx]
@@ -68,12 +67,17 @@ class Trainer:
                 y = jax.random.bernoulli(k_bin, y).astype(y.dtype)
             (_, row), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 params, k_elbo, y, labels[idx], beta)
-            updates, new_opt = self.optimizer.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-                lambda a, b: jnp.where(on, a, b), new, old)
-            return (keep(new_params, params), keep(new_opt, opt_state),
-                    jnp.where(on, key, carry[2])), row
+            updates, opt_state = self.optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state, key), row
+
+        def skip(carry, beta):  # a padding step of a short last window: nothing happens
+            return carry, jnp.zeros(4, x.dtype)
+
+        def step(carry, inputs):
+            beta, on = inputs
+            # lax.cond runs one branch, so padding steps cost nothing and full windows pay no
+            # select over the parameters.
+            return jax.lax.cond(on, sgd_step, skip, carry, beta)
 
         (params, opt_state, key), rows = jax.lax.scan(step, (params, opt_state, key),
                                                       (betas, active))
