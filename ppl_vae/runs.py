@@ -65,6 +65,15 @@ def save_params(path: Path, params: dict[str, np.ndarray]) -> None:
     write_atomic(path, write)
 
 
+def params_path(path) -> Path:
+    """A params.npz file, or the params.npz of a run folder."""
+    path = Path(path)
+    path = path / PARAMS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise RunError(f"no parameters at {path} (train.init takes a params.npz or a run folder)")
+    return path
+
+
 def load_params(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as npz:
         return {k: npz[k] for k in npz.files}

@@ -144,6 +144,7 @@ class TrainSpec:
     checkpoint_every: int = 500
     eval_batch_size: int = 1000
     device: str = _choice("auto", DEVICES)
+    init: str = ""  # start from these parameters: a params.npz or a run folder ("" = fresh)
     dtype: str = _choice("float32", ("float32", "float64"))
 
 

@@ -130,6 +130,8 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
     trainer = train_mod.Trainer(spec, dataset, spec.train.device)
     metrics_path, ckpt_path = out / runs.METRICS_FILE, out / train_mod.Trainer.checkpoint_name
     start = 0
+    if spec.train.init and not resume:
+        trainer.model.import_params(runs.load_params(runs.params_path(spec.train.init)))
     if resume:
         start = trainer.load_checkpoint(ckpt_path)
         runs.truncate_metrics(metrics_path, start)

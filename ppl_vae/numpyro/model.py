@@ -260,6 +260,9 @@ class Model:
     def export_params(self) -> dict[str, np.ndarray]:
         return export_params(self.param_map)
 
+    def import_params(self, params: dict[str, np.ndarray]) -> None:
+        self.param_map = jax.device_put(import_params(self.param_map, params), self.device)
+
     def encode(self, x: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
         parts = [self._encode(self.param_map, self.tensor(x[i:i + batch_size]))
                  for i in range(0, len(x), batch_size)]

@@ -249,6 +249,9 @@ class Model:
     def export_params(self) -> dict[str, np.ndarray]:
         return export_params(self.modules)
 
+    def import_params(self, params: dict[str, np.ndarray]) -> None:
+        import_params(self.modules, params)  # in place: an optimizer's references stay valid
+
     @torch.no_grad()
     def encode(self, x: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
         """Posterior loc and scale of q(z|y), each (N, d)."""
