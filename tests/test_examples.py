@@ -1,4 +1,5 @@
-"""Every example runs in its --smoke mode (NumPyro's test_examples.py, with tiny arguments)."""
+"""Every example and benchmark runs in its --smoke mode (NumPyro's test_examples.py, with tiny
+arguments). Benchmarks are only run here, never timed: speed is measured by hand."""
 
 import subprocess
 import sys
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.py"))
+ROOT = Path(__file__).parents[1]
+EXAMPLES = sorted([*(ROOT / "examples").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
