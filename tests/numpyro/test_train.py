@@ -63,3 +63,25 @@ def test_a_numpyro_run_evaluates_with_pyro(tmp_path):
     loc_p, scale_p = run.model("pyro").encode(x)
     np.testing.assert_allclose(loc_p, loc_n, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scale_p, scale_n, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    import jax
+
+    from ppl_vae.backends import BackendError
+
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("a GPU is present; the error needs none")
+    with pytest.raises(BackendError, match="sees no GPU.*--device"):
+        tiny_fit(tmp_path, "cuda", ["train.steps=10"], device="cuda")
+
+
+def test_float64_needs_jax_x64(tmp_path):
+    import jax
+
+    from ppl_vae.backends import BackendError
+
+    if jax.config.jax_enable_x64:
+        pytest.skip("64-bit mode is on in this process")
+    with pytest.raises(BackendError, match="JAX_ENABLE_X64=1"):
+        tiny_fit(tmp_path, "f64", ["train.steps=10", 'train.dtype="float64"'])
