@@ -38,6 +38,10 @@ def _add_eval(sub):
     p.add_argument("--backend", choices=list(BACKENDS), help="default: the one that trained it")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--bits", action="store_true", help="also print bits per dimension")
+    p.add_argument("--iwae-k", type=int, default=1000,
+                   help="importance samples per example for IWAE and PSIS (0 skips them)")
+    p.add_argument("--n", type=int, help="evaluate only the first N test examples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_sample(sub):
@@ -99,7 +103,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from ppl_vae.report import evaluate_run, format_report
 
-    report = evaluate_run(args.run, backend=args.backend, device=args.device)
+    report = evaluate_run(args.run, backend=args.backend, device=args.device,
+                          iwae_k=args.iwae_k, n=args.n, progress=not args.no_progress)
     print(format_report(report, bits=args.bits))
     print(f"written: {Path(args.run) / 'report.json'}")
     return 0

@@ -5,18 +5,29 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from ppl_vae import runs
 from ppl_vae.data import load_data
-from ppl_vae.diagnostics import active_units
+from ppl_vae.diagnostics import (
+    active_units,
+    ess_from_log_weights,
+    iwae_bound,
+    marginal_kl,
+    mutual_information,
+    psis_khat,
+    psis_summary,
+)
 from ppl_vae.training import evaluate, evaluation_data
 
 #: A dimension whose rate is below this many nats carries (almost) no information about y.
 COLLAPSE_RATE = 0.01
 
 
-def collapse_verdict(n_active: int, dim: int, rate: float) -> str:
+def collapse_verdict(n_active: int, dim: int, rate: float, mutual_info: float) -> str:
     """One line on posterior collapse that names its evidence."""
-    evidence = f"{n_active} of {dim} dimensions active, rate {rate:.3g} nats"
+    evidence = (f"{n_active} of {dim} dimensions active, rate {rate:.3g} nats, "
+                f"I_q {mutual_info:.3g} nats")
     if n_active == 0 or rate < COLLAPSE_RATE * dim:
         return f"posterior collapse: {evidence}"
     if n_active < dim:
@@ -24,18 +35,50 @@ def collapse_verdict(n_active: int, dim: int, rate: float) -> str:
     return f"no collapse: {evidence}"
 
 
-def evaluate_run(path, backend: str | None = None, device: str = "cpu") -> dict:
-    """Test-split report of a run (per example, nats); also written to RUN/report.json."""
+def importance_sampling(model, x: np.ndarray, num_samples: int, seed: int = 0,
+                        progress: bool = True) -> dict:
+    """IWAE bound L_K (Burda et al. 2016) as the log-likelihood estimate, with PSIS k̂ (Vehtari
+    et al. 2015) and the effective sample size per example, from one set of K importance
+    weights per example; examples in blocks so that K in the thousands fits in memory."""
+    block = max(1, int(2e7 // (min(num_samples, 500) * model.data_dim)))
+    starts = range(0, len(x), block)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"IWAE, K={num_samples}", unit="block", leave=False)
+    bounds, khat, ess = [], [], []
+    for i in starts:
+        log_w = model.log_weights(x[i:i + block], num_samples, seed=seed + i)  # (n, K)
+        bounds.append(iwae_bound(log_w).per_example)
+        khat.append(psis_khat(log_w) if num_samples >= 2 else np.full(len(log_w), np.nan))
+        ess.append(ess_from_log_weights(log_w))
+    per_example = np.concatenate(bounds)
+    return {"per_example": per_example, "mean": float(per_example.mean()),
+            "stderr": float(per_example.std(ddof=1) / np.sqrt(len(per_example)))
+            if len(per_example) > 1 else float("nan"),
+            "khat": np.concatenate(khat), "ess": np.concatenate(ess)}
+
+
+def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: int = 1000,
+                 n: int | None = None, progress: bool = True) -> dict:
+    """Test-split report of a run (per example, nats); also written to RUN/report.json.
+
+    :param iwae_k: importance samples per example for the IWAE log-likelihood and PSIS (0: skip).
+    :param n: evaluate only the first n test examples (default: all).
+    """
     run = runs.load_run(path)
     spec = run.spec
     dataset = load_data(spec)
     x, labels = evaluation_data(spec, dataset)
+    if n:
+        x, labels = x[:n], labels[:n]
     model = run.model(backend, device)
     train = run.records("train")
     beta = train[-1]["beta"] if train else spec.objective.beta
     metrics = evaluate(model, spec, x, labels, beta, spec.objective.lam)
-    loc, _ = model.encode(x, spec.train.eval_batch_size)
+    loc, scale = model.encode(x, spec.train.eval_batch_size)
     n_active, variance = active_units(loc)
+    mi = mutual_information(loc, scale, np.random.default_rng(spec.train.seed))
     dim = dataset.dim
     report = {
         "run": str(run.path),
@@ -58,7 +101,24 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu") -> dict:
         "rate_per_dim": [metrics[f"rate/dim_{i}"] for i in range(spec.latent.dim)
                          if f"rate/dim_{i}" in metrics],
     }
-    report["verdict"] = collapse_verdict(report["active_units"], spec.latent.dim, report["rate"])
+    report |= {
+        # Hoffman & Johnson 2016: rate = I_q + KL(q(z) || p̂(z)), i.e. Î − I in the lecture.
+        "mutual_information": mi.value,
+        "mutual_information_stderr": mi.stderr,
+        "marginal_kl": marginal_kl(metrics["rate"], mi.value),
+    }
+    if iwae_k:
+        iwae = importance_sampling(model, x, iwae_k, seed=spec.train.seed, progress=progress)
+        report |= {
+            "iwae_k": iwae_k,
+            "log_likelihood": iwae["mean"],
+            "log_likelihood_stderr": iwae["stderr"],
+            "elbo_gap": iwae["mean"] - metrics["elbo"],  # ≈ E KL(q(z|y) || p(z|y)) for large K
+            "psis": psis_summary(iwae["khat"]),
+            "ess_mean": float(iwae["ess"].mean()),
+        }
+    report["verdict"] = collapse_verdict(report["active_units"], spec.latent.dim, report["rate"],
+                                         report["mutual_information"])
     runs.write_json_atomic(Path(path) / "report.json", report)
     return report
 
@@ -77,7 +137,22 @@ def format_report(report: dict, bits: bool = False) -> str:
         f"  {'distortion −ln p(y|z)':<24}{report['nll_distortion']:>16.3f}",
         f"  {objective_label:<24}{report['objective']:>16.3f}",
         f"  {'aux':<24}{report['aux']:>16.3f}",
+        f"  {'I_q(y; z)':<24}{report['mutual_information']:>16.3f}"
+        f"  ± {report['mutual_information_stderr']:.3f}",
+        f"  {'KL(q(z) ‖ p̂(z))':<24}{report['marginal_kl']:>16.3f}   (= rate − I_q)",
     ]
+    if "log_likelihood" in report:
+        iwae_label = f"IWAE ln p(y), K={report['iwae_k']}"
+        psis = report["psis"]
+        lines += [
+            f"  {iwae_label:<24}{report['log_likelihood']:>16.3f}"
+            f"  ± {report['log_likelihood_stderr']:.3f}",
+            f"  {'ln p(y) − ELBO':<24}{report['elbo_gap']:>16.3f}",
+            "",
+            f"  PSIS k̂: mean {psis['khat_mean']:.2f}, max {psis['khat_max']:.2f}, "
+            f"{100 * psis['share_above_0.7']:.1f}% of examples above 0.7; mean ESS "
+            f"{report['ess_mean']:.1f} of {report['iwae_k']}",
+        ]
     if bits:
         lines.append(f"  {'bits per dimension':<24}{report['bits_per_dim']:>16.4f}")
     lines += ["", f"  active units: {report['active_units']} of {report['latent_dim']}"]

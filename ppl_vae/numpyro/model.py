@@ -277,6 +277,30 @@ class Model:
         prior = handlers.substitute(lambda: _prior(self.spec), data=self.param_map)
         return np.asarray(prior().sample(key, (n,)))
 
+    def log_weights(self, x: np.ndarray, num_samples: int, seed: int = 0,
+                    chunk: int = 500) -> np.ndarray:
+        """Importance log-weights ln p̂(y, z_k) − ln q(z_k|y), z_k ~ q(z|y), (N, K) float64
+        (the twin of the Pyro backend's hook; draws in chunks of `chunk`)."""
+        if getattr(self, "_log_weights", None) is None:
+            self._log_weights = jax.jit(self._log_weights_chunk, static_argnums=3)
+        y = self.tensor(x)
+        key = jax.random.PRNGKey(seed)
+        out = [np.asarray(self._log_weights(self.param_map, jax.random.fold_in(key, i), y,
+                                            min(chunk, num_samples - k)), np.float64)
+               for i, k in enumerate(range(0, num_samples, chunk))]
+        return np.concatenate(out).T.copy()
+
+    def _log_weights_chunk(self, param_map, key, y, k):
+        spec = self.spec
+        loc, scale = self.built.encoder.apply({"params": param_map["encoder$params"]}, y)
+        q = dist.Normal(loc, scale).to_event(1)
+        z = q.rsample(key, (k,))
+        with handlers.substitute(data=param_map):
+            prior = _prior(spec)
+        params = self.built.decoder.apply({"params": param_map["decoder$params"]}, z)
+        lik = likelihood_dist(spec.likelihood, params, param_map.get("likelihood.log_scale"))
+        return prior.log_prob(z) + lik.log_prob(observation(spec.likelihood, y)) - q.log_prob(z)
+
     def prior_normal(self):
         kind = self.spec.prior.kind
         d = self.spec.latent.dim

@@ -274,6 +274,32 @@ class Model:
             torch.manual_seed(seed)
             return self.built.sample_prior(n).cpu().numpy()
 
+    @torch.no_grad()
+    def log_weights(self, x: np.ndarray, num_samples: int, seed: int = 0,
+                    chunk: int = 500) -> np.ndarray:
+        """Importance log-weights ln p̂(y, z_k) − ln q(z_k|y), z_k ~ q(z|y), (N, K) float64.
+
+        p̂(y|z) is the likelihood (the nll distortion) whatever distortion was trained; draws
+        come in chunks of `chunk` so that K in the thousands fits in memory.
+        """
+        lik = self.spec.likelihood
+        log_scale = getattr(self.modules["likelihood"], "log_scale", None)
+        y = self.tensor(x)
+        obs = observation(lik, y)
+        loc, scale = self.built.encode(y)
+        q = dist.Normal(loc, scale).to_event(1)
+        prior = prior_dist(self.modules["prior"])
+        out = []
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+            torch.manual_seed(seed)
+            for k in range(0, num_samples, chunk):
+                z = q.rsample((min(chunk, num_samples - k),))  # (k, N, d)
+                params = self.modules["decoder"](z)
+                log_w = (prior.log_prob(z) + likelihood_dist(lik, params, log_scale).log_prob(obs)
+                         - q.log_prob(z))
+                out.append(log_w.double().cpu())
+        return torch.cat(out).T.contiguous().numpy()
+
     def prior_normal(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(loc, scale), each (d,), when the prior is a factorised normal; None otherwise."""
         prior = self.modules["prior"]
