@@ -75,6 +75,22 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _add_plot(sub):
+    p = sub.add_parser("plot", help="write a run's figures to RUN/plots/")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("others", nargs="*", help="more run folders: extra rate-distortion points")
+    p.add_argument("--backend", choices=list(BACKENDS), help="default: the one that trained it")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+
+
+def cmd_plot(args) -> int:
+    from ppl_vae.report import plot_run
+
+    for path in plot_run(args.run, args.others, backend=args.backend, device=args.device):
+        print(f"written: {path}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from ppl_vae.spec import list_models
 
@@ -146,11 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_sample(sub)
     _add_compare(sub)
+    _add_plot(sub)
     return parser
 
 
 COMMANDS = {"models": cmd_models, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
-            "compare": cmd_compare}
+            "compare": cmd_compare, "plot": cmd_plot}
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ def save_image_grid(images: np.ndarray, path, title: str = "", ncols: int | None
     for i, img in enumerate(images):
         r, c = divmod(i, ncols)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = img
-    fig = _figure((max(3.0, ncols * 0.6), max(3.0, nrows * 0.6) + (0.4 if title else 0)))
+    fig = _figure((max(3.0, ncols * 0.6), max(1.5, nrows * 0.6) + (0.4 if title else 0)))
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
@@ -37,3 +37,102 @@ def save_image_grid(images: np.ndarray, path, title: str = "", ncols: int | None
     path = Path(path)
     fig.savefig(path)
     return path
+
+
+def _save(fig, path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def reconstructions(x: np.ndarray, recon: np.ndarray, shape, path, n: int = 16) -> Path:
+    """Originals (top row of each pair) above their reconstructions E[y | z = posterior mean]."""
+    n = min(n, len(x))
+    pairs = np.concatenate([x[:n].reshape(n, *shape), recon[:n].reshape(n, *shape)])
+    return save_image_grid(pairs, path, "test images (top) and reconstructions E[y|z=μ(y)]",
+                           ncols=n)
+
+
+def latent_traversals(decode, order: np.ndarray, dim: int, shape, path,
+                      span: float = 3.0, steps: int = 9) -> Path:
+    """One row per latent dimension (in `order`, e.g. by rate): E[y|z] with z_i swept over
+    [−span, span] and every other coordinate at 0 (the prior mean)."""
+    values = np.linspace(-span, span, steps)
+    rows = []
+    for i in order:
+        z = np.zeros((len(values), dim))
+        z[:, i] = values
+        rows.append(decode(z).reshape(len(values), *shape))
+    return save_image_grid(np.concatenate(rows), path,
+                           f"latent traversals, z_i from {values[0]:g} to {values[-1]:g} "
+                           "(rows: dimensions by rate)", ncols=len(values))
+
+
+def training_curves(metrics: list[dict], path) -> Path:
+    """rate, distortion, −ELBO and the objective against step, train (lines) and test (dots)."""
+    fig = _figure((7, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for key, color in (("rate", "C0"), ("distortion", "C1"), ("objective", "C3")):
+        for split, style in (("train", "-"), ("test", "o")):
+            rec = [r for r in metrics if r.get("split") == split and key in r]
+            if rec:
+                ax.plot([r["step"] for r in rec], [r[key] for r in rec], style, color=color,
+                        label=f"{key} ({split})", ms=4)
+    rec = [r for r in metrics if r.get("split") == "test" and "elbo" in r]
+    if rec:
+        ax.plot([r["step"] for r in rec], [-r["elbo"] for r in rec], "s", color="k", ms=4,
+                label="−ELBO (test, β=λ=1)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per example")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("training curves")
+    return _save(fig, path)
+
+
+def rate_per_dim_bars(rates: list[float], path) -> Path:
+    fig = _figure((max(4, 0.4 * len(rates) + 2), 3))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(len(rates)), rates, color="C0")
+    ax.axhline(0.01, color="grey", lw=0.8, ls="--", label="0.01 nats")
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("KL(q(z_i|y) ‖ p(z_i)), nats")
+    ax.set_title("rate per dimension")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def rate_distortion_plane(points: list[tuple[str, float, float]], path,
+                          entropy: float | None = None) -> Path:
+    """(label, rate, distortion) points in nats; the line R + D = H(y) where H is known (every
+    VAE lies on or above it: rate + distortion = −ELBO ≥ H(y))."""
+    fig = _figure((5, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for label, r, d in points:
+        ax.plot(r, d, "o")
+        ax.annotate(label, (r, d), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if entropy is not None:
+        top = max(entropy, *(r for _, r, _ in points))
+        ax.plot([0, top], [entropy, entropy - top], "k--", lw=1, label="R + D = H(y)")
+        ax.legend(fontsize=7)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("rate Î(y, z), nats")
+    ax.set_ylabel("distortion Ĥ(y|z), nats")
+    ax.set_title("rate–distortion plane" + ("" if entropy is not None else " (H(y) unknown)"))
+    return _save(fig, path)
+
+
+def khat_histogram(khat: np.ndarray, path) -> Path:
+    """Pareto k̂ per example; above 0.7 importance sampling is unreliable (Vehtari et al.)."""
+    fig = _figure((5, 3))
+    ax = fig.add_subplot(1, 1, 1)
+    finite = khat[np.isfinite(khat)]
+    ax.hist(finite, bins=40, color="C0")
+    for level, style in ((0.5, ":"), (0.7, "--")):
+        ax.axvline(level, color="C3", ls=style, lw=1, label=f"k̂ = {level}")
+    ax.set_xlabel("PSIS k̂ of the encoder as a proposal")
+    ax.set_ylabel("examples")
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -20,6 +20,8 @@ from ppl_vae.diagnostics import (
 )
 from ppl_vae.training import evaluate, evaluation_data
 
+KHAT_FILE = "khat.npy"  # PSIS k̂ per test example, written by eval for the histogram
+
 #: A dimension whose rate is below this many nats carries (almost) no information about y.
 COLLAPSE_RATE = 0.01
 
@@ -115,8 +117,12 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
             "log_likelihood_stderr": iwae["stderr"],
             "elbo_gap": iwae["mean"] - metrics["elbo"],  # ≈ E KL(q(z|y) || p(z|y)) for large K
             "psis": psis_summary(iwae["khat"]),
+            "khat_file": KHAT_FILE,
             "ess_mean": float(iwae["ess"].mean()),
         }
+    if iwae_k:
+        runs.write_atomic(Path(path) / KHAT_FILE, lambda tmp: np.save(open(tmp, "wb"),
+                                                                      iwae["khat"]))
     report["verdict"] = collapse_verdict(report["active_units"], spec.latent.dim, report["rate"],
                                          report["mutual_information"])
     runs.write_json_atomic(Path(path) / "report.json", report)
@@ -161,3 +167,42 @@ def format_report(report: dict, bits: bool = False) -> str:
             f"{i}:{v:.2f}" for i, v in enumerate(report["rate_per_dim"])))
     lines += ["", f"  {report['verdict']}"]
     return "\n".join(lines)
+
+
+def plot_run(path, others=(), backend: str | None = None, device: str = "cpu") -> list[Path]:
+    """Write the figures of a run to RUN/plots/: prior samples, reconstructions, latent
+    traversals, training curves, rate per dimension, the rate–distortion plane (with `others`,
+    more run folders, as further points) and, after `ppl-vae eval`, the PSIS k̂ histogram."""
+    from ppl_vae import plots
+
+    run = runs.load_run(path)
+    out = Path(path) / "plots"
+    out.mkdir(exist_ok=True)
+    model = run.model(backend, device)
+    written = [plots.training_curves(run.metrics, out / "curves.png")]
+    shape = run.info.get("image_shape")
+    test = run.final_test
+    d = run.spec.latent.dim
+    rates = [test.get(f"rate/dim_{i}", float("nan")) for i in range(d)]
+    if shape:
+        x, _ = evaluation_data(run.spec, load_data(run.spec))
+        loc, _ = model.encode(x[:16])
+        written += [
+            plots.save_image_grid(model.decode_mean(model.sample_prior(64)).reshape(-1, *shape),
+                                  out / "samples.png", "E[y|z], z ~ prior"),
+            plots.reconstructions(x, model.decode_mean(loc), shape, out / "reconstructions.png"),
+            plots.latent_traversals(model.decode_mean, np.argsort(rates)[::-1]
+                                    if np.isfinite(rates).all() else np.arange(d), d, shape,
+                                    out / "traversals.png"),
+        ]
+    if np.isfinite(rates).all():
+        written.append(plots.rate_per_dim_bars(rates, out / "rate_per_dim.png"))
+    points = []
+    for p in (path, *others):
+        t = runs.load_run(p).final_test
+        points.append((Path(p).name, t["rate"], t["nll"]))
+    written.append(plots.rate_distortion_plane(points, out / "rate_distortion.png"))
+    if (Path(path) / KHAT_FILE).exists():
+        written.append(plots.khat_histogram(np.load(Path(path) / KHAT_FILE),
+                                            out / "khat.png"))
+    return written

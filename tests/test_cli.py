@@ -133,3 +133,14 @@ def test_both_backends_give_the_same_iwae_estimate(tmp_path):
     # different draws of z: agree within the Monte Carlo error of the two estimates
     assert abs(a["log_likelihood"] - b["log_likelihood"]) < 0.1
     assert a["mutual_information"] == pytest.approx(b["mutual_information"], rel=1e-4)
+
+
+def test_plot_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "vae_digits", "--out", str(out), *FAST]) == 0
+    assert main(["eval", str(out), "--iwae-k", "50", "--no-progress"]) == 0
+    assert main(["plot", str(out)]) == 0
+    names = {p.name for p in (out / "plots").iterdir()}
+    assert names == {"curves.png", "samples.png", "reconstructions.png", "traversals.png",
+                     "rate_per_dim.png", "rate_distortion.png", "khat.png"}
+    assert all((out / "plots" / n).stat().st_size > 5000 for n in names)
