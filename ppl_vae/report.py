@@ -121,8 +121,7 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
             "ess_mean": float(iwae["ess"].mean()),
         }
     if iwae_k:
-        runs.write_atomic(Path(path) / KHAT_FILE, lambda tmp: np.save(open(tmp, "wb"),
-                                                                      iwae["khat"]))
+        runs.save_array(Path(path) / KHAT_FILE, iwae["khat"])
     report["verdict"] = collapse_verdict(report["active_units"], spec.latent.dim, report["rate"],
                                          report["mutual_information"])
     runs.write_json_atomic(Path(path) / "report.json", report)

@@ -74,6 +74,14 @@ def params_path(path) -> Path:
     return path
 
 
+def save_array(path: Path, array: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as fh:  # a file object, so numpy does not append ".npy" to tmp
+            np.save(fh, array)
+
+    write_atomic(path, write)
+
+
 def load_params(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as npz:
         return {k: npz[k] for k in npz.files}
