@@ -42,6 +42,10 @@ def _add_eval(sub):
                    help="importance samples per example for IWAE and PSIS (0 skips them)")
     p.add_argument("--n", type=int, help="evaluate only the first N test examples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--export-draws", type=int, default=0, metavar="N",
+                   help="also write posterior draws of z for the first N test examples to "
+                        "RUN/posterior.nc (ArviZ InferenceData)")
+    p.add_argument("--plots", action="store_true", help="also write the figures (ppl-vae plot)")
 
 
 def _add_sample(sub):
@@ -123,6 +127,17 @@ def cmd_eval(args) -> int:
                           iwae_k=args.iwae_k, n=args.n, progress=not args.no_progress)
     print(format_report(report, bits=args.bits))
     print(f"written: {Path(args.run) / 'report.json'}")
+    if args.export_draws:
+        from ppl_vae.report import export_posterior_draws
+
+        nc = export_posterior_draws(args.run, args.export_draws, backend=args.backend,
+                                    device=args.device)
+        print(f"written: {nc}")
+    if args.plots:
+        from ppl_vae.report import plot_run
+
+        for path in plot_run(args.run, backend=args.backend, device=args.device):
+            print(f"written: {path}")
     return 0
 
 

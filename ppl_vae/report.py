@@ -205,3 +205,21 @@ def plot_run(path, others=(), backend: str | None = None, device: str = "cpu") -
         written.append(plots.khat_histogram(np.load(Path(path) / KHAT_FILE),
                                             out / "khat.png"))
     return written
+
+
+def export_posterior_draws(path, n_examples: int, num_draws: int = 1000,
+                           backend: str | None = None, device: str = "cpu") -> Path:
+    """Draws z ~ q(z|y) for the first `n_examples` test examples as ArviZ InferenceData
+    (posterior group, variable ``z`` with dims (chain, draw, example, latent)), written to
+    RUN/posterior.nc, for ArviZ's summaries and plots (`az.summary`, `az.plot_posterior`)."""
+    from ppl_vae.arviz_compat import posterior_draws_to_inference_data, save_netcdf
+
+    run = runs.load_run(path)
+    x, labels = evaluation_data(run.spec, load_data(run.spec))
+    loc, scale = run.model(backend, device).encode(x[:n_examples])
+    rng = np.random.default_rng(run.spec.train.seed)
+    z = loc + scale * rng.standard_normal((1, num_draws, *loc.shape))
+    idata = posterior_draws_to_inference_data(
+        {"z": z}, coords={"example": np.arange(len(loc)), "latent": np.arange(loc.shape[1])},
+        dims={"z": ["example", "latent"]})
+    return save_netcdf(idata, Path(path) / "posterior.nc")

@@ -144,3 +144,19 @@ def test_plot_writes_every_figure(tmp_path, capsys):
     assert names == {"curves.png", "samples.png", "reconstructions.png", "traversals.png",
                      "rate_per_dim.png", "rate_distortion.png", "khat.png"}
     assert all((out / "plots" / n).stat().st_size > 5000 for n in names)
+
+
+def test_eval_exports_posterior_draws_for_arviz(tmp_path, capsys):
+    arviz = pytest.importorskip("arviz")
+    out = tmp_path / "run"
+    assert main(["train", "vae_digits", "--out", str(out), *FAST]) == 0
+    assert main(["eval", str(out), "--iwae-k", "0", "--export-draws", "3", "--plots",
+                 "--no-progress"]) == 0
+    from ppl_vae.arviz_compat import load_netcdf
+
+    idata = load_netcdf(out / "posterior.nc")
+    z = idata.posterior["z"]
+    assert z.shape == (1, 1000, 3, 8) and list(z.dims)[2:] == ["example", "latent"]
+    summary = arviz.summary(idata, var_names=["z"], kind="stats")
+    assert len(summary) == 24
+    assert (out / "plots" / "curves.png").exists()
