@@ -108,6 +108,8 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
         "mutual_information": mi.value,
         "mutual_information_stderr": mi.stderr,
         "marginal_kl": marginal_kl(metrics["rate"], mi.value),
+        # I_q over N examples cannot exceed ln N (the aggregate posterior has N components)
+        "mutual_information_ceiling": math.log(len(x)),
     }
     if iwae_k:
         iwae = importance_sampling(model, x, iwae_k, seed=spec.train.seed, progress=progress)
@@ -146,6 +148,10 @@ def format_report(report: dict, bits: bool = False) -> str:
         f"  ± {report['mutual_information_stderr']:.3f}",
         f"  {'KL(q(z) ‖ p̂(z))':<24}{report['marginal_kl']:>16.3f}   (= rate − I_q)",
     ]
+    ceiling = report["mutual_information_ceiling"]
+    if report["mutual_information"] > 0.9 * ceiling:
+        lines.append(f"  (I_q is near its ceiling ln N = {ceiling:.2f}: with more test examples it "
+                     "could be larger, so the KL above is an upper estimate)")
     if "log_likelihood" in report:
         iwae_label = f"IWAE ln p(y), K={report['iwae_k']}"
         psis = report["psis"]
