@@ -87,6 +87,11 @@ def load_params(path: Path) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
+def read_info(run_dir: Path) -> dict:
+    path = Path(run_dir) / INFO_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def read_metrics(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
@@ -182,6 +187,5 @@ def load_run(path) -> Run:
         if not (path / name).exists():
             raise RunError(f"{path} is not a finished run folder: {name} is missing (train it "
                            "with `ppl-vae train SPEC --out DIR` first)")
-    info = json.loads((path / INFO_FILE).read_text())
-    return Run(path, load_spec(path / SPEC_FILE), info, read_metrics(path / METRICS_FILE),
-               load_params(path / PARAMS_FILE))
+    return Run(path, load_spec(path / SPEC_FILE), read_info(path),
+               read_metrics(path / METRICS_FILE), load_params(path / PARAMS_FILE))

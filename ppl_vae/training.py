@@ -137,10 +137,11 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
         runs.truncate_metrics(metrics_path, start)
     elif metrics_path.exists():
         metrics_path.unlink()
+    previous = runs.read_info(out) if resume else {}
     info = {"backend": backend, "data_dim": dataset.dim, "image_shape": dataset.image_shape,
             "data": dataset.name, "n_train": len(dataset.x_train), "n_test": len(dataset.x_test),
-            "device": str(trainer.device), "step": start, "wall_seconds": 0.0,
-            "version": __version__}
+            "device": str(trainer.device), "step": start,
+            "wall_seconds": previous.get("wall_seconds", 0.0), "version": __version__}
     _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress)
     return runs.load_run(out)
 
