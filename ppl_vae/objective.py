@@ -70,3 +70,23 @@ def weighted_terms(terms: dict, beta, lam, zero) -> dict:
         out["loss"] = out["loss"] + value
     out.update(terms)
     return out
+
+
+# ---- the site-role errors of both backends' ScaledELBO ----------------------------------------
+def missing_guide_site(site: str, framework: str) -> ValueError:
+    return ValueError(
+        f"ScaledELBO: the model's latent site {site!r} has no sample site in the guide; add "
+        f"`{framework}.sample({site!r}, ...)` to the guide or observe it.")
+
+
+def not_reparameterised(site: str, distribution: str, framework: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"ScaledELBO: the guide's site {site!r} ({distribution}) is not reparameterised; "
+        "ScaledELBO needs reparameterised latents. Use a reparameterised distribution (Normal, "
+        f"…), enumerate the discrete site out, or use {framework}'s TraceGraph_ELBO.")
+
+
+def stray_guide_site(site: str) -> ValueError:
+    return ValueError(
+        f"ScaledELBO: the guide's sample site {site!r} is not in the model; a guide may add only "
+        "factor sites of its own (encoder-only aux terms).")

@@ -38,7 +38,12 @@ from numpyro.distributions.util import scale_and_mask
 from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer.elbo import ELBO
 
-from ppl_vae.objective import weighted_terms
+from ppl_vae.objective import (
+    missing_guide_site,
+    not_reparameterised,
+    stray_guide_site,
+    weighted_terms,
+)
 
 
 def _log_prob_sum(site) -> jax.Array:
@@ -87,15 +92,9 @@ class ScaledELBO(ELBO):
                 continue
             gsite = guide_trace.get(name)
             if gsite is None or gsite["type"] != "sample":
-                raise ValueError(
-                    f"ScaledELBO: the model's latent site {name!r} has no sample site in the "
-                    f"guide; add `numpyro.sample({name!r}, ...)` to the guide or observe it.")
+                raise missing_guide_site(name, "numpyro")
             if not gsite["fn"].has_rsample:
-                raise NotImplementedError(
-                    f"ScaledELBO: the guide's site {name!r} ({type(gsite['fn']).__name__}) is "
-                    "not reparameterised; ScaledELBO needs reparameterised latents. Use a "
-                    "reparameterised distribution (Normal, …), enumerate the discrete site out, "
-                    "or use NumPyro's TraceGraph_ELBO.")
+                raise not_reparameterised(name, type(gsite["fn"]).__name__, "NumPyro")
             terms[f"rate/{name}"] = self._rate(msite, gsite)
         for name, gsite in guide_trace.items():
             if gsite["type"] != "sample" or name in model_trace:
@@ -103,9 +102,7 @@ class ScaledELBO(ELBO):
             if gsite["is_observed"] and gsite["infer"].get("is_auxiliary"):
                 terms[f"aux/{name}"] = _log_prob_sum(gsite)
             else:
-                raise ValueError(
-                    f"ScaledELBO: the guide's sample site {name!r} is not in the model; a guide "
-                    "may add only factor sites of its own (encoder-only aux terms).")
+                raise stray_guide_site(name)
         return terms
 
     def _rate(self, msite, gsite) -> jax.Array:

@@ -31,7 +31,12 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 from torch.distributions import kl_divergence
 
-from ppl_vae.objective import weighted_terms
+from ppl_vae.objective import (
+    missing_guide_site,
+    not_reparameterised,
+    stray_guide_site,
+    weighted_terms,
+)
 
 Weight = float | torch.Tensor | Mapping[str, float]
 
@@ -77,17 +82,9 @@ class ScaledELBO(Trace_ELBO):
             elif kind == "latent":
                 gsite = guide_trace.nodes.get(name)
                 if gsite is None or gsite["type"] != "sample":
-                    raise ValueError(
-                        f"ScaledELBO: the model's latent site {name!r} has no sample site in the "
-                        "guide; add `pyro.sample({name!r}, ...)` to the guide or observe it."
-                    )
+                    raise missing_guide_site(name, "pyro")
                 if not gsite["fn"].has_rsample:
-                    raise NotImplementedError(
-                        f"ScaledELBO: the guide's site {name!r} ({type(gsite['fn']).__name__}) is "
-                        "not reparameterised; ScaledELBO needs reparameterised latents. Use a "
-                        "reparameterised distribution (Normal, …), enumerate the discrete site "
-                        "out, or use Pyro's TraceGraph_ELBO."
-                    )
+                    raise not_reparameterised(name, type(gsite["fn"]).__name__, "Pyro")
                 terms[f"rate/{name}"] = self._rate(name, msite, gsite)
         for name, gsite in guide_trace.nodes.items():
             if gsite["type"] != "sample" or name in model_trace.nodes:
@@ -96,10 +93,7 @@ class ScaledELBO(Trace_ELBO):
             if kind == "factor":
                 terms[f"aux/{name}"] = gsite["log_prob_sum"]
             elif kind != "deterministic":
-                raise ValueError(
-                    f"ScaledELBO: the guide's sample site {name!r} is not in the model; a guide "
-                    "may add only factor sites of its own (encoder-only aux terms)."
-                )
+                raise stray_guide_site(name)
         return terms
 
     def _rate(self, name, msite, gsite) -> torch.Tensor:
