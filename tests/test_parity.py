@@ -134,7 +134,7 @@ def compare(case: str, dtype: str) -> dict:
 def test_terms_and_gradients_agree_float32(case):
     worst = compare(case, "float32")
     assert worst["terms"] < 1e-5, worst
-    assert worst["grads"] < 1e-4, worst
+    assert worst["grads"] < 1e-5, worst
 
 
 def test_terms_and_gradients_agree_float64():
