@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/ppl-vae train vae_digits --out runs/vae_digits --overwrite
-	$(BIN)/ppl-vae eval runs/vae_digits
+	$(BIN)/ppl-vae eval runs/vae_digits --plots
 	$(BIN)/ppl-vae sample runs/vae_digits --n 64 --out runs/vae_digits/samples.png
 
 test: $(STAMP)
