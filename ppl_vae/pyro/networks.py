@@ -154,7 +154,6 @@ class Likelihood(nn.Module):
 
     def __init__(self, spec: LikelihoodSpec, data_dim: int):
         super().__init__()
-        self.spec = spec
         if spec.kind == "gaussian" and spec.scale == "learned":
             self.log_scale = nn.Parameter(torch.zeros(data_dim))
 
