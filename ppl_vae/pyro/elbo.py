@@ -85,7 +85,7 @@ class ScaledELBO(Trace_ELBO):
                     raise missing_guide_site(name, "pyro")
                 if not gsite["fn"].has_rsample:
                     raise not_reparameterised(name, type(gsite["fn"]).__name__, "Pyro")
-                terms[f"rate/{name}"] = self._rate(name, msite, gsite)
+                terms[f"rate/{name}"] = self._rate(msite, gsite)
         for name, gsite in guide_trace.nodes.items():
             if gsite["type"] != "sample" or name in model_trace.nodes:
                 continue
@@ -96,7 +96,7 @@ class ScaledELBO(Trace_ELBO):
                 raise stray_guide_site(name)
         return terms
 
-    def _rate(self, name, msite, gsite) -> torch.Tensor:
+    def _rate(self, msite, gsite) -> torch.Tensor:
         if self.analytic_kl:
             try:
                 kl = kl_divergence(gsite["fn"], msite["fn"])
