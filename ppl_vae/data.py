@@ -1,14 +1,19 @@
 """Datasets as NumPy arrays: the bundled 8x8 digits, MNIST IDX folders and .npz files.
 
-Every loader returns a `Dataset` of flattened float32 examples (N, D), labels (−1 = unknown)
-and the image shape. Images are scaled to [0, 1] (digits /16, MNIST /255); npz data are taken as
-they are. Splits and static binarisation are seeded by ``train.seed``. Every problem is a
-`DataError` that says what is wrong and what to do.
+Every loader returns a `Dataset` of flattened float32 examples (N, D), int64 labels (-1 where
+unknown) and the image shape (H, W), or None for flat data. Images are scaled to [0, 1] (digits
+/16, MNIST /255); npz data are taken as they are. The random split and static binarisation are
+seeded by ``train.seed``, from two independent child seeds, so binarising never moves the split.
+
+Every problem with the data is a `DataError` that says what is wrong and what to do; a spec that
+cannot work with the data it names (a conv network on flat data) is a `SpecError`.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,21 +21,32 @@ import numpy as np
 
 from ppl_vae.spec import LikelihoodSpec, Spec, SpecError
 
-#: Standard MNIST file names (each may also end in .gz).
+#: Standard MNIST file names per split (each may also end in .gz).
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+#: IDX type codes (third byte of the magic number) -> big-endian NumPy dtypes.
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+#: A value y counts as lying on the k-grid when |y*k - round(y*k)| <= GRID_TOL.
+GRID_TOL = 1e-4
+_NPZ_HELP = ("an .npz with an array 'x' of shape (N, D), (N, H, W), (N, H, W, 1) or (N, 1, H, W), "
+             "and optionally 'labels' (N,), 'x_test' and 'labels_test'")
 
 
 class DataError(ValueError):
-    """The data cannot be used as the spec asks; the message says what to do."""
+    """The data cannot be used as the spec asks; the message says what is wrong and what to do."""
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """x_* (N, D) float32, labels_* (N,) int64 with −1 for unknown, image_shape (H, W) or None."""
+    """A train/test split of flattened examples.
+
+    x_train (N, D) and x_test (M, D): float32, C-contiguous, one flattened example per row.
+    labels_train (N,) and labels_test (M,): int64, -1 where unknown.
+    image_shape: (H, W) with H*W == D for images, None for flat data.
+    name: where the data came from, e.g. "digits", "mnist:/path", "npz:/path/file.npz".
+    """
 
     x_train: np.ndarray
     x_test: np.ndarray
@@ -41,204 +57,333 @@ class Dataset:
 
     @property
     def dim(self) -> int:
+        """D, the number of values per example."""
         return int(self.x_train.shape[1])
 
 
 def binarize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One Bernoulli(x) draw per value, as float32 0/1 (x in [0, 1])."""
-    return (rng.random(x.shape) < x).astype(np.float32)
+    """One Bernoulli(x) draw per value: float32 0/1 of x's shape (x: probabilities in [0, 1])."""
+    return (rng.random(x.shape, dtype=np.float32) < x).astype(np.float32)
 
 
+# ---- IDX files ----------------------------------------------------------------------------
 def read_idx(path) -> np.ndarray:
-    """Read an IDX file (LeCun's MNIST format), gzipped when the name ends in .gz."""
+    """Read an IDX file (the MNIST format) into a native-endian array of the shape its header gives.
+
+    The file may be gzipped (recognised by its content, whatever its name). The header is two zero
+    bytes, a type code (0x08 ubyte, 0x09 byte, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64),
+    the number of dimensions and one big-endian uint32 size per dimension; then the values,
+    big-endian, row-major.
+    """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
+    with open(path, "rb") as fh:
         raw = fh.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    if raw[:2] == b"\x1f\x8b":  # the gzip magic number
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise DataError(f"{path}: the gzip stream is damaged ({err}); download it again") \
+                from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (its first bytes are {raw[:4]!r}, expected "
+                        "00 00, a type code and the number of dimensions)")
+    ndim, dtype = raw[3], np.dtype(IDX_DTYPES[raw[2]])
     offset = 4 + 4 * ndim
-    if len(raw) - offset != int(np.prod(shape)) * dtype.itemsize:
-        raise DataError(f"{path}: header says shape {shape} but the file holds "
-                        f"{len(raw) - offset} bytes of data; is it truncated?")
+    if len(raw) < offset:
+        raise DataError(f"{path}: the IDX header is cut short; is the file truncated?")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - offset != expected:
+        raise DataError(f"{path}: the header says shape {shape} ({expected} bytes of data) but "
+                        f"the file holds {len(raw) - offset}; is it truncated or damaged?")
+    # frombuffer gives a read-only big-endian view of the bytes; astype copies to a native,
+    # writable array.
     return np.frombuffer(raw, dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-# ---- sources ------------------------------------------------------------------------------
+# ---- sources: each returns (x (N, D) float32, labels (N,) int64, image_shape, test or None) ----
+def _bundled_digits_csv() -> Path | None:
+    """scikit-learn's digits.csv.gz, found without importing sklearn (which takes ~1 s)."""
+    found = importlib.util.find_spec("sklearn")  # locates the package, does not run it
+    if found is None or found.origin is None:
+        return None
+    path = Path(found.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    return path if path.is_file() else None
+
+
 def _digits():
-    from sklearn.datasets import load_digits
+    """The 1797 8x8 digits of `sklearn.datasets.load_digits`, pixel counts 0..16 scaled by /16."""
+    csv = _bundled_digits_csv()
+    if csv is not None:
+        # The same file `load_digits` parses: 64 pixel columns, then the label.
+        table = np.loadtxt(csv, delimiter=",")
+        pixels, labels = table[:, :-1], table[:, -1]
+    else:  # a scikit-learn that keeps its data elsewhere: ask it (slower import)
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise DataError("data.source = 'digits' needs scikit-learn: pip install "
+                            "scikit-learn, or use data.source = 'npz'") from None
+        bunch = load_digits()
+        pixels, labels = bunch.data, bunch.target
+    return (pixels / 16.0).astype(np.float32), labels.astype(np.int64), (8, 8), None
 
-    d = load_digits()
-    return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64), (8, 8), None
 
-
-def _find(folder: Path, name: str) -> Path | None:
+def _find_file(folder: Path, name: str) -> Path | None:
+    """folder/name or folder/name.gz, whichever exists (the plain one first)."""
     for candidate in (folder / name, folder / f"{name}.gz"):
         if candidate.is_file():
             return candidate
     return None
 
 
+def _mnist_expected() -> str:
+    names = [n for pair in MNIST_FILES.values() for n in pair]
+    return ", ".join(names) + " (each may end in .gz; the train pair is optional)"
+
+
+def _read_mnist_pair(images: Path, labels: Path):
+    """One split: (N, H*W) float32 in [0, 1], (N,) int64 labels, (H, W)."""
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3 or x.dtype != np.uint8:
+        raise DataError(f"{images}: holds {x.dtype} values of shape {x.shape}; MNIST images are "
+                        "unsigned bytes of shape (N, H, W); check the file")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{labels}: holds labels of shape {y.shape} for {len(x)} images in "
+                        f"{images.name}; expected ({len(x)},): check that the files belong "
+                        "together")
+    flat = x.reshape(len(x), -1).astype(np.float32) / np.float32(255.0)
+    return flat, y.astype(np.int64), (int(x.shape[1]), int(x.shape[2]))
+
+
 def _mnist(folder: Path):
+    """train/t10k IDX pairs in `folder`; the test pair alone (or the train pair alone) is split."""
     if not folder.is_dir():
         raise DataError(f"MNIST folder {str(folder)!r} does not exist; set data.path to a folder "
-                        "holding the IDX files " + ", ".join(sum(MNIST_FILES.values(), ())))
-    found = {split: [_find(folder, n) for n in names] for split, names in MNIST_FILES.items()}
-    usable = {s: f for s, f in found.items() if all(f)}
-    if not usable:
-        present = sorted(p.name for p in folder.iterdir())[:10]
-        raise DataError(
-            f"no MNIST IDX files in {folder}: expected {' + '.join(MNIST_FILES['test'])} (and "
-            f"optionally {' + '.join(MNIST_FILES['train'])}), each possibly .gz; found "
-            f"{present or 'nothing'}")
-    parts = {}
-    for split, (images, labels) in usable.items():
-        x, y = read_idx(images), read_idx(labels)
-        if x.ndim != 3 or len(x) != len(y):
-            raise DataError(f"{images.name} / {labels.name}: {x.shape} images with {y.shape} "
-                            "labels; expected (N, H, W) images and N labels")
-        parts[split] = ((x.reshape(len(x), -1) / 255.0).astype(np.float32), y.astype(np.int64))
-    shape = tuple(read_idx(usable[next(iter(usable))][0]).shape[1:])
-    if "train" in parts and "test" in parts:
-        return *parts["train"], shape, parts["test"]
-    only = parts.get("train") or parts["test"]
-    return *only, shape, None
+                        f"holding the IDX files {_mnist_expected()}")
+    pairs = {}
+    for split, names in MNIST_FILES.items():
+        found = [_find_file(folder, n) for n in names]
+        if any(found) and not all(found):
+            have = next(n for n, f in zip(names, found) if f)
+            lack = next(n for n, f in zip(names, found) if not f)
+            raise DataError(f"{folder}: has {have} but not {lack}; add the missing file or "
+                            f"remove {have}")
+        if all(found):
+            pairs[split] = found
+    if not pairs:
+        present = sorted(p.name for p in folder.iterdir())
+        shown = ", ".join(present[:10]) + (f" and {len(present) - 10} more"
+                                           if len(present) > 10 else "")
+        raise DataError(f"no MNIST IDX files in {folder}: expected {_mnist_expected()}; found "
+                        f"{shown or 'nothing'}")
+    parts = {split: _read_mnist_pair(*files) for split, files in pairs.items()}
+    shapes = {split: part[2] for split, part in parts.items()}
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"{folder}: train images are {shapes['train']} but t10k images are "
+                        f"{shapes['test']}; both splits must have the same image size")
+    if len(parts) == 2:
+        x, labels, shape = parts["train"]
+        return x, labels, shape, parts["test"][:2]
+    x, labels, shape = next(iter(parts.values()))
+    return x, labels, shape, None
 
 
-def _images(x: np.ndarray, where: str):
-    """(N, ...) -> flat (N, D) and the image shape (H, W) or None."""
+def _as_examples(x: np.ndarray, where: str):
+    """(N, ...) array -> flat (N, D) float32 and the image shape (H, W) or None."""
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DataError(f"{where} holds {x.dtype} values; it needs numbers")
     if x.ndim == 2:
-        return x, None
-    if x.ndim == 3:
-        return x.reshape(len(x), -1), tuple(x.shape[1:])
-    if x.ndim == 4 and 1 in (x.shape[1], x.shape[3]):
-        hw = x.shape[2:] if x.shape[1] == 1 else x.shape[1:3]
-        return x.reshape(len(x), -1), tuple(hw)
-    raise DataError(f"{where}: x has shape {x.shape}; expected (N, D), (N, H, W) or one-channel "
-                    "(N, H, W, 1) / (N, 1, H, W)")
+        shape = None
+    elif x.ndim == 3:
+        shape = x.shape[1:]
+    elif x.ndim == 4 and x.shape[1] == 1:  # channels first, one channel
+        shape = x.shape[2:]
+    elif x.ndim == 4 and x.shape[3] == 1:  # channels last, one channel
+        shape = x.shape[1:3]
+    else:
+        raise DataError(f"{where} has shape {x.shape}; expected (N, D) flat data, (N, H, W) "
+                        "images or one-channel (N, H, W, 1) / (N, 1, H, W) images")
+    if len(x) == 0 or x[0].size == 0:
+        raise DataError(f"{where} has shape {x.shape}; it needs at least one example and one "
+                        "value per example")
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    return flat, (None if shape is None else (int(shape[0]), int(shape[1])))
+
+
+def _as_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
+    """(n,) integer-valued labels -> int64; -1 means unknown."""
+    if y.ndim != 1 or len(y) != n:
+        raise DataError(f"{where} has shape {y.shape} ({y.size} entries) for {n} examples; it "
+                        f"must have shape ({n},), one label per example (-1 = unknown)")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise DataError(f"{where} holds {y.dtype} values; labels must be integers (-1 = unknown)")
+    if np.issubdtype(y.dtype, np.floating) and not np.all(y == np.round(y)):
+        raise DataError(f"{where} holds non-integer values; labels must be integers "
+                        "(-1 = unknown)")
+    return y.astype(np.int64)
 
 
 def _npz(path: Path):
+    """Arrays x / labels / x_test / labels_test of an .npz file, values as they are."""
     if not path.is_file():
-        raise DataError(f"npz file {str(path)!r} does not exist; set data.path to an .npz with "
-                        "an array 'x' (and optionally 'labels', 'x_test', 'labels_test')")
-    with np.load(path) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+        raise DataError(f"npz file {str(path)!r} does not exist; set data.path to {_NPZ_HELP}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError) as err:
+        # AttributeError/TypeError: np.load returned a plain array (.npy), not an archive.
+        raise DataError(f"{path} cannot be read as an .npz archive ({type(err).__name__}: "
+                        f"{err}); save the data with numpy.savez(path, x=...)") from None
     if "x" not in arrays:
-        raise DataError(f"{path} has arrays {sorted(arrays)}; it needs one named 'x'")
-    x, shape = _images(np.asarray(arrays["x"], np.float32), f"{path.name}['x']")
-
-    def labels_for(key, n):
-        if key not in arrays:
-            return np.full(n, -1, np.int64)
-        lab = np.asarray(arrays[key]).astype(np.int64).reshape(-1)
-        if len(lab) != n:
-            raise DataError(f"{path.name}['{key}'] has {len(lab)} entries for {n} examples")
-        return lab
-
-    labels = labels_for("labels", len(x))
-    test = None
-    if "x_test" in arrays:
-        xt, shape_t = _images(np.asarray(arrays["x_test"], np.float32), f"{path.name}['x_test']")
-        if xt.shape[1:] != x.shape[1:] or shape_t != shape:
-            raise DataError(f"{path.name}: x_test examples have shape {arrays['x_test'].shape[1:]}"
-                            f" but x examples {arrays['x'].shape[1:]}; they must match")
-        test = (xt, labels_for("labels_test", len(xt)))
-    return x, labels, shape, test
+        raise DataError(f"{path} has arrays {sorted(arrays)}; it needs one named 'x': {_NPZ_HELP}")
+    x, shape = _as_examples(arrays["x"], f"{path.name}['x']")
+    labels = (_as_labels(arrays["labels"], len(x), f"{path.name}['labels']")
+              if "labels" in arrays else np.full(len(x), -1, np.int64))
+    if "x_test" not in arrays:
+        if "labels_test" in arrays:
+            raise DataError(f"{path} has 'labels_test' but no 'x_test'; add x_test or drop "
+                            "labels_test")
+        return x, labels, shape, None
+    if arrays["x_test"].shape[1:] != arrays["x"].shape[1:]:
+        raise DataError(f"{path}: x_test examples have shape {arrays['x_test'].shape[1:]} but x "
+                        f"examples have {arrays['x'].shape[1:]}; they must match")
+    x_test, _ = _as_examples(arrays["x_test"], f"{path.name}['x_test']")
+    labels_test = (_as_labels(arrays["labels_test"], len(x_test), f"{path.name}['labels_test']")
+                   if "labels_test" in arrays else np.full(len(x_test), -1, np.int64))
+    return x, labels, shape, (x_test, labels_test)
 
 
-# ---- checks -------------------------------------------------------------------------------------
-def _grid(x: np.ndarray) -> int | None:
-    """k when every value is a multiple of 1/k for a common k (1, 16, 255), else None."""
-    for k in (1, 16, 255):
-        if np.allclose(x * k, np.round(x * k), atol=1e-4):
-            return k
-    return None
+# ---- checks -------------------------------------------------------------------------------
+def _off_grid(x: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the values y for which y*k is not a whole number (within GRID_TOL)."""
+    scaled = x.astype(np.float64) * k  # float64: float32 k/255 times 255 must land near k
+    return np.abs(scaled - np.rint(scaled)) > GRID_TOL
+
+
+def _smallest_grid(x: np.ndarray, largest: int = 1024) -> int | None:
+    """The smallest k <= `largest` with every value on the grid {0, 1/k, ..., 1}, else None.
+
+    Only called to word an error, so its cost (a sort of x) is paid only when the data are bad.
+    """
+    values = np.unique(x)
+    if len(values) > largest + 1:  # a k-grid in [0, 1] has only k + 1 points
+        return None
+    ks = np.arange(1, largest + 1)
+    scaled = values[:, None].astype(np.float64) * ks[None, :]
+    fits = (np.abs(scaled - np.rint(scaled)) <= GRID_TOL).all(axis=0)
+    return int(ks[fits][0]) if fits.any() else None
 
 
 def check_support(x: np.ndarray, likelihood: LikelihoodSpec, where: str) -> None:
-    """Raise DataError when x lies outside the support of the likelihood."""
-    kind = likelihood.kind
-    if kind == "gaussian":
-        return
-    lo, hi = float(x.min(initial=0.0)), float(x.max(initial=0.0))
-    if lo < 0 or hi > 1:
-        raise DataError(f"{where}: values lie in [{lo:.4g}, {hi:.4g}], outside [0, 1] that a "
-                        f"{kind} likelihood needs; rescale the data to [0, 1] or use "
-                        "likelihood.kind = \"gaussian\"")
-    if kind == "binomial":
-        counts = x * likelihood.total_count
-        if not np.allclose(counts, np.round(counts), atol=1e-4):
-            raise DataError(f"{where}: y * total_count ({likelihood.total_count}) is not a whole "
-                            "number for every value, so y is not a binomial count fraction"
-                            + (f"; the data lie on a k/{k} grid: set likelihood.total_count = "
-                               f"{k}" if (k := _grid(x)) else ""))
-    if kind == "categorical":
-        levels = x * (likelihood.categories - 1)
-        if not np.allclose(levels, np.round(levels), atol=1e-4):
-            raise DataError(f"{where}: y * (categories - 1) is not a whole number for every "
-                            f"value ({likelihood.categories} categories)"
-                            + (f"; the data lie on a k/{k} grid: set likelihood.categories = "
-                               f"{k + 1}" if (k := _grid(x)) else ""))
+    """Raise DataError unless every value of x is one the likelihood can score.
 
-
-def _check_finite(x: np.ndarray, where: str) -> None:
+    x: any shape, values y. gaussian: finite. bernoulli: y in [0, 1]. binomial: y * total_count
+    a whole number in 0..total_count. categorical: y * (categories - 1) a whole number in
+    0..categories-1. `where` names the data in the message (e.g. "digits (train split)").
+    """
+    x = np.asarray(x)
     bad = ~np.isfinite(x)
     if bad.any():
-        raise DataError(f"{where}: {int(bad.sum())} value(s) are NaN or infinite (in "
-                        f"{int(bad.any(axis=1).sum())} examples); clean or drop them first")
+        rows = int(bad.reshape(len(x), -1).any(axis=1).sum()) if x.ndim >= 1 else 1
+        raise DataError(f"{where}: {int(bad.sum())} value(s) are NaN or infinite (in {rows} "
+                        "example(s)); remove or impute them before training")
+    kind = likelihood.kind
+    if kind == "gaussian" or x.size == 0:
+        return
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise DataError(f"{where}: values lie in [{lo:.4g}, {hi:.4g}], outside the [0, 1] that a "
+                        f"{kind} likelihood needs; rescale the data into [0, 1] or use "
+                        'likelihood.kind = "gaussian"')
+    if kind == "binomial":
+        n = likelihood.total_count
+        off = _off_grid(x, n)
+        if off.any():
+            k = _smallest_grid(x)
+            fix = (f"the data lie on a k/{k} grid: set likelihood.total_count = {k}" if k else
+                   'the data are not counts: use likelihood.kind = "gaussian"')
+            raise DataError(f"{where}: a binomial likelihood with total_count = {n} needs y * {n} "
+                            f"to be a whole number, but {int(off.sum())} value(s) are not "
+                            f"(e.g. y = {float(x[off].flat[0]):.6g}); {fix}")
+    elif kind == "categorical":
+        c = likelihood.categories
+        off = _off_grid(x, c - 1)
+        if off.any():
+            k = _smallest_grid(x)
+            fix = (f"the data lie on a k/{k} grid: set likelihood.categories = {k + 1}" if k else
+                   'the data are not levels: use likelihood.kind = "gaussian"')
+            raise DataError(f"{where}: a categorical likelihood with categories = {c} needs "
+                            f"y * {c - 1} to be a whole number, but {int(off.sum())} value(s) are "
+                            f"not (e.g. y = {float(x[off].flat[0]):.6g}); {fix}")
 
 
-def _check_conv(spec: Spec, shape) -> None:
+def _check_conv(spec: Spec, image_shape: tuple[int, int] | None) -> None:
+    """A conv encoder/decoder needs images whose sides halve len(channels) times."""
     for part in ("encoder", "decoder"):
         net = getattr(spec, part)
         if net.kind != "conv":
             continue
-        if shape is None:
-            raise SpecError(f"{part}.kind", "conv", "'mlp' for flat (N, D) data; conv needs "
-                            "images (N, H, W)", spec.source or None)
-        if any(s % 2 ** len(net.channels) for s in shape):
+        if image_shape is None:
+            raise SpecError(f"{part}.kind", "conv", "'mlp' for flat (N, D) data; a conv network "
+                            "needs images: an npz 'x' of shape (N, H, W)", spec.source or None)
+        h, w = image_shape
+        factor = 2 ** len(net.channels)
+        if h % factor or w % factor:
             raise SpecError(f"{part}.channels", list(net.channels),
-                            f"fewer entries: each halves the {shape[0]}x{shape[1]} image, whose "
-                            f"sides must divide by 2^len(channels)", spec.source or None)
+                            f"fewer entries: each halves the {h}x{w} image, so both sides must "
+                            f"divide by 2**len(channels) = {factor}", spec.source or None)
 
 
 # ---- the loader ---------------------------------------------------------------------------
+def _split(x: np.ndarray, labels: np.ndarray, test_fraction: float,
+           seed: np.random.SeedSequence, name: str):
+    """Random train/test split: round(N * test_fraction) examples (at least 1) go to test."""
+    n = len(x)
+    n_test = max(1, int(round(n * test_fraction)))
+    if n_test >= n:
+        raise DataError(f"{name}: {n} example(s) are too few to hold out {test_fraction:.0%} for "
+                        "testing; add data, lower data.test_fraction, or give an x_test")
+    perm = np.random.default_rng(seed).permutation(n)
+    test, train = perm[:n_test], perm[n_test:]
+    return (x[train], labels[train]), (x[test], labels[test])
+
+
 def load_data(spec: Spec) -> Dataset:
-    """Load, split, check and (statically) binarise the data that `spec.data` names."""
+    """Load, split, limit, check and (statically) binarise the data that `spec.data` names.
+
+    Raises DataError for unusable data and SpecError for a network the data cannot feed.
+    """
     d = spec.data
     if d.source == "digits":
         x, labels, shape, test = _digits()
         name = "digits"
     elif d.source == "mnist":
-        x, labels, shape, test = _mnist(Path(d.path))
+        x, labels, shape, test = _mnist(Path(d.path).expanduser())
         name = f"mnist:{d.path}"
-    else:
-        x, labels, shape, test = _npz(Path(d.path))
+    elif d.source == "npz":
+        x, labels, shape, test = _npz(Path(d.path).expanduser())
         name = f"npz:{d.path}"
+    else:  # spec validation rejects other sources; this guards a caller that bypassed it
+        raise DataError(f"unknown data.source {d.source!r}; use 'digits', 'mnist' or 'npz'")
+    _check_conv(spec, shape)  # a spec mistake: report it before looking at the values
+
+    # Separate child seeds: the split is the same whether or not the data are binarised.
     split_seed, binarize_seed = np.random.SeedSequence(spec.train.seed).spawn(2)
     if test is None:
-        perm = np.random.default_rng(split_seed).permutation(len(x))
-        n_test = max(1, int(round(len(x) * d.test_fraction)))
-        if n_test >= len(x):
-            raise DataError(f"{name}: {len(x)} examples are too few to hold out "
-                            f"{d.test_fraction:.0%} for testing")
-        test = (x[perm[:n_test]], labels[perm[:n_test]])
-        x, labels = x[perm[n_test:]], labels[perm[n_test:]]
+        (x, labels), test = _split(x, labels, d.test_fraction, split_seed, name)
     x_test, labels_test = test
-    if d.limit:
+    if d.limit > 0:
         x, labels = x[: d.limit], labels[: d.limit]
         x_test, labels_test = x_test[: d.limit], labels_test[: d.limit]
-    for split, arr in (("train", x), ("test", x_test)):
-        _check_finite(arr, f"{name} ({split} split)")
-        check_support(arr, spec.likelihood, f"{name} ({split} split)")
-    _check_conv(spec, shape)
+
+    for split, values in (("train", x), ("test", x_test)):
+        check_support(values, spec.likelihood, f"{name} ({split} split)")
     if d.binarize == "static":
         rng = np.random.default_rng(binarize_seed)
         x, x_test = binarize(x, rng), binarize(x_test, rng)
-    return Dataset(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(x_test, np.float32),
-                   np.asarray(labels, np.int64), np.asarray(labels_test, np.int64),
-                   shape, name)
+    return Dataset(x_train=np.ascontiguousarray(x, np.float32),
+                   x_test=np.ascontiguousarray(x_test, np.float32),
+                   labels_train=np.ascontiguousarray(labels, np.int64),
+                   labels_test=np.ascontiguousarray(labels_test, np.int64),
+                   image_shape=shape, name=name)

@@ -1,5 +1,5 @@
 """Data loading: the digits, the IDX reader (on files written here and on the real MNIST test
-set), npz files, splits, binarisation and every data error."""
+set), MNIST folders, npz files, splits, limits, binarisation and every data error."""
 
 import gzip
 from pathlib import Path
@@ -7,73 +7,161 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ppl_vae.data import DataError, binarize, load_data, read_idx
-from ppl_vae.spec import Spec, SpecError, load_spec
+from ppl_vae.data import DataError, Dataset, binarize, check_support, load_data, read_idx
+from ppl_vae.spec import LikelihoodSpec, Spec, SpecError, load_spec
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST = Path(__file__).parents[1].parent / "shared" / "data" / "mnist"
 MNIST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+IDX_CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B,
+             np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
 
 
-def spec(*overrides):
+def spec(*overrides) -> Spec:
     return load_spec(Spec(), list(overrides))
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> Path:
-    codes = {np.dtype("uint8"): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
-    array = array.astype(array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype)
-    header = bytes([0, 0, codes[array.dtype], array.ndim])
+    """Write `array` as an IDX file (big-endian values after the header); gzipped as path.gz."""
+    big = array.astype(array.dtype.newbyteorder(">"))
+    header = bytes([0, 0, IDX_CODES[big.dtype], array.ndim])
     header += b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    data = header + array.tobytes()
+    data = header + big.tobytes()
     if gz:
         path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(data))
-    else:
-        path.write_bytes(data)
+        data = gzip.compress(data)
+    path.write_bytes(data)
     return path
 
 
-def test_digits_shapes_ranges_labels_and_split():
+def write_mnist(folder: Path, prefix: str, n: int, side: int = 4, seed: int = 0,
+                gz: bool = True) -> None:
+    rng = np.random.default_rng(seed)
+    write_idx(folder / f"{prefix}-images-idx3-ubyte",
+              rng.integers(0, 256, (n, side, side), dtype=np.uint8), gz)
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8),
+              not gz)
+
+
+def npz_spec(tmp_path: Path, *overrides, **arrays) -> Spec:
+    np.savez(tmp_path / "d.npz", **arrays)
+    return spec("data.source=npz", f'data.path="{tmp_path / "d.npz"}"', *overrides)
+
+
+def assert_well_formed(d: Dataset) -> None:
+    for x, labels in ((d.x_train, d.labels_train), (d.x_test, d.labels_test)):
+        assert x.dtype == np.float32 and x.flags.c_contiguous and x.ndim == 2
+        assert labels.dtype == np.int64 and labels.shape == (len(x),)
+        assert x.shape[1] == d.dim
+    if d.image_shape is not None:
+        assert d.image_shape[0] * d.image_shape[1] == d.dim
+
+
+# ---- digits ---------------------------------------------------------------------------------
+def test_digits_shapes_ranges_labels():
     d = load_data(spec())
-    assert d.x_train.shape == (1438, 64) and d.x_test.shape == (359, 64)
-    assert d.x_train.dtype == np.float32 and d.image_shape == (8, 8) and d.dim == 64
+    assert_well_formed(d)
+    assert d.x_train.shape == (1438, 64) and d.x_test.shape == (359, 64)  # 359 = round(0.2*1797)
+    assert d.image_shape == (8, 8) and d.dim == 64 and d.name == "digits"
     assert d.x_train.min() == 0 and d.x_train.max() == 1
-    assert np.allclose(d.x_train * 16, np.round(d.x_train * 16))
+    np.testing.assert_allclose(d.x_train * 16, np.round(d.x_train * 16), atol=1e-5)
     assert set(np.unique(d.labels_train)) == set(range(10))
-    again, other = load_data(spec()), load_data(spec("train.seed=1"))
+    assert set(np.unique(d.labels_test)) == set(range(10))
+
+
+def test_digits_are_scikit_learns_load_digits_over_16():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    d = load_data(spec())
+    x = np.concatenate([d.x_train, d.x_test])
+    labels = np.concatenate([d.labels_train, d.labels_test])
+    order = np.lexsort(np.column_stack([x, labels]).T)  # compare as multisets of (image, label)
+    ref = np.column_stack([bunch.data / 16.0, bunch.target])
+    ref = ref[np.lexsort(ref.T)]
+    np.testing.assert_array_equal(np.column_stack([x, labels])[order],
+                                  ref.astype(np.float32))
+
+
+def test_split_is_reproducible_and_follows_the_seed():
+    d, again, other = load_data(spec()), load_data(spec()), load_data(spec("train.seed=1"))
     np.testing.assert_array_equal(d.x_test, again.x_test)
+    np.testing.assert_array_equal(d.labels_train, again.labels_train)
     assert not np.array_equal(d.x_test, other.x_test)
 
 
-def test_limit_and_static_binarisation():
-    d = load_data(spec("data.limit=100", 'data.binarize="static"'))
+def test_test_fraction_sets_the_split_size():
+    d = load_data(spec("data.test_fraction=0.5"))
+    assert (len(d.x_train), len(d.x_test)) == (899, 898)  # round(898.5) = 898 (half to even)
+
+
+def test_limit_keeps_the_first_examples_of_each_split():
+    full, d = load_data(spec()), load_data(spec("data.limit=100"))
     assert len(d.x_train) == 100 and len(d.x_test) == 100
-    assert set(np.unique(d.x_train)) == {0.0, 1.0}
-    np.testing.assert_array_equal(d.x_train, load_data(
-        spec("data.limit=100", 'data.binarize="static"')).x_train)
-    # the split does not depend on binarisation draws
-    grey = load_data(spec("data.limit=100"))
-    np.testing.assert_array_equal(grey.labels_test, d.labels_test)
+    np.testing.assert_array_equal(d.x_train, full.x_train[:100])
+    np.testing.assert_array_equal(d.labels_test, full.labels_test[:100])
+    big = load_data(spec("data.limit=1000"))  # more than the test split holds: all of it
+    assert len(big.x_train) == 1000 and len(big.x_test) == 359
+
+
+def test_static_binarisation_is_binary_reproducible_and_keeps_the_split():
+    d = load_data(spec("data.limit=200", "data.binarize=static"))
+    assert_well_formed(d)
+    assert set(np.unique(d.x_train)) == {0.0, 1.0} and set(np.unique(d.x_test)) == {0.0, 1.0}
+    again = load_data(spec("data.limit=200", "data.binarize=static"))
+    np.testing.assert_array_equal(d.x_train, again.x_train)
+    np.testing.assert_array_equal(d.x_test, again.x_test)
+    grey = load_data(spec("data.limit=200"))
+    np.testing.assert_array_equal(grey.labels_train, d.labels_train)
+    # each pixel is a draw from its grey value: where the grey image is 0 or 1 the draw equals it
+    sure = (grey.x_train == 0) | (grey.x_train == 1)
+    np.testing.assert_array_equal(d.x_train[sure], grey.x_train[sure])
+    assert abs(d.x_train.mean() - grey.x_train.mean()) < 0.01
+
+
+def test_dynamic_binarisation_leaves_grey_values():
+    d = load_data(spec("data.binarize=dynamic"))
+    np.testing.assert_array_equal(d.x_train, load_data(spec()).x_train)
+    assert len(np.unique(d.x_train)) == 17
 
 
 def test_binarize_draws_with_the_given_probability():
-    x = np.full((200, 50), 0.3, np.float32)
+    x = np.full((400, 50), 0.3, np.float32)
     b = binarize(x, np.random.default_rng(0))
-    assert b.dtype == np.float32 and set(np.unique(b)) == {0.0, 1.0}
-    assert abs(b.mean() - 0.3) < 0.01
+    assert b.dtype == np.float32 and b.shape == x.shape and set(np.unique(b)) == {0.0, 1.0}
+    assert abs(b.mean() - 0.3) < 0.01  # sd of the mean is 0.0032
+    np.testing.assert_array_equal(b, binarize(x, np.random.default_rng(0)))
+    edges = binarize(np.array([[0.0, 1.0]] * 100, np.float32), np.random.default_rng(1))
+    assert (edges[:, 0] == 0).all() and (edges[:, 1] == 1).all()
 
 
+# ---- IDX ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gz", [False, True])
 def test_read_idx_round_trips(tmp_path, gz):
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, 5).astype(np.uint8)
-    floats = rng.normal(size=(2, 3)).astype(">f4")
-    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "i", images, gz)), images)
-    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "l", labels, gz)), labels)
-    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "f", floats, gz)), floats)
+    arrays = {
+        "images": rng.integers(0, 256, (5, 4, 3), dtype=np.uint8),
+        "labels": rng.integers(0, 10, 5).astype(np.uint8),
+        "bytes": rng.integers(-128, 128, (3, 2), dtype=np.int8),
+        "shorts": rng.integers(-30000, 30000, (7,), dtype=np.int16),
+        "ints": rng.integers(-2**31, 2**31 - 1, (2, 2, 2, 2), dtype=np.int32),
+        "floats": rng.normal(size=(2, 3)).astype(np.float32),
+        "doubles": rng.normal(size=(4,)),
+    }
+    for name, array in arrays.items():
+        back = read_idx(write_idx(tmp_path / name, array, gz))
+        assert back.dtype == array.dtype and back.dtype.isnative and back.shape == array.shape
+        np.testing.assert_array_equal(back, array)
+        assert back.flags.writeable
 
 
-def test_read_idx_rejects_other_files(tmp_path):
+def test_read_idx_recognises_gzip_by_content(tmp_path):
+    images = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    gz = write_idx(tmp_path / "x", images, gz=True)
+    renamed = gz.rename(tmp_path / "no-suffix")
+    np.testing.assert_array_equal(read_idx(renamed), images)
+
+
+def test_read_idx_rejects_other_and_damaged_files(tmp_path):
     (tmp_path / "x").write_bytes(b"PK\x03\x04 not idx")
     with pytest.raises(DataError, match="not an IDX file"):
         read_idx(tmp_path / "x")
@@ -81,85 +169,182 @@ def test_read_idx_rejects_other_files(tmp_path):
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(DataError, match="truncated"):
         read_idx(path)
+    path.write_bytes(bytes([0, 0, 8, 3, 0, 0]))  # header promises 3 sizes, holds half of one
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(path)
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\0\0\x08\x01" + bytes(40))[:20])
+    with pytest.raises(DataError, match="gzip"):
+        read_idx(tmp_path / "bad.gz")
 
 
-@pytest.mark.skipif(not MNIST.is_dir(), reason=f"the MNIST test set is not at {MNIST}")
+# ---- MNIST ----------------------------------------------------------------------------------
 def test_real_mnist_test_set():
+    if not MNIST.is_dir():
+        pytest.skip(f"the MNIST test set is not at {MNIST}")
     images = read_idx(MNIST / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(MNIST / "t10k-labels-idx1-ubyte.gz")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == MNIST_LABEL_COUNTS
-    d = load_data(spec('data.source="mnist"', f'data.path="{MNIST}"', "data.test_fraction=0.25"))
+    d = load_data(spec("data.source=mnist", f'data.path="{MNIST}"', "data.test_fraction=0.25"))
+    assert_well_formed(d)
     assert d.x_train.shape == (7500, 784) and d.x_test.shape == (2500, 784)
-    assert d.image_shape == (28, 28) and d.x_train.max() == 1.0
-    assert np.bincount(np.concatenate([d.labels_train, d.labels_test])).tolist() == \
-        MNIST_LABEL_COUNTS
+    assert d.image_shape == (28, 28) and d.name == f"mnist:{MNIST}"
+    assert d.x_train.min() == 0.0 and d.x_train.max() == 1.0
+    all_labels = np.concatenate([d.labels_train, d.labels_test])
+    assert np.bincount(all_labels).tolist() == MNIST_LABEL_COUNTS
+    # the split keeps whole images with their labels: the pixel sums match the file's
+    x = np.concatenate([d.x_train, d.x_test])
+    np.testing.assert_allclose(np.sort(x.sum(axis=1) * 255),
+                               np.sort(images.reshape(10000, -1).sum(axis=1)), rtol=1e-5)
+    check_support(d.x_train, LikelihoodSpec(kind="binomial", total_count=255), "mnist")
 
 
 def test_mnist_folder_with_train_files_uses_them(tmp_path):
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 12), ("t10k", 4)):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 4, 4),
-                                                                          dtype=np.uint8), True)
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte",
-                  rng.integers(0, 10, n).astype(np.uint8), False)
-    d = load_data(spec('data.source="mnist"', f'data.path="{tmp_path}"',
+    write_mnist(tmp_path, "train", 12, seed=1)
+    write_mnist(tmp_path, "t10k", 4, seed=2, gz=False)
+    d = load_data(spec("data.source=mnist", f'data.path="{tmp_path}"',
                        'likelihood.kind="binomial"', "likelihood.total_count=255"))
+    assert_well_formed(d)
     assert len(d.x_train) == 12 and len(d.x_test) == 4 and d.image_shape == (4, 4)
+    train = read_idx(tmp_path / "train-images-idx3-ubyte.gz").reshape(12, -1) / 255.0
+    np.testing.assert_allclose(d.x_train, train, rtol=1e-6)  # in file order, not shuffled
+    np.testing.assert_array_equal(d.labels_test, read_idx(tmp_path / "t10k-labels-idx1-ubyte.gz"))
 
 
-def test_npz_with_and_without_test_split(tmp_path):
+def test_mnist_folder_with_only_test_files_is_split(tmp_path):
+    write_mnist(tmp_path, "t10k", 20)
+    d = load_data(spec("data.source=mnist", f'data.path="{tmp_path}"', "data.test_fraction=0.25"))
+    assert len(d.x_train) == 15 and len(d.x_test) == 5
+
+
+def test_mnist_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*t10k-images-idx3-ubyte"):
+        load_data(spec("data.source=mnist", f'data.path="{tmp_path / "nope"}"'))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="no MNIST IDX files.*t10k-images-idx3-ubyte.*notes.txt"):
+        load_data(spec("data.source=mnist", f'data.path="{tmp_path}"'))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 4, 4), np.uint8), gz=False)
+    with pytest.raises(DataError, match="not t10k-labels-idx1-ubyte"):
+        load_data(spec("data.source=mnist", f'data.path="{tmp_path}"'))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(2, np.uint8), gz=False)
+    with pytest.raises(DataError, match="for 3 images"):
+        load_data(spec("data.source=mnist", f'data.path="{tmp_path}"'))
+
+
+# ---- npz ------------------------------------------------------------------------------------
+def test_npz_images_are_split_and_taken_as_they_are(tmp_path):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "a.npz", x=rng.random((50, 6, 6)), labels=rng.integers(0, 3, 50))
-    d = load_data(spec('data.source="npz"', f'data.path="{tmp_path / "a.npz"}"'))
-    assert d.x_train.shape == (40, 36) and d.image_shape == (6, 6)
-    np.savez(tmp_path / "b.npz", x=rng.random((30, 5)), x_test=rng.random((7, 5)))
-    d = load_data(spec('data.source="npz"', f'data.path="{tmp_path / "b.npz"}"'))
+    x = rng.random((50, 6, 6))
+    d = load_data(npz_spec(tmp_path, x=x, labels=rng.integers(0, 3, 50)))
+    assert_well_formed(d)
+    assert d.x_train.shape == (40, 36) and d.x_test.shape == (10, 36) and d.image_shape == (6, 6)
+    assert d.name == f"npz:{tmp_path / 'd.npz'}"
+    pooled = np.concatenate([d.x_train, d.x_test])
+    np.testing.assert_array_equal(np.sort(pooled.sum(axis=1)),
+                                  np.sort(x.reshape(50, -1).astype(np.float32).sum(axis=1)))
+
+
+def test_npz_with_its_own_test_split(tmp_path):
+    rng = np.random.default_rng(0)
+    x, x_test = rng.random((30, 5)), rng.random((7, 5))
+    d = load_data(npz_spec(tmp_path, x=x, x_test=x_test, labels_test=np.arange(7)))
+    assert_well_formed(d)
     assert d.x_train.shape == (30, 5) and d.x_test.shape == (7, 5) and d.image_shape is None
-    assert (d.labels_train == -1).all()
+    np.testing.assert_array_equal(d.x_train, x.astype(np.float32))  # not shuffled, not scaled
+    np.testing.assert_array_equal(d.x_test, x_test.astype(np.float32))
+    assert (d.labels_train == -1).all() and d.labels_test.tolist() == list(range(7))
 
 
-def _npz_spec(tmp_path, *overrides, **arrays):
-    np.savez(tmp_path / "d.npz", **arrays)
-    return spec('data.source="npz"', f'data.path="{tmp_path / "d.npz"}"', *overrides)
+@pytest.mark.parametrize("shape", [(10, 4, 6, 1), (10, 1, 4, 6)])
+def test_npz_one_channel_images(tmp_path, shape):
+    d = load_data(npz_spec(tmp_path, x=np.full(shape, 0.5)))
+    assert d.image_shape == (4, 6) and d.dim == 24
 
 
 @pytest.mark.parametrize("arrays, overrides, message", [
-    ({"x": np.where(np.eye(10, 2) * np.arange(10)[:, None] == 1, np.nan, 0.5)}, (),
-     "1 value(s) are NaN or infinite"),
-    ({"x": np.full((10, 3), 1.5)}, (), "outside [0, 1]"),
-    ({"x": np.full((10, 3), 0.3)}, ('likelihood.kind="binomial"',), "binomial"),
-    ({"x": np.full((10, 3), 3 / 255)}, ('likelihood.kind="binomial"',),
-     "set likelihood.total_count = 255"),
-    ({"x": np.full((10, 3), 0.3)}, ('likelihood.kind="categorical"',), "categories"),
-    ({"x": np.zeros((10, 3)), "labels": np.zeros(9)}, (), "9 entries for 10 examples"),
-    ({"x": np.zeros((10, 3)), "x_test": np.zeros((2, 4))}, (), "must match"),
-    ({"x": np.zeros(10)}, (), "expected (N, D)"),
-    ({"y": np.zeros((10, 3))}, (), "needs one named 'x'"),
+    pytest.param({"x": np.where(np.arange(30).reshape(10, 3) == 7, np.nan, 0.5)}, (),
+                 "1 value(s) are NaN or infinite", id="nan"),
+    pytest.param({"x": np.full((10, 3), 0.5), "x_test": np.full((4, 3), np.inf)}, (),
+                 "(test split): 12 value(s) are NaN or infinite (in 4", id="inf-in-test"),
+    pytest.param({"x": np.full((10, 3), 1.5)}, (), "outside the [0, 1] that a bernoulli",
+                 id="bernoulli-support"),
+    pytest.param({"x": np.full((10, 3), 0.3)}, ('likelihood.kind="binomial"',),
+                 "set likelihood.total_count = 10", id="binomial-off-grid"),
+    pytest.param({"x": np.arange(30).reshape(10, 3) / 255}, ('likelihood.kind="binomial"',),
+                 "set likelihood.total_count = 255", id="binomial-255-grid"),
+    pytest.param({"x": np.random.default_rng(0).random((10, 3))},
+                 ('likelihood.kind="binomial"',), 'total_count = 16 needs', id="binomial-noise"),
+    pytest.param({"x": np.full((10, 3), 0.3)}, ('likelihood.kind="categorical"',),
+                 "set likelihood.categories = 11", id="categorical-off-grid"),
+    pytest.param({"x": np.zeros((10, 3)), "labels": np.zeros(9)}, (),
+                 "(9 entries) for 10 examples", id="labels-length"),
+    pytest.param({"x": np.zeros((10, 3)), "labels": np.full(10, 0.5)}, (),
+                 "non-integer", id="labels-fractional"),
+    pytest.param({"x": np.zeros((10, 3)), "x_test": np.zeros((2, 4))}, (), "must match",
+                 id="x-test-shape"),
+    pytest.param({"x": np.zeros((10, 3)), "labels_test": np.zeros(2)}, (), "no 'x_test'",
+                 id="labels-test-alone"),
+    pytest.param({"x": np.zeros(10)}, (), "expected (N, D)", id="1-d"),
+    pytest.param({"x": np.zeros((10, 4, 4, 3))}, (), "one-channel", id="rgb"),
+    pytest.param({"x": np.zeros((0, 3))}, (), "at least one example", id="empty"),
+    pytest.param({"x": np.zeros((1, 3))}, (), "too few", id="one-example"),
+    pytest.param({"y": np.zeros((10, 3))}, (), "needs one named 'x'", id="no-x"),
 ])
 def test_npz_errors(tmp_path, arrays, overrides, message):
     with pytest.raises(DataError) as err:
-        load_data(_npz_spec(tmp_path, *overrides, **arrays))
+        load_data(npz_spec(tmp_path, *overrides, **arrays))
     assert message in str(err.value)
 
 
+def test_npz_file_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*'x'"):
+        load_data(spec("data.source=npz", f'data.path="{tmp_path / "x.npz"}"'))
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(DataError, match="cannot be read as an .npz"):
+        load_data(spec("data.source=npz", f'data.path="{tmp_path / "junk.npz"}"'))
+    np.save(tmp_path / "plain.npy", np.zeros((4, 3)))
+    with pytest.raises(DataError, match="cannot be read as an .npz"):
+        load_data(spec("data.source=npz", f'data.path="{tmp_path / "plain.npy"}"'))
+
+
 def test_gaussian_accepts_any_finite_values(tmp_path):
-    d = load_data(_npz_spec(tmp_path, 'likelihood.kind="gaussian"', x=np.full((10, 3), -7.0)))
+    d = load_data(npz_spec(tmp_path, 'likelihood.kind="gaussian"', x=np.full((10, 3), -7.0)))
     assert d.x_train.min() == -7
 
 
+# ---- check_support on its own -------------------------------------------------------------
+def test_check_support_grids():
+    on16 = np.arange(17, dtype=np.float32)[None, :] / 16
+    check_support(on16, LikelihoodSpec(kind="binomial", total_count=16), "x")
+    check_support(on16, LikelihoodSpec(kind="binomial", total_count=32), "x")  # a finer grid
+    check_support(on16, LikelihoodSpec(kind="categorical", categories=17), "x")
+    check_support(on16, LikelihoodSpec(kind="bernoulli"), "x")
+    with pytest.raises(DataError, match="set likelihood.total_count = 16"):
+        check_support(on16, LikelihoodSpec(kind="binomial", total_count=255), "x")
+    with pytest.raises(DataError, match="set likelihood.categories = 17"):
+        check_support(on16, LikelihoodSpec(kind="categorical", categories=256), "x")
+    # the tolerance is absolute (1e-4 on y * total_count), whatever total_count is
+    near = np.array([[100 / 255 + 3e-4 / 255]], np.float64)
+    with pytest.raises(DataError, match="1 value"):
+        check_support(near, LikelihoodSpec(kind="binomial", total_count=255), "x")
+
+
+def test_check_support_gaussian_needs_finite_values():
+    check_support(np.array([[-1e6, 3.0]]), LikelihoodSpec(kind="gaussian"), "x")
+    with pytest.raises(DataError, match="where: 1 value"):
+        check_support(np.array([[0.0, np.nan]]), LikelihoodSpec(kind="gaussian"), "where")
+
+
+# ---- conv networks need images ------------------------------------------------------------
 def test_conv_needs_images(tmp_path):
-    with pytest.raises(SpecError, match="encoder.kind.*images"):
-        load_data(_npz_spec(tmp_path, 'encoder.kind="conv"', x=np.zeros((10, 16))))
-    with pytest.raises(SpecError, match="decoder.channels"):
-        load_data(_npz_spec(tmp_path, 'decoder.kind="conv"', "decoder.channels=[4, 4, 4]",
-                            x=np.zeros((10, 6, 6))))
-
-
-def test_missing_and_empty_folders(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        load_data(spec('data.source="mnist"', f'data.path="{tmp_path / "nope"}"'))
-    with pytest.raises(DataError, match="no MNIST IDX files.*t10k-images-idx3-ubyte"):
-        load_data(spec('data.source="mnist"', f'data.path="{tmp_path}"'))
-    with pytest.raises(DataError, match="does not exist"):
-        load_data(spec('data.source="npz"', f'data.path="{tmp_path / "x.npz"}"'))
+    with pytest.raises(SpecError, match="encoder.kind.*flat") as err:
+        load_data(npz_spec(tmp_path, 'encoder.kind="conv"', x=np.zeros((10, 16))))
+    assert err.value.key == "encoder.kind"
+    with pytest.raises(SpecError, match="decoder.channels.*6x6") as err:
+        load_data(npz_spec(tmp_path, 'decoder.kind="conv"', "decoder.channels=[4, 4]",
+                           x=np.zeros((10, 6, 6))))
+    assert err.value.key == "decoder.channels"
+    d = load_data(npz_spec(tmp_path, 'encoder.kind="conv"', 'decoder.kind="conv"',
+                           "encoder.channels=[4, 4]", "decoder.channels=[4, 4]",
+                           x=np.zeros((10, 8, 8))))
+    assert d.image_shape == (8, 8)
