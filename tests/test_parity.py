@@ -45,6 +45,13 @@ CASES = {
              "likelihood.categories=3"],
     "conv-linear": [*IMAGES, 'encoder.kind="conv"', "encoder.channels=[4]", "encoder.hidden=[]",
                     'decoder.kind="conv"', "decoder.channels=[4]", "decoder.hidden=[]"],
+    "autoregressive": ['decoder.kind="autoregressive"', "decoder.hidden=[9, 8]"],
+    "autoregressive-linear-categorical": ['decoder.kind="autoregressive"', "decoder.hidden=[]",
+                                          'likelihood.kind="categorical"',
+                                          "likelihood.categories=3"],
+    "autoregressive-conv-encoder-mse": [*IMAGES, 'encoder.kind="conv"', "encoder.channels=[4]",
+                                        'decoder.kind="autoregressive"', "decoder.hidden=[70]",
+                                        'objective.distortion="mse"', 'prior.kind="mixture"'],
     "aux": ['objective.aux=[{kind="infonce", weight=0.5}, {kind="supervised", hidden=[5]}, '
             '{kind="tests.aux_fns:zero"}]'],
     "mc-rate-beta": ["objective.analytic_kl=false", "objective.beta=3.5"],

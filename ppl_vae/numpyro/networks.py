@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppl_vae import autoregressive
 from ppl_vae.spec import AuxSpec, DecoderSpec, EncoderSpec
 
 #: The smallest posterior standard deviation (the same as the Pyro backend's).
@@ -95,7 +96,8 @@ class Decoder(nn.Module):
         else:
             self.out = nn.Dense(self.data_dim * self.per_pixel)
 
-    def __call__(self, z):
+    def __call__(self, z, y=None):
+        """y is not used: this decoder's pixels are independent given z."""
         lead = z.shape[:-1]
         h = self.body(z)
         if self.spec.kind == "conv":
@@ -110,6 +112,67 @@ class Decoder(nn.Module):
             h = h.reshape(*lead, self.data_dim, self.per_pixel)  # NHWC: pixels row-major, K last
         else:
             h = self.out(h).reshape(*lead, self.data_dim, self.per_pixel)
+        return h[..., 0] if self.per_pixel == 1 else h
+
+
+class MaskedDense(nn.Module):
+    """Dense layer x @ (kernel · mask) (+ bias) with a fixed 0/1 mask (in, out), named like
+    nn.Dense ("kernel", "bias") so the canonical names are those of a torch Linear. The mask is
+    rebuilt from the layer's place (`layer` = index into `autoregressive.layer_masks`, or
+    "direct") so that the module's fields stay small and hashable."""
+
+    data_dim: int
+    hidden: tuple[int, ...]
+    per_pixel: int
+    layer: int | str
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        if self.layer == "direct":
+            mask = autoregressive.direct_mask(self.data_dim, self.per_pixel)
+        else:
+            mask = autoregressive.layer_masks(self.data_dim, self.hidden, self.per_pixel)[
+                self.layer]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), mask.shape, x.dtype)
+        h = x @ (kernel * jnp.asarray(mask, kernel.dtype))
+        if self.use_bias:
+            h = h + self.param("bias", nn.initializers.zeros, (mask.shape[1],), x.dtype)
+        return h
+
+
+class AutoregressiveDecoder(nn.Module):
+    """(z (..., d), y (..., D)) -> likelihood parameters (..., D) or (..., D, K): a MADE over the
+    pixels conditioned on z (`ppl_vae.autoregressive`); the twin of the Pyro backend's."""
+
+    spec: DecoderSpec
+    data_dim: int
+    per_pixel: int
+
+    def setup(self):
+        hidden = tuple(self.spec.hidden)
+        n = len(hidden) + 1
+        widths = [*hidden, self.data_dim * self.per_pixel]
+        self.layers = [MaskedDense(self.data_dim, hidden, self.per_pixel, i) for i in range(n)]
+        self.context = [nn.Dense(w, use_bias=False) for w in widths]
+        if hidden:
+            self.direct = MaskedDense(self.data_dim, hidden, self.per_pixel, "direct",
+                                      use_bias=False)
+
+    def __call__(self, z, y=None):
+        if y is None:
+            raise ValueError("the autoregressive decoder needs the image y as well as z "
+                             "(teacher forcing); draw images with `ancestral_sample`")
+        act = ACTIVATIONS[self.spec.activation]
+        lead = jnp.broadcast_shapes(z.shape[:-1], y.shape[:-1])
+        h = y
+        for i, (layer, context) in enumerate(zip(self.layers, self.context)):
+            h = layer(h) + context(z)
+            if i < len(self.layers) - 1:
+                h = act(h)
+        if self.spec.hidden:
+            h = h + self.direct(y)
+        h = h.reshape(*lead, self.data_dim, self.per_pixel)
         return h[..., 0] if self.per_pixel == 1 else h
 
 

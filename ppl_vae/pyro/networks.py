@@ -9,10 +9,12 @@ Every network accepts extra leading dimensions (particles) before the batch dime
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ppl_vae import autoregressive
 from ppl_vae.objective import aux_site_names
 from ppl_vae.spec import AuxSpec, DecoderSpec, EncoderSpec, LikelihoodSpec, PriorSpec, Spec
 
@@ -113,7 +115,8 @@ class Decoder(nn.Module):
         else:
             self.out = nn.Linear(width, data_dim * per_pixel)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """y is not used: this decoder's pixels are independent given z."""
         lead = z.shape[:-1]
         h = self.body(z)
         if self.kind == "conv":
@@ -126,6 +129,52 @@ class Decoder(nn.Module):
             h = h.reshape(*lead, self.per_pixel, self.data_dim).transpose(-1, -2)
         else:
             h = self.out(h).reshape(*lead, self.data_dim, self.per_pixel)
+        return h.squeeze(-1) if self.per_pixel == 1 else h
+
+
+class MaskedLinear(nn.Linear):
+    """nn.Linear whose weight (out, in) is multiplied by a fixed 0/1 mask (a buffer that is not
+    saved: it follows from the shapes, `ppl_vae.autoregressive`)."""
+
+    def __init__(self, mask: np.ndarray, bias: bool = True):  # mask (in, out), as x @ W
+        super().__init__(mask.shape[0], mask.shape[1], bias=bias)
+        self.register_buffer("mask", torch.as_tensor(mask.T.copy()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class AutoregressiveDecoder(nn.Module):
+    """(z (..., d), y (..., D)) -> likelihood parameters (..., D) or (..., D, K): a MADE over the
+    pixels conditioned on z, so that the parameters of pixel i depend on y_<i and z only (see
+    `ppl_vae.autoregressive` for the layers and masks). y is the data in its own units (the
+    observed image, teacher forcing); draws come from `ancestral_sample`."""
+
+    def __init__(self, spec: DecoderSpec, data_dim: int, latent_dim: int, per_pixel: int):
+        super().__init__()
+        self.data_dim, self.per_pixel = data_dim, per_pixel
+        self.act = ACTIVATIONS[spec.activation]
+        masks = autoregressive.layer_masks(data_dim, spec.hidden, per_pixel)
+        self.layers = nn.ModuleList(MaskedLinear(m) for m in masks)
+        self.context = nn.ModuleList(nn.Linear(latent_dim, m.shape[1], bias=False)
+                                     for m in masks)
+        if spec.hidden:
+            self.direct = MaskedLinear(autoregressive.direct_mask(data_dim, per_pixel),
+                                       bias=False)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None:
+            raise ValueError("the autoregressive decoder needs the image y as well as z "
+                             "(teacher forcing); draw images with `ancestral_sample`")
+        lead = torch.broadcast_shapes(z.shape[:-1], y.shape[:-1])
+        h = y
+        for i, (layer, context) in enumerate(zip(self.layers, self.context)):
+            h = layer(h) + context(z)
+            if i < len(self.layers) - 1:
+                h = self.act(h)
+        if hasattr(self, "direct"):
+            h = h + self.direct(y)
+        h = h.reshape(*lead, self.data_dim, self.per_pixel)
         return h.squeeze(-1) if self.per_pixel == 1 else h
 
 
@@ -173,11 +222,13 @@ class SupervisedHead(nn.Module):
 def build_networks(spec: Spec, data_dim: int, image_shape) -> dict[str, nn.Module]:
     """All modules of a spec, by canonical module name. The prefix decides the role: `encoder`
     and `aux_*` belong to the guide (Ψ); `decoder`, `prior`, `likelihood` to the model (Φ)."""
-    d = spec.latent.dim
+    d, per_pixel = spec.latent.dim, params_per_pixel(spec.likelihood)
+    decoder = (AutoregressiveDecoder(spec.decoder, data_dim, d, per_pixel)
+               if spec.decoder.kind == "autoregressive" else
+               Decoder(spec.decoder, data_dim, d, image_shape, per_pixel))
     modules: dict[str, nn.Module] = {
         "encoder": Encoder(spec.encoder, data_dim, d, image_shape),
-        "decoder": Decoder(spec.decoder, data_dim, d, image_shape,
-                           params_per_pixel(spec.likelihood)),
+        "decoder": decoder,
         "prior": Prior(spec.prior, d),
         "likelihood": Likelihood(spec.likelihood, data_dim),
     }
