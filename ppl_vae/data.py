@@ -1,4 +1,7 @@
-"""Datasets as NumPy arrays: the bundled 8x8 digits, MNIST IDX folders and .npz files.
+"""Datasets as NumPy arrays: the bundled 8x8 digits, MNIST IDX folders, .npz files, and two
+generated sources: synthetic populations whose entropy H(y) is known exactly
+(``synthetic:<name>``, `ppl_vae.populations`) and procedural dSprites with their generative
+factors (``dsprites``, `ppl_vae.dsprites`).
 
 Every loader returns a `Dataset` of flattened float32 examples (N, D), int64 labels (-1 where
 unknown) and the image shape (H, W), or None for flat data. Images are scaled to [0, 1] (digits
@@ -46,6 +49,11 @@ class Dataset:
     labels_train (N,) and labels_test (M,): int64, -1 where unknown.
     image_shape: (H, W) with H*W == D for images, None for flat data.
     name: where the data came from, e.g. "digits", "mnist:/path", "npz:/path/file.npz".
+    entropy: H(y) of the population the examples were drawn from, nats per example, where it is
+        known exactly (``synthetic:*`` sources), else None.
+    factors_train (N, K) and factors_test (M, K): int64 indices of the generative factors of each
+        example where they are known (``dsprites``), else None; factor_names and factor_sizes
+        (K,) name them and give the number of values each takes.
     """
 
     x_train: np.ndarray
@@ -54,6 +62,11 @@ class Dataset:
     labels_test: np.ndarray
     image_shape: tuple[int, int] | None
     name: str
+    entropy: float | None = None
+    factors_train: np.ndarray | None = None
+    factors_test: np.ndarray | None = None
+    factor_names: tuple[str, ...] | None = None
+    factor_sizes: tuple[int, ...] | None = None
 
     @property
     def dim(self) -> int:
@@ -335,55 +348,114 @@ def _check_conv(spec: Spec, image_shape: tuple[int, int] | None) -> None:
                             f"divide by 2**len(channels) = {factor}", spec.source or None)
 
 
+# ---- generated sources: each returns (columns {"x", "labels", ...}, image_shape, extras) ------
+#: Examples drawn by a generated source when data.size = 0.
+DEFAULT_GENERATED_SIZE = 20000
+
+
+def _synthetic(name: str, size: int, rng: np.random.Generator):
+    """Draws from a `ppl_vae.populations` population; the label of an example is its component."""
+    from ppl_vae.populations import population
+
+    pop = population(name)
+    x, components = pop.sample(size, rng)
+    return {"x": x, "labels": components}, pop.image_shape, {"entropy": pop.entropy()}
+
+
+def _dsprites(size: int, rng: np.random.Generator):
+    """Distinct dSprites grid points drawn uniformly; the label of an example is its shape."""
+    from ppl_vae import dsprites
+
+    if size > dsprites.NUM_IMAGES:
+        raise DataError(f"data.size = {size} but dSprites has {dsprites.NUM_IMAGES} images; "
+                        "ask for fewer")
+    factors, x = dsprites.sample(size, rng)
+    extras = {"factor_names": tuple(dsprites.FACTOR_NAMES),
+              "factor_sizes": tuple(dsprites.FACTOR_SIZES)}
+    return ({"x": x, "labels": factors[:, 0].astype(np.int64), "factors": factors},
+            dsprites.IMAGE_SHAPE, extras)
+
+
 # ---- the loader ---------------------------------------------------------------------------
-def _split(x: np.ndarray, labels: np.ndarray, test_fraction: float,
-           seed: np.random.SeedSequence, name: str):
-    """Random train/test split: round(N * test_fraction) examples (at least 1) go to test."""
-    n = len(x)
+def _split(columns: dict[str, np.ndarray], test_fraction: float, seed: np.random.SeedSequence,
+           name: str) -> tuple[dict, dict]:
+    """Random train/test split of per-example arrays (each (N, ...)), the same rows for all:
+    round(N * test_fraction) examples (at least 1) go to test."""
+    n = len(columns["x"])
     n_test = max(1, int(round(n * test_fraction)))
     if n_test >= n:
         raise DataError(f"{name}: {n} example(s) are too few to hold out {test_fraction:.0%} for "
                         "testing; add data, lower data.test_fraction, or give an x_test")
     perm = np.random.default_rng(seed).permutation(n)
     test, train = perm[:n_test], perm[n_test:]
-    return (x[train], labels[train]), (x[test], labels[test])
+    return ({k: v[train] for k, v in columns.items()}, {k: v[test] for k, v in columns.items()})
+
+
+def _keep_labels(labels: np.ndarray, keep: int, seed: np.random.SeedSequence) -> np.ndarray:
+    """`labels` with all but `keep` of them (a seeded random choice) set to -1 (unknown)."""
+    if keep == 0 or keep >= len(labels):
+        return labels
+    out = np.full_like(labels, -1)
+    chosen = np.random.default_rng(seed).choice(len(labels), size=keep, replace=False)
+    out[chosen] = labels[chosen]
+    return out
 
 
 def load_data(spec: Spec) -> Dataset:
-    """Load, split, limit, check and (statically) binarise the data that `spec.data` names.
+    """Load (or generate), split, limit, check and (statically) binarise the data `spec.data`
+    names.
 
     Raises DataError for unusable data and SpecError for a network the data cannot feed.
+    Seeds: four independent children of ``train.seed`` drive the split, static binarisation,
+    which labels `data.labelled` keeps, and the draws of a generated source.
     """
     d = spec.data
+    split_seed, binarize_seed, label_seed, draw_seed = \
+        np.random.SeedSequence(spec.train.seed).spawn(4)
+    extras: dict = {}
+    test = None
     if d.source == "digits":
         x, labels, shape, test = _digits()
-        name = "digits"
+        columns, name = {"x": x, "labels": labels}, "digits"
     elif d.source == "mnist":
         x, labels, shape, test = _mnist(Path(d.path).expanduser())
-        name = f"mnist:{d.path}"
+        columns, name = {"x": x, "labels": labels}, f"mnist:{d.path}"
     elif d.source == "npz":
         x, labels, shape, test = _npz(Path(d.path).expanduser())
-        name = f"npz:{d.path}"
+        columns, name = {"x": x, "labels": labels}, f"npz:{d.path}"
+    elif d.source == "dsprites":
+        columns, shape, extras = _dsprites(d.size or DEFAULT_GENERATED_SIZE,
+                                           np.random.default_rng(draw_seed))
+        name = "dsprites"
+    elif d.source.startswith("synthetic:"):
+        columns, shape, extras = _synthetic(d.source.split(":", 1)[1],
+                                            d.size or DEFAULT_GENERATED_SIZE,
+                                            np.random.default_rng(draw_seed))
+        name = d.source
     else:  # spec validation rejects other sources; this guards a caller that bypassed it
-        raise DataError(f"unknown data.source {d.source!r}; use 'digits', 'mnist' or 'npz'")
+        raise DataError(f"unknown data.source {d.source!r}; use 'digits', 'mnist', 'npz', "
+                        "'dsprites' or 'synthetic:<name>'")
     _check_conv(spec, shape)  # a spec mistake: report it before looking at the values
 
-    # Separate child seeds: the split is the same whether or not the data are binarised.
-    split_seed, binarize_seed = np.random.SeedSequence(spec.train.seed).spawn(2)
     if test is None:
-        (x, labels), test = _split(x, labels, d.test_fraction, split_seed, name)
-    x_test, labels_test = test
+        train, test_columns = _split(columns, d.test_fraction, split_seed, name)
+    else:
+        train, test_columns = columns, {"x": test[0], "labels": test[1]}
     if d.limit > 0:
-        x, labels = x[: d.limit], labels[: d.limit]
-        x_test, labels_test = x_test[: d.limit], labels_test[: d.limit]
+        train = {k: v[: d.limit] for k, v in train.items()}
+        test_columns = {k: v[: d.limit] for k, v in test_columns.items()}
+    x, x_test = train["x"], test_columns["x"]
 
     for split, values in (("train", x), ("test", x_test)):
         check_support(values, spec.likelihood, f"{name} ({split} split)")
     if d.binarize == "static":
         rng = np.random.default_rng(binarize_seed)
         x, x_test = binarize(x, rng), binarize(x_test, rng)
+    factors = {f"factors_{split}": np.ascontiguousarray(cols["factors"], np.int64)
+               for split, cols in (("train", train), ("test", test_columns)) if "factors" in cols}
     return Dataset(x_train=np.ascontiguousarray(x, np.float32),
                    x_test=np.ascontiguousarray(x_test, np.float32),
-                   labels_train=np.ascontiguousarray(labels, np.int64),
-                   labels_test=np.ascontiguousarray(labels_test, np.int64),
-                   image_shape=shape, name=name)
+                   labels_train=np.ascontiguousarray(
+                       _keep_labels(train["labels"], d.labelled, label_seed), np.int64),
+                   labels_test=np.ascontiguousarray(test_columns["labels"], np.int64),
+                   image_shape=shape, name=name, **extras, **factors)

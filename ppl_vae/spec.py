@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 # ---- registries of component kinds ---------------------------------------------------------
-DATA_SOURCES = ("digits", "mnist", "npz")
+DATA_SOURCES = ("digits", "mnist", "npz", "dsprites")  # or "synthetic:<population>"
+SYNTHETIC_POPULATIONS = ("bars",)  # data.source = "synthetic:bars"; see ppl_vae/populations.py
 BINARIZE = ("none", "static", "dynamic")
 PRIOR_KINDS = ("normal", "learned_normal", "mixture")
 ENCODER_KINDS = ("mlp", "conv")
-DECODER_KINDS = ("mlp", "conv")
+DECODER_KINDS = ("mlp", "conv", "autoregressive")
 LIKELIHOOD_KINDS = ("bernoulli", "gaussian", "binomial", "categorical")
 DISTORTIONS = ("nll", "mse", "l1")
 SCHEDULE_KINDS = ("constant", "linear", "cyclical")
@@ -35,7 +36,9 @@ ACTIVATIONS = ("relu", "tanh", "elu", "softplus", "gelu", "leaky_relu")
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Image shapes of the built-in sources, known before loading (used by the conv checks).
-SOURCE_IMAGE_SHAPES = {"digits": (8, 8), "mnist": (28, 28)}
+SOURCE_IMAGE_SHAPES = {"digits": (8, 8), "mnist": (28, 28), "dsprites": (64, 64)}
+#: Sources read from a file or folder (data.path); the others are bundled or generated.
+PATH_SOURCES = ("mnist", "npz")
 
 _USER_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -58,11 +61,13 @@ def _choice(default: str, choices: tuple[str, ...]):
 class DataSpec:
     """Where the data comes from and how it is prepared; values end up in [0, 1] for images."""
 
-    source: str = _choice("digits", DATA_SOURCES)
+    source: str = "digits"  # one of DATA_SOURCES or "synthetic:<name>" (checked in `validate`)
     path: str = ""  # folder of IDX files (mnist) or an .npz file (npz)
     binarize: str = _choice("none", BINARIZE)
     test_fraction: float = 0.2  # held-out share when the source has no test split of its own
     limit: int = 0  # use only the first `limit` examples (0 = all); for quick runs
+    size: int = 0  # generated sources (synthetic:*, dsprites): examples drawn (0 = 20000)
+    labelled: int = 0  # keep the labels of only this many training examples (0 = all)
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ class EncoderSpec:
 @dataclass(frozen=True)
 class DecoderSpec:
     kind: str = _choice("mlp", DECODER_KINDS)
-    hidden: tuple[int, ...] = (128, 256)
+    hidden: tuple[int, ...] = (128, 256)  # autoregressive: the masked hidden layers (MADE)
     channels: tuple[int, ...] = (64, 32)  # conv only: transposed convs, from deep to shallow
     activation: str = _choice("relu", ACTIVATIONS)
 
@@ -272,9 +277,22 @@ def validate(spec: Spec) -> None:
             raise SpecError(key, given, allowed, src)
 
     d, lik, obj, tr = spec.data, spec.likelihood, spec.objective, spec.train
-    need(d.source != "digits" or not d.path, "data.path", d.path, "empty for source 'digits'")
-    need(d.source == "digits" or bool(d.path), "data.path", d.path,
-         f"a path (a folder of IDX files for mnist, an .npz file for npz) with source {d.source!r}")
+    population = d.source.split(":", 1)[1] if d.source.startswith("synthetic:") else None
+    need(d.source in DATA_SOURCES or population in SYNTHETIC_POPULATIONS, "data.source",
+         d.source, "one of " + ", ".join(repr(s) for s in DATA_SOURCES) + " or "
+         + ", ".join(repr(f"synthetic:{p}") for p in SYNTHETIC_POPULATIONS))
+    if d.source in PATH_SOURCES:
+        need(bool(d.path), "data.path", d.path,
+             f"a path (a folder of IDX files for mnist, an .npz file for npz) with source "
+             f"{d.source!r}")
+    else:
+        need(not d.path, "data.path", d.path, f"empty for source {d.source!r}")
+    generated = population is not None or d.source == "dsprites"
+    need(d.size >= 0, "data.size", d.size, "an integer >= 0 (0 = the default, 20000)")
+    need(generated or d.size == 0, "data.size", d.size,
+         f"0 for source {d.source!r} (only generated sources, synthetic:* and dsprites, draw a "
+         "number of examples)")
+    need(d.labelled >= 0, "data.labelled", d.labelled, "an integer >= 0 (0 = keep every label)")
     need(0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
     need(d.limit >= 0, "data.limit", d.limit, "an integer >= 0 (0 = all)")
     need(spec.latent.dim >= 1, "latent.dim", spec.latent.dim, "an integer >= 1")
@@ -287,9 +305,9 @@ def validate(spec: Spec) -> None:
              "a list of positive channel counts")
         if net.kind == "conv":
             shape = SOURCE_IMAGE_SHAPES.get(d.source)
-            need(d.source in ("mnist", "npz"), f"{part}.kind", "conv",
-                 f"'mlp' for source {d.source!r} (conv needs 28x28 or 64x64 images: mnist, or an "
-                 "npz of images)")
+            need(d.source in ("mnist", "npz", "dsprites"), f"{part}.kind", "conv",
+                 f"'mlp' for source {d.source!r} (conv needs 28x28 or 64x64 images: mnist, "
+                 "dsprites, or an npz of images)")
             need(len(net.channels) >= 1, f"{part}.channels", list(net.channels),
                  "at least one channel count for a conv network")
             if shape is not None:

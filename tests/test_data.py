@@ -348,3 +348,69 @@ def test_conv_needs_images(tmp_path):
                            "encoder.channels=[4, 4]", "decoder.channels=[4, 4]",
                            x=np.zeros((10, 8, 8))))
     assert d.image_shape == (8, 8)
+
+
+# ---- generated sources ----------------------------------------------------------------------
+def test_synthetic_population_with_its_exact_entropy():
+    from ppl_vae.populations import bars
+
+    d = load_data(spec('data.source="synthetic:bars"', "data.size=1000"))
+    assert_well_formed(d)
+    assert d.x_train.shape == (800, 16) and d.x_test.shape == (200, 16)
+    assert d.image_shape == (4, 4) and d.name == "synthetic:bars"
+    assert d.entropy == bars().entropy() and 5 < d.entropy < 6
+    assert set(np.unique(d.x_train)) == {0.0, 1.0} and set(np.unique(d.labels_train)) <= set(
+        range(8))
+    assert d.factors_train is None
+    again = load_data(spec('data.source="synthetic:bars"', "data.size=1000"))
+    np.testing.assert_array_equal(again.x_test, d.x_test)  # seeded by train.seed
+    other = load_data(spec('data.source="synthetic:bars"', "data.size=1000", "train.seed=1"))
+    assert not np.array_equal(other.x_train, d.x_train)
+
+
+def test_dsprites_keeps_the_factors_of_every_example():
+    from ppl_vae import dsprites
+
+    d = load_data(spec("data.source=dsprites", "data.size=300", "data.test_fraction=0.1"))
+    assert_well_formed(d)
+    assert d.x_train.shape == (270, 4096) and d.x_test.shape == (30, 4096)
+    assert d.image_shape == (64, 64) and d.name == "dsprites" and d.entropy is None
+    assert d.factor_names == dsprites.FACTOR_NAMES and d.factor_sizes == dsprites.FACTOR_SIZES
+    for x, factors, labels in ((d.x_train, d.factors_train, d.labels_train),
+                               (d.x_test, d.factors_test, d.labels_test)):
+        assert factors.dtype == np.int64 and factors.shape == (len(x), 5)
+        np.testing.assert_array_equal(x, dsprites.render(factors))  # each image with its factors
+        np.testing.assert_array_equal(labels, factors[:, 0])  # the label is the shape
+    index = dsprites.factors_to_index(np.concatenate([d.factors_train, d.factors_test]))
+    assert len(np.unique(index)) == 300  # distinct grid points
+
+
+def test_labelled_keeps_a_seeded_few_labels():
+    full = load_data(spec())
+    d = load_data(spec("data.labelled=50"))
+    assert (d.labels_train >= 0).sum() == 50
+    known = d.labels_train >= 0
+    np.testing.assert_array_equal(d.labels_train[known], full.labels_train[known])
+    np.testing.assert_array_equal(d.labels_test, full.labels_test)  # test labels are all kept
+    np.testing.assert_array_equal(d.x_train, full.x_train)  # the split does not move
+    assert len(set(np.unique(d.labels_train[known]))) >= 8
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (['data.source="synthetic:nope"'], "data.source"),
+    (['data.source="nope"'], "data.source"),
+    (["data.source=dsprites", 'data.path="x"'], "data.path"),
+    (["data.size=10"], "data.size"),
+    (["data.source=dsprites", "data.size=-1"], "data.size"),
+    (["data.labelled=-3"], "data.labelled"),
+    (['data.source="synthetic:bars"', 'encoder.kind="conv"'], "encoder.kind"),
+])
+def test_generated_source_spec_errors(overrides, key):
+    with pytest.raises(SpecError) as err:
+        spec(*overrides)
+    assert err.value.key == key
+
+
+def test_dsprites_size_beyond_the_grid():
+    with pytest.raises(DataError, match="737280"):
+        load_data(spec("data.source=dsprites", "data.size=800000"))
