@@ -11,6 +11,8 @@ The lecture's quantities (`../shared/seed/vae_lecture.md`) map onto these functi
 * I_q(y, z)   E_y E_q(z|y)[ln q(z|y) − ln q(z)]          `mutual_information`
 * Î − I_q     KL(q(z) || p̂(z)) ≥ 0                       `marginal_kl`
 * ln P(y)     IWAE bound L_K ≤ ln P(y), ↑ as K grows      `iwae_bound`
+* P̂_Φ(z)     the prior that is best for a fixed encoder     `fit_gaussian_mixture`,
+             (the universality theorem's first step)        `rate_under_prior`
 
 with q(z) = E_y q(z|y) the aggregate posterior (Hoffman & Johnson 2016, "ELBO surgery").
 """
@@ -27,17 +29,21 @@ __all__ = [
     "Estimate",
     "IWAEBound",
     "active_units",
+    "GaussianMixture",
     "aggregate_log_density",
     "ess_from_log_weights",
+    "fit_gaussian_mixture",
     "gaussian_kl_per_dim",
     "iwae_bound",
     "iwae_bound_chunked",
+    "log_weights_from_parts",
     "logsumexp",
     "marginal_kl",
     "mutual_information",
     "psis_khat",
     "psis_summary",
     "rate_per_dim",
+    "rate_under_prior",
     "to_bits_per_dim",
 ]
 
@@ -266,7 +272,93 @@ def marginal_kl(rate: float, mutual_info: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# the prior, refitted to a fixed encoder
+
+
+class GaussianMixture(NamedTuple):
+    """Σ_k weights_k N(z; loc_k, diag scale_k²): weights (K,), loc and scale (K, d)."""
+
+    weights: np.ndarray
+    loc: np.ndarray
+    scale: np.ndarray
+
+    def log_density(self, z) -> np.ndarray:
+        """ln p(z) for z (S, d): (S,), nats."""
+        z = np.asarray(z, dtype=np.float64)
+        per_component = _diag_gaussian_log_density(z[:, None, :], self.loc, self.scale)
+        return logsumexp(per_component + np.log(self.weights), axis=1)
+
+
+def fit_gaussian_mixture(z, components: int, rng: np.random.Generator, iterations: int = 500,
+                         tol: float = 1e-9, min_scale: float = 1e-3) -> GaussianMixture:
+    """Maximum-likelihood diagonal Gaussian mixture of K components for points z (S, d), by EM.
+
+    With z drawn from the aggregate posterior q(z) = E_y q(z|y) this is the prior that
+    minimises KL(q(z) ‖ p̂(z)) among K-component mixtures while the encoder and decoder stay
+    fixed: the first step of the lecture's universality theorem, which drives rate − I_q (the
+    marginal KL, `marginal_kl`) towards 0 as K grows. K = 1 is the moment-matched Gaussian.
+    Starts from K points of z chosen by k-means++ seeding (each next one with probability ∝ its
+    squared distance to those already chosen; Arthur & Vassilvitskii 2007), so that separated
+    clusters each get a component, and stops when the mean log-likelihood gains less than `tol`
+    nats per point; scales are kept ≥ `min_scale`.
+    Reference: Dempster, Laird & Rubin (1977); Tomczak & Welling (2018), "VAE with a VampPrior".
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or len(z) < components or components < 1:
+        raise ValueError(f"z must have shape (S, d) with S >= components >= 1; got {z.shape} "
+                         f"and {components} components")
+    loc = z[[rng.integers(len(z))]]
+    for _ in range(components - 1):
+        nearest = np.min(np.square(z[:, None, :] - loc[None]).sum(-1), axis=1)
+        total = nearest.sum()
+        pick = rng.choice(len(z), p=nearest / total) if total > 0 else rng.integers(len(z))
+        loc = np.concatenate([loc, z[[pick]]])
+    scale = np.tile(np.maximum(z.std(axis=0), min_scale), (components, 1))
+    weights = np.full(components, 1.0 / components)
+    previous = -np.inf
+    for _ in range(iterations):
+        log_r = _diag_gaussian_log_density(z[:, None, :], loc, scale) + np.log(weights)
+        log_norm = logsumexp(log_r, axis=1)
+        mean_log_lik = float(log_norm.mean())
+        r = np.exp(log_r - log_norm[:, None])  # responsibilities (S, K)
+        counts = r.sum(axis=0) + 1e-12
+        weights = counts / counts.sum()
+        loc = (r.T @ z) / counts[:, None]
+        var = (r.T @ np.square(z)) / counts[:, None] - np.square(loc)
+        scale = np.sqrt(np.maximum(var, min_scale**2))
+        if mean_log_lik - previous < tol:
+            break
+        previous = mean_log_lik
+    return GaussianMixture(weights, loc, scale)
+
+
+def rate_under_prior(loc_q, scale_q, log_prior, rng: np.random.Generator,
+                     num_samples: int = 16) -> Estimate:
+    """Rate E_y E_q(z|y)[ln q(z|y) − ln p(z)] of an encoder under another prior, nats.
+
+    loc_q, scale_q (N, d); log_prior: z (S, d) -> ln p(z) (S,), e.g.
+    `GaussianMixture.log_density`. Monte Carlo with `num_samples` draws per example; returns the
+    mean over examples and its standard error. For a factorised normal prior it estimates what
+    `gaussian_kl_per_dim(...).sum(1).mean()` gives exactly.
+    """
+    loc_q, scale_q = _posterior_arrays(loc_q, scale_q)
+    n, dim = loc_q.shape
+    z = loc_q[:, None, :] + scale_q[:, None, :] * rng.standard_normal((n, num_samples, dim))
+    log_q = _diag_gaussian_log_density(z, loc_q[:, None, :], scale_q[:, None, :])
+    log_p = np.asarray(log_prior(z.reshape(n * num_samples, dim))).reshape(n, num_samples)
+    per_example = (log_q - log_p).mean(axis=1)
+    return Estimate(float(per_example.mean()), _stderr(per_example))
+
+
+# ---------------------------------------------------------------------------------------------
 # importance sampling: IWAE, ESS, PSIS
+
+
+def log_weights_from_parts(parts) -> np.ndarray:
+    """Importance log-weights (N, K) from the backends' `log_density_parts` (N, K, 3):
+    ln p̂(y|z) + ln p̂(z) − ln q(z|y), nats."""
+    parts = np.asarray(parts, dtype=np.float64)
+    return parts[..., 0] + parts[..., 1] - parts[..., 2]
 
 
 def iwae_bound(log_weights) -> IWAEBound:

@@ -13,6 +13,7 @@ from ppl_vae.diagnostics import (
     active_units,
     ess_from_log_weights,
     iwae_bound,
+    log_weights_from_parts,
     marginal_kl,
     mutual_information,
     psis_khat,
@@ -61,6 +62,33 @@ def importance_sampling(model, x: np.ndarray, num_samples: int, seed: int = 0,
             "khat": np.concatenate(khat), "ess": np.concatenate(ess)}
 
 
+def per_example_stderrs(model, x: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Standard errors (nats) of the test means of −ELBO, rate and −ln p(y|z), from one draw of
+    z ~ q(z|y) per example (the rate by Monte Carlo, ln q − ln p̂): they cover the sampling of
+    both the examples and z, and are what a difference of two test means should be compared
+    with."""
+    parts = model.log_density_parts(x, 1, seed=seed)[:, 0]  # (N, 3)
+    draws = {"elbo": log_weights_from_parts(parts[:, None])[:, 0],
+             "rate": parts[:, 2] - parts[:, 1], "nll": -parts[:, 0]}
+    n = len(x)
+    return {k: float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+            for k, v in draws.items()}
+
+
+def entropy_checks(entropy: float, report: dict) -> dict:
+    """The lecture's bounds against a known H(y), nats per example:
+
+    * −ELBO − H(y) = rate + distortion − H(y) ≥ 0 (H(y) = I + H(y|z) ≤ Î + Ĥ);
+    * H(y) − distortion ≤ I_q(y; z) ≤ rate (I = H(y) − H(y|z) ≥ H(y) − Ĥ, and I ≤ Î);
+    * −ln p̂(y) − H(y) ≥ 0 (a cross-entropy is at least the entropy), with IWAE's ln p̂(y).
+    """
+    out = {"entropy": entropy, "elbo_excess": -report["elbo"] - entropy,
+           "mutual_information_lower": entropy - report["nll_distortion"]}
+    if "log_likelihood" in report:
+        out["log_likelihood_excess"] = -report["log_likelihood"] - entropy
+    return out
+
+
 def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: int = 1000,
                  n: int | None = None, progress: bool = True) -> dict:
     """Test-split report of a run (per example, nats); also written to RUN/report.json.
@@ -103,6 +131,9 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
         "rate_per_dim": [metrics[f"rate/dim_{i}"] for i in range(spec.latent.dim)
                          if f"rate/dim_{i}" in metrics],
     }
+    stderr = per_example_stderrs(model, x, seed=spec.train.seed)
+    report |= {"elbo_stderr": stderr["elbo"], "rate_stderr": stderr["rate"],
+               "nll_distortion_stderr": stderr["nll"], "data": dataset.name}
     report |= {
         # Hoffman & Johnson 2016: rate = I_q + KL(q(z) || p̂(z)), i.e. Î − I in the lecture.
         "mutual_information": mi.value,
@@ -124,6 +155,8 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
         }
     if iwae_k:
         runs.save_array(Path(path) / KHAT_FILE, iwae["khat"])
+    if dataset.entropy is not None:
+        report |= entropy_checks(dataset.entropy, report)
     report["verdict"] = collapse_verdict(report["active_units"], spec.latent.dim, report["rate"],
                                          report["mutual_information"])
     runs.write_json_atomic(Path(path) / "report.json", report)
@@ -138,10 +171,11 @@ def format_report(report: dict, bits: bool = False) -> str:
         f"{report['trained_with']}, step {report['step']}, {report['n_test']} test examples)",
         "",
         f"  {'metric':<24}{'nats / example':>16}",
-        f"  {'test ELBO':<24}{report['elbo']:>16.3f}",
-        f"  {'rate  Î(y,z)':<24}{report['rate']:>16.3f}",
+        f"  {'test ELBO':<24}{report['elbo']:>16.3f}  ± {report['elbo_stderr']:.3f}",
+        f"  {'rate  Î(y,z)':<24}{report['rate']:>16.3f}  ± {report['rate_stderr']:.3f}",
         f"  {'distortion (trained)':<24}{report['distortion']:>16.3f}",
-        f"  {'distortion −ln p(y|z)':<24}{report['nll_distortion']:>16.3f}",
+        f"  {'distortion −ln p(y|z)':<24}{report['nll_distortion']:>16.3f}"
+        f"  ± {report['nll_distortion_stderr']:.3f}",
         f"  {objective_label:<24}{report['objective']:>16.3f}",
         f"  {'aux':<24}{report['aux']:>16.3f}",
         f"  {'I_q(y; z)':<24}{report['mutual_information']:>16.3f}"
@@ -166,6 +200,18 @@ def format_report(report: dict, bits: bool = False) -> str:
         ]
     if bits:
         lines.append(f"  {'bits per dimension':<24}{report['bits_per_dim']:>16.4f}")
+    if "entropy" in report:
+        lines += [
+            "",
+            f"  {'H(y), exact':<24}{report['entropy']:>16.3f}   ({report['data']})",
+            f"  {'−ELBO − H(y)':<24}{report['elbo_excess']:>16.3f}  ± "
+            f"{report['elbo_stderr']:.3f}   (≥ 0: rate + distortion ≥ H(y))",
+        ]
+        if "log_likelihood_excess" in report:
+            lines.append(f"  {'−ln p(y) − H(y)':<24}{report['log_likelihood_excess']:>16.3f}  ± "
+                         f"{report['log_likelihood_stderr']:.3f}   (≥ 0: a cross-entropy)")
+        lines.append(f"  H(y) − distortion ≤ I_q ≤ rate:  {report['mutual_information_lower']:.3f}"
+                     f" ≤ {report['mutual_information']:.3f} ≤ {report['rate']:.3f}")
     lines += ["", f"  active units: {report['active_units']} of {report['latent_dim']}"]
     if report["rate_per_dim"]:
         lines.append("  rate per dimension (nats): " + "  ".join(
@@ -184,13 +230,14 @@ def plot_run(path, others=(), backend: str | None = None, device: str = "cpu") -
     out = Path(path) / "plots"
     out.mkdir(exist_ok=True)
     model = run.model(backend, device)
+    dataset = load_data(run.spec)
     written = [plots.training_curves(run.metrics, out / "curves.png")]
     shape = run.info.get("image_shape")
     test = run.final_test
     d = run.spec.latent.dim
     rates = [test.get(f"rate/dim_{i}", float("nan")) for i in range(d)]
     if shape:
-        x, _ = evaluation_data(run.spec, load_data(run.spec))
+        x, _ = evaluation_data(run.spec, dataset)
         loc, _ = model.encode(x[:16])
         written += [
             plots.save_image_grid(model.decode_mean(model.sample_prior(64)).reshape(-1, *shape),
@@ -206,7 +253,8 @@ def plot_run(path, others=(), backend: str | None = None, device: str = "cpu") -
     for p in (path, *others):
         t = runs.load_run(p).final_test
         points.append((Path(p).name, t["rate"], t["nll"]))
-    written.append(plots.rate_distortion_plane(points, out / "rate_distortion.png"))
+    written.append(plots.rate_distortion_plane(points, out / "rate_distortion.png",
+                                               dataset.entropy))
     if (Path(path) / KHAT_FILE).exists():
         written.append(plots.khat_histogram(np.load(Path(path) / KHAT_FILE),
                                             out / "khat.png"))

@@ -24,7 +24,9 @@ from numpyro import handlers
 from numpyro.contrib.module import flax_module
 
 from ppl_vae.backends import BackendError
+from ppl_vae.diagnostics import log_weights_from_parts
 from ppl_vae.numpyro.networks import (
+    AutoregressiveDecoder,
     Decoder,
     Encoder,
     SupervisedHead,
@@ -56,6 +58,15 @@ def observation(spec: LikelihoodSpec, y):
     return y
 
 
+def from_observation(spec: LikelihoodSpec, obs):
+    """The inverse of `observation`: a value of site ``y`` back in the data's units."""
+    if spec.kind == "binomial":
+        return obs / spec.total_count
+    if spec.kind == "categorical":
+        return obs / (spec.categories - 1)
+    return obs
+
+
 def likelihood_mean(spec: LikelihoodSpec, params):
     """E[y|z] in the data's units: what mse/l1 compare with y."""
     if spec.kind in ("bernoulli", "binomial"):
@@ -69,6 +80,26 @@ def likelihood_mean(spec: LikelihoodSpec, params):
 def distortion_value(kind: str, y, mean):
     diff = y - mean
     return (diff * diff).sum(-1) if kind == "mse" else jnp.abs(diff).sum(-1)
+
+
+def ancestral_sample(spec: LikelihoodSpec, decode, z, data_dim: int, key, log_scale=None):
+    """y ~ P̂_Φ(y|z) = Π_i P̂_Φ(y_i | y_<i, z) for an autoregressive decoder, pixel by pixel
+    (`lax.fori_loop` over the D pixels); `decode(z, y)` gives the likelihood parameters.
+
+    z (..., d), key a JAX key. Returns (y, means), each (..., D) in the data's units: the draw,
+    and E[y_i | y_<i, z] at the drawn y_<i (what `decode_mean` shows as the picture of z).
+    """
+
+    def pixel(i, carry):
+        y, means = carry
+        params = decode(z, y)
+        lik = likelihood_dist(spec, params, log_scale)
+        draw = from_observation(spec, lik.sample(jax.random.fold_in(key, i))).astype(y.dtype)
+        mean = likelihood_mean(spec, params)
+        return y.at[..., i].set(draw[..., i]), means.at[..., i].set(mean[..., i])
+
+    y = jnp.zeros((*z.shape[:-1], data_dim), z.dtype)
+    return jax.lax.fori_loop(0, data_dim, pixel, (y, jnp.zeros_like(y)))
 
 
 def infonce_loss(z, loc, scale):
@@ -98,7 +129,7 @@ class Built:
     guide: object
     elbo_model: object
     encoder: Encoder
-    decoder: Decoder
+    decoder: Decoder | AutoregressiveDecoder
 
 
 def _prior(spec: Spec):
@@ -122,7 +153,9 @@ def build(spec: Spec, data_dim: int, image_shape=None) -> Built:
     d, lik_spec, objective = spec.latent.dim, spec.likelihood, spec.objective
     per_pixel = lik_spec.categories if lik_spec.kind == "categorical" else 1
     encoder = Encoder(spec.encoder, d, image_shape)
-    decoder = Decoder(spec.decoder, data_dim, image_shape, per_pixel)
+    decoder = (AutoregressiveDecoder(spec.decoder, data_dim, per_pixel)
+               if spec.decoder.kind == "autoregressive" else
+               Decoder(spec.decoder, data_dim, image_shape, per_pixel))
     aux_terms = list(zip(aux_site_names(spec), objective.aux))
     heads = {name: SupervisedHead(a) for name, a in aux_terms if a.kind == "supervised"}
     user_fns = {name: resolve_user_function(a.kind) for name, a in aux_terms
@@ -131,13 +164,13 @@ def build(spec: Spec, data_dim: int, image_shape=None) -> Built:
 
     def make_model(distortion: str):
         def model(y, labels=None):
-            net = flax_module("decoder", decoder, input_shape=(1, d))
+            net = flax_module("decoder", decoder, jnp.ones((1, d)), jnp.ones((1, data_dim)))
             prior = _prior(spec)
             log_scale = (numpyro.param("likelihood.log_scale", jnp.zeros(data_dim))
                          if learned_scale else None)
             with numpyro.plate("data", y.shape[0]):
                 z = numpyro.sample("z", prior)
-                params = net(z)
+                params = net(z, y)  # y: the autoregressive decoder's teacher forcing
                 if distortion == "nll":
                     numpyro.sample("y", likelihood_dist(lik_spec, params, log_scale),
                                    obs=observation(lik_spec, y))
@@ -250,8 +283,7 @@ class Model:
         self.param_map = jax.device_put(param_map, self.device)
         self._encode = jax.jit(lambda p, y: self.built.encoder.apply(
             {"params": p["encoder$params"]}, y))
-        self._decode = jax.jit(lambda p, z: likelihood_mean(
-            spec.likelihood, self.built.decoder.apply({"params": p["decoder$params"]}, z)))
+        self._decode = jax.jit(self._decode_mean)
         self._eval = None
 
     def tensor(self, x):
@@ -269,37 +301,55 @@ class Model:
         return (np.concatenate([np.asarray(p[0]) for p in parts]),
                 np.concatenate([np.asarray(p[1]) for p in parts]))
 
-    def decode_mean(self, z: np.ndarray) -> np.ndarray:
-        return np.asarray(self._decode(self.param_map, self.tensor(z)))
+    def _decode_mean(self, param_map, z, key):
+        def decode(z, y):
+            return self.built.decoder.apply({"params": param_map["decoder$params"]}, z, y)
+
+        lik = self.spec.likelihood
+        if self.spec.decoder.kind == "autoregressive":
+            return ancestral_sample(lik, decode, z, self.data_dim, key,
+                                    param_map.get("likelihood.log_scale"))[1]
+        return likelihood_mean(lik, decode(z, None))
+
+    def decode_mean(self, z: np.ndarray, seed: int = 0) -> np.ndarray:
+        """E[y|z], (N, D); autoregressive decoders: E[y_i | y_<i, z] along a draw seeded by
+        `seed`."""
+        return np.asarray(self._decode(self.param_map, self.tensor(z), jax.random.PRNGKey(seed)))
 
     def sample_prior(self, n: int, seed: int = 0) -> np.ndarray:
         key = jax.random.PRNGKey(seed)
         prior = handlers.substitute(lambda: _prior(self.spec), data=self.param_map)
         return np.asarray(prior().sample(key, (n,)))
 
-    def log_weights(self, x: np.ndarray, num_samples: int, seed: int = 0,
-                    chunk: int = 500) -> np.ndarray:
-        """Importance log-weights ln p̂(y, z_k) − ln q(z_k|y), z_k ~ q(z|y), (N, K) float64
+    def log_density_parts(self, x: np.ndarray, num_samples: int, seed: int = 0,
+                          chunk: int = 500) -> np.ndarray:
+        """ln p̂(y|z_k), ln p̂(z_k), ln q(z_k|y) for K draws z_k ~ q(z|y): (N, K, 3) float64, nats
         (the twin of the Pyro backend's hook; draws in chunks of `chunk`)."""
-        if getattr(self, "_log_weights", None) is None:
-            self._log_weights = jax.jit(self._log_weights_chunk, static_argnums=3)
+        if getattr(self, "_parts", None) is None:
+            self._parts = jax.jit(self._parts_chunk, static_argnums=3)
         y = self.tensor(x)
         key = jax.random.PRNGKey(seed)
-        out = [np.asarray(self._log_weights(self.param_map, jax.random.fold_in(key, i), y,
-                                            min(chunk, num_samples - k)), np.float64)
+        out = [np.asarray(self._parts(self.param_map, jax.random.fold_in(key, i), y,
+                                      min(chunk, num_samples - k)), np.float64)
                for i, k in enumerate(range(0, num_samples, chunk))]
-        return np.concatenate(out).T.copy()
+        return np.concatenate(out).transpose(1, 0, 2).copy()
 
-    def _log_weights_chunk(self, param_map, key, y, k):
+    def log_weights(self, x: np.ndarray, num_samples: int, seed: int = 0,
+                    chunk: int = 500) -> np.ndarray:
+        """Importance log-weights ln p̂(y, z_k) − ln q(z_k|y), z_k ~ q(z|y), (N, K) float64."""
+        return log_weights_from_parts(self.log_density_parts(x, num_samples, seed, chunk))
+
+    def _parts_chunk(self, param_map, key, y, k):
         spec = self.spec
         loc, scale = self.built.encoder.apply({"params": param_map["encoder$params"]}, y)
         q = dist.Normal(loc, scale).to_event(1)
         z = q.rsample(key, (k,))
         with handlers.substitute(data=param_map):
             prior = _prior(spec)
-        params = self.built.decoder.apply({"params": param_map["decoder$params"]}, z)
+        params = self.built.decoder.apply({"params": param_map["decoder$params"]}, z, y)
         lik = likelihood_dist(spec.likelihood, params, param_map.get("likelihood.log_scale"))
-        return prior.log_prob(z) + lik.log_prob(observation(spec.likelihood, y)) - q.log_prob(z)
+        return jnp.stack([lik.log_prob(observation(spec.likelihood, y)), prior.log_prob(z),
+                          q.log_prob(z)], -1)
 
     def prior_normal(self):
         kind = self.spec.prior.kind

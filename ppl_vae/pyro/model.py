@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppl_vae.backends import BackendError
+from ppl_vae.diagnostics import log_weights_from_parts
 from ppl_vae.objective import aux_site_names
 from ppl_vae.pyro.networks import build_networks
 from ppl_vae.spec import LikelihoodSpec, Spec, resolve_user_function
@@ -53,6 +54,15 @@ def observation(spec: LikelihoodSpec, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def from_observation(spec: LikelihoodSpec, obs: torch.Tensor) -> torch.Tensor:
+    """The inverse of `observation`: a value of site ``y`` back in the data's units."""
+    if spec.kind == "binomial":
+        return obs / spec.total_count
+    if spec.kind == "categorical":
+        return obs / (spec.categories - 1)
+    return obs
+
+
 def likelihood_mean(spec: LikelihoodSpec, params: torch.Tensor) -> torch.Tensor:
     """E[y|z] in the data's units ([0, 1] for all but gaussian): what mse/l1 compare with y."""
     if spec.kind in ("bernoulli", "binomial"):
@@ -78,6 +88,25 @@ def prior_dist(prior: nn.Module):
         return dist.Normal(prior.loc, prior.log_scale.exp()).to_event(1)
     components = dist.Normal(prior.loc, prior.log_scale.exp()).to_event(1)
     return dist.MixtureSameFamily(dist.Categorical(logits=prior.logits), components)
+
+
+def ancestral_sample(spec: LikelihoodSpec, decoder: nn.Module, z: torch.Tensor,
+                     log_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y ~ P̂_Φ(y|z) = Π_i P̂_Φ(y_i | y_<i, z) for an autoregressive decoder, pixel by pixel
+    (D decoder passes), with torch's random state.
+
+    z (..., d). Returns (y, means), each (..., D) in the data's units: the draw, and
+    E[y_i | y_<i, z] at the drawn y_<i (what `decode_mean` shows as the picture of z).
+    """
+    data_dim = decoder.data_dim
+    y = z.new_zeros(*z.shape[:-1], data_dim)
+    means = torch.zeros_like(y)
+    for i in range(data_dim):
+        params = decoder(z, y)
+        draw = from_observation(spec, likelihood_dist(spec, params, log_scale).sample())
+        y[..., i] = draw[..., i].to(y.dtype)
+        means[..., i] = likelihood_mean(spec, params)[..., i]
+    return y, means
 
 
 # ---- aux terms (encoder only) -------------------------------------------------------------------
@@ -123,8 +152,13 @@ class Built:
         return self.modules["encoder"](y)
 
     def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
-        """E[y|z], (..., D)."""
-        return likelihood_mean(self.spec.likelihood, self.modules["decoder"](z))
+        """E[y|z], (..., D); for an autoregressive decoder E[y_i | y_<i, z] along one ancestral
+        draw of y (torch's random state)."""
+        decoder = self.modules["decoder"]
+        if self.spec.decoder.kind == "autoregressive":
+            log_scale = getattr(self.modules["likelihood"], "log_scale", None)
+            return ancestral_sample(self.spec.likelihood, decoder, z, log_scale)[1]
+        return likelihood_mean(self.spec.likelihood, decoder(z))
 
     def sample_prior(self, n: int) -> torch.Tensor:
         """n draws of z from P̂_Φ(z), (n, d)."""
@@ -155,7 +189,7 @@ def build(spec: Spec, data_dim: int, image_shape=None, register: bool = True) ->
                     pyro.module(name, modules[name])
             with pyro.plate("data", y.shape[0]):
                 z = pyro.sample("z", prior_dist(prior))
-                params = decoder(z)
+                params = decoder(z, y)  # y: the autoregressive decoder's teacher forcing
                 if distortion == "nll":
                     log_scale = getattr(likelihood, "log_scale", None)
                     pyro.sample("y", likelihood_dist(lik_spec, params, log_scale),
@@ -263,9 +297,12 @@ class Model:
         return torch.cat(locs).cpu().numpy(), torch.cat(scales).cpu().numpy()
 
     @torch.no_grad()
-    def decode_mean(self, z: np.ndarray) -> np.ndarray:
-        """E[y|z], (N, D)."""
-        return self.built.decode_mean(self.tensor(z)).cpu().numpy()
+    def decode_mean(self, z: np.ndarray, seed: int = 0) -> np.ndarray:
+        """E[y|z], (N, D); autoregressive decoders: E[y_i | y_<i, z] along a draw seeded by
+        `seed`."""
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+            torch.manual_seed(seed)
+            return self.built.decode_mean(self.tensor(z)).cpu().numpy()
 
     @torch.no_grad()
     def sample_prior(self, n: int, seed: int = 0) -> np.ndarray:
@@ -275,12 +312,15 @@ class Model:
             return self.built.sample_prior(n).cpu().numpy()
 
     @torch.no_grad()
-    def log_weights(self, x: np.ndarray, num_samples: int, seed: int = 0,
-                    chunk: int = 500) -> np.ndarray:
-        """Importance log-weights ln p̂(y, z_k) − ln q(z_k|y), z_k ~ q(z|y), (N, K) float64.
+    def log_density_parts(self, x: np.ndarray, num_samples: int, seed: int = 0,
+                          chunk: int = 500) -> np.ndarray:
+        """ln p̂(y|z_k), ln p̂(z_k), ln q(z_k|y) for K draws z_k ~ q(z|y): (N, K, 3) float64, nats.
 
         p̂(y|z) is the likelihood (the nll distortion) whatever distortion was trained; draws
-        come in chunks of `chunk` so that K in the thousands fits in memory.
+        come in chunks of `chunk` so that K in the thousands fits in memory. The importance
+        log-weight is parts[..., 0] + parts[..., 1] − parts[..., 2] (`log_weights`); with K = 1,
+        −parts[..., 0] is a per-example draw of the distortion and parts[..., 2] − parts[..., 1]
+        one of the rate.
         """
         lik = self.spec.likelihood
         log_scale = getattr(self.modules["likelihood"], "log_scale", None)
@@ -294,11 +334,16 @@ class Model:
             torch.manual_seed(seed)
             for k in range(0, num_samples, chunk):
                 z = q.rsample((min(chunk, num_samples - k),))  # (k, N, d)
-                params = self.modules["decoder"](z)
-                log_w = (prior.log_prob(z) + likelihood_dist(lik, params, log_scale).log_prob(obs)
-                         - q.log_prob(z))
-                out.append(log_w.double().cpu())
-        return torch.cat(out).T.contiguous().numpy()
+                params = self.modules["decoder"](z, y)
+                parts = (likelihood_dist(lik, params, log_scale).log_prob(obs),
+                         prior.log_prob(z), q.log_prob(z))
+                out.append(torch.stack(parts, -1).double().cpu())
+        return torch.cat(out).transpose(0, 1).contiguous().numpy()
+
+    def log_weights(self, x: np.ndarray, num_samples: int, seed: int = 0,
+                    chunk: int = 500) -> np.ndarray:
+        """Importance log-weights ln p̂(y, z_k) − ln q(z_k|y), z_k ~ q(z|y), (N, K) float64."""
+        return log_weights_from_parts(self.log_density_parts(x, num_samples, seed, chunk))
 
     def prior_normal(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(loc, scale), each (d,), when the prior is a factorised normal; None otherwise."""
