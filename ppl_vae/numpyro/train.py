@@ -6,6 +6,11 @@
   length (`train.log_every`; a shorter last window is padded with steps that are skipped), so a
   whole run compiles the window function once (`Trainer.compilations` counts it).
 * The driver (`ppl_vae.training`) receives one array per window: the only host transfer.
+* Except for convolutional networks on a CPU: XLA runs a convolution inside a loop body many
+  times slower than outside one, and a conditional body is such a computation too
+  (jax-ml/jax#12868; ~40x for the dSprites networks here), so they take one step per compiled
+  call, without scan or cond (`Trainer.steps_per_call`), the terms still kept on the device
+  until the window ends.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ class Trainer:
         self.elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl)
         self.step = 0
         self.compilations = 0
+        convolutional = "conv" in (spec.encoder.kind, spec.decoder.kind)
+        self.steps_per_call = (1 if convolutional and self.device.platform == "cpu"
+                               else tr.log_every)
         self._window = jax.jit(self._window_fn)
 
     def _window_fn(self, params, opt_state, key, x, labels, betas, active, lam):
@@ -79,23 +87,30 @@ class Trainer:
             # select over the parameters.
             return jax.lax.cond(on, sgd_step, skip, carry, beta)
 
+        if len(betas) == 1:  # one step per call: no loop and no conditional around it
+            (params, opt_state, key), row = sgd_step((params, opt_state, key), betas[0])
+            return params, opt_state, key, row[None]
         (params, opt_state, key), rows = jax.lax.scan(step, (params, opt_state, key),
                                                       (betas, active))
         return params, opt_state, key, rows
 
     def run_steps(self, betas: np.ndarray, lam: float) -> np.ndarray:
         """One SVI step per entry of `betas`; returns (len(betas), 4) per-example STEP_FIELDS."""
-        length = max(self.spec.train.log_every, len(betas))
-        padded = np.zeros(length)
-        padded[: len(betas)] = betas
-        active = np.arange(length) < len(betas)
         dtype = self.model.dtype
-        params, self.opt_state, self.key, rows = self._window(
-            self.model.param_map, self.opt_state, self.key, self.x, self.labels,
-            jnp.asarray(padded, dtype), jnp.asarray(active), jnp.asarray(lam, dtype))
-        self.model.param_map = params
+        calls = []
+        for start in range(0, len(betas), self.steps_per_call):
+            chunk = betas[start:start + self.steps_per_call]
+            length = max(self.steps_per_call, len(chunk))
+            padded = np.zeros(length)
+            padded[: len(chunk)] = chunk
+            active = np.arange(length) < len(chunk)
+            params, self.opt_state, self.key, rows = self._window(
+                self.model.param_map, self.opt_state, self.key, self.x, self.labels,
+                jnp.asarray(padded, dtype), jnp.asarray(active), jnp.asarray(lam, dtype))
+            self.model.param_map = params
+            calls.append(rows[: len(chunk)])  # stays on the device until the window ends
         self.step += len(betas)
-        return np.asarray(rows, np.float64)[: len(betas)]
+        return np.asarray(jnp.concatenate(calls), np.float64)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, path) -> None:

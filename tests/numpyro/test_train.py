@@ -5,6 +5,8 @@ import pytest
 
 pytest.importorskip("numpyro")
 
+import jax  # noqa: E402
+
 from ppl_vae.numpyro import train as ntrain  # noqa: E402
 from ppl_vae.training import TrainingDiverged, fit  # noqa: E402
 from tests import aux_fns  # noqa: E402
@@ -85,3 +87,32 @@ def test_float64_needs_jax_x64(tmp_path):
         pytest.skip("64-bit mode is on in this process")
     with pytest.raises(BackendError, match="JAX_ENABLE_X64=1"):
         tiny_fit(tmp_path, "f64", ["train.steps=10", 'train.dtype="float64"'])
+
+
+def test_conv_networks_on_a_cpu_take_one_step_per_call_with_the_same_result(tmp_path):
+    """XLA runs convolutions inside loop and conditional bodies far slower on a CPU
+    (jax-ml/jax#12868), so a conv spec steps once per compiled call; the steps are the same
+    computation as in a scanned window."""
+    from ppl_vae.data import load_data
+    from ppl_vae.spec import load_spec
+
+    spec = load_spec("vae_digits", ["data.source=dsprites", "data.size=40", "latent.dim=2",
+                                    'encoder.kind="conv"', "encoder.channels=[2, 2, 2, 2]",
+                                    "encoder.hidden=[4]", "decoder.hidden=[4]",
+                                    'data.binarize="none"', "train.batch_size=4",
+                                    "train.log_every=5", "train.eval_every=5",
+                                    "train.checkpoint_every=5"])
+    dataset = load_data(spec)
+    single, scanned = (ntrain.Trainer(spec, dataset, "cpu") for _ in range(2))
+    assert single.steps_per_call == 1
+    scanned.steps_per_call = 5
+    betas = np.linspace(0.5, 1.0, 5)
+    rows_single, rows_scanned = single.run_steps(betas, 1.0), scanned.run_steps(betas, 1.0)
+    assert single.compilations == 1 and scanned.compilations == 1
+    np.testing.assert_allclose(rows_single, rows_scanned, rtol=1e-4)
+    for a, b in zip(*(jax.tree_util.tree_leaves(t.model.param_map) for t in (single, scanned))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    mlp = ntrain.Trainer(load_spec("vae_digits", ["train.log_every=10", "train.eval_every=10",
+                                                  "train.checkpoint_every=10"]),
+                         load_data(load_spec("vae_digits")), "cpu")
+    assert mlp.steps_per_call == 10
