@@ -288,6 +288,11 @@ def _smallest_grid(x: np.ndarray, largest: int = 1024) -> int | None:
     return int(ks[fits][0]) if fits.any() else None
 
 
+#: likelihood kind -> (its grid setting, setting − steps of the grid, what the values are)
+_GRID_SETTINGS = {"binomial": ("total_count", 0, "counts"),
+                  "categorical": ("categories", 1, "levels")}
+
+
 def check_support(x: np.ndarray, likelihood: LikelihoodSpec, where: str) -> None:
     """Raise DataError unless every value of x is one the likelihood can score.
 
@@ -309,25 +314,17 @@ def check_support(x: np.ndarray, likelihood: LikelihoodSpec, where: str) -> None
         raise DataError(f"{where}: values lie in [{lo:.4g}, {hi:.4g}], outside the [0, 1] that a "
                         f"{kind} likelihood needs; rescale the data into [0, 1] or use "
                         'likelihood.kind = "gaussian"')
-    if kind == "binomial":
-        n = likelihood.total_count
-        off = _off_grid(x, n)
+    if kind in _GRID_SETTINGS:
+        setting, offset, noun = _GRID_SETTINGS[kind]
+        value = getattr(likelihood, setting)
+        steps = value - offset  # the grid {0, 1/steps, ..., 1} the likelihood scores
+        off = _off_grid(x, steps)
         if off.any():
             k = _smallest_grid(x)
-            fix = (f"the data lie on a k/{k} grid: set likelihood.total_count = {k}" if k else
-                   'the data are not counts: use likelihood.kind = "gaussian"')
-            raise DataError(f"{where}: a binomial likelihood with total_count = {n} needs y * {n} "
-                            f"to be a whole number, but {int(off.sum())} value(s) are not "
-                            f"(e.g. y = {float(x[off].flat[0]):.6g}); {fix}")
-    elif kind == "categorical":
-        c = likelihood.categories
-        off = _off_grid(x, c - 1)
-        if off.any():
-            k = _smallest_grid(x)
-            fix = (f"the data lie on a k/{k} grid: set likelihood.categories = {k + 1}" if k else
-                   'the data are not levels: use likelihood.kind = "gaussian"')
-            raise DataError(f"{where}: a categorical likelihood with categories = {c} needs "
-                            f"y * {c - 1} to be a whole number, but {int(off.sum())} value(s) are "
+            fix = (f"the data lie on a k/{k} grid: set likelihood.{setting} = {k + offset}" if k
+                   else f'the data are not {noun}: use likelihood.kind = "gaussian"')
+            raise DataError(f"{where}: a {kind} likelihood with {setting} = {value} needs "
+                            f"y * {steps} to be a whole number, but {int(off.sum())} value(s) are "
                             f"not (e.g. y = {float(x[off].flat[0]):.6g}); {fix}")
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _figure(figsize):
+def figure(figsize):
+    """A matplotlib Figure on the off-screen Agg canvas (no pyplot, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -27,7 +28,7 @@ def save_image_grid(images: np.ndarray, path, title: str = "", ncols: int | None
     for i, img in enumerate(images):
         r, c = divmod(i, ncols)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = img
-    fig = _figure((max(3.0, ncols * 0.6), max(1.5, nrows * 0.6) + (0.4 if title else 0)))
+    fig = figure((max(3.0, ncols * 0.6), max(1.5, nrows * 0.6) + (0.4 if title else 0)))
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
@@ -39,7 +40,8 @@ def save_image_grid(images: np.ndarray, path, title: str = "", ncols: int | None
     return path
 
 
-def _save(fig, path) -> Path:
+def save(fig, path) -> Path:
+    """Lay out `fig` and write it to `path` (the format from the suffix); returns the path."""
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -71,7 +73,7 @@ def latent_traversals(decode, order: np.ndarray, dim: int, shape, path,
 
 def training_curves(metrics: list[dict], path) -> Path:
     """rate, distortion, −ELBO and the objective against step, train (lines) and test (dots)."""
-    fig = _figure((7, 4))
+    fig = figure((7, 4))
     ax = fig.add_subplot(1, 1, 1)
     for key, color in (("rate", "C0"), ("distortion", "C1"), ("objective", "C3")):
         for split, style in (("train", "-"), ("test", "o")):
@@ -88,11 +90,11 @@ def training_curves(metrics: list[dict], path) -> Path:
     ax.set_yscale("symlog", linthresh=1.0)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("training curves")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def rate_per_dim_bars(rates: list[float], path) -> Path:
-    fig = _figure((max(4, 0.4 * len(rates) + 2), 3))
+    fig = figure((max(4, 0.4 * len(rates) + 2), 3))
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(range(len(rates)), rates, color="C0")
     ax.axhline(0.01, color="grey", lw=0.8, ls="--", label="0.01 nats")
@@ -100,14 +102,14 @@ def rate_per_dim_bars(rates: list[float], path) -> Path:
     ax.set_ylabel("KL(q(z_i|y) ‖ p(z_i)), nats")
     ax.set_title("rate per dimension")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def rate_distortion_plane(points: list[tuple[str, float, float]], path,
                           entropy: float | None = None) -> Path:
     """(label, rate, distortion) points in nats; the line R + D = H(y) where H is known (every
     VAE lies on or above it: rate + distortion = −ELBO ≥ H(y))."""
-    fig = _figure((5, 4))
+    fig = figure((5, 4))
     ax = fig.add_subplot(1, 1, 1)
     for label, r, d in points:
         ax.plot(r, d, "o")
@@ -121,12 +123,12 @@ def rate_distortion_plane(points: list[tuple[str, float, float]], path,
     ax.set_xlabel("rate Î(y, z), nats")
     ax.set_ylabel("distortion Ĥ(y|z), nats")
     ax.set_title("rate–distortion plane" + ("" if entropy is not None else " (H(y) unknown)"))
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def khat_histogram(khat: np.ndarray, path) -> Path:
     """Pareto k̂ per example; above 0.7 importance sampling is unreliable (Vehtari et al.)."""
-    fig = _figure((5, 3))
+    fig = figure((5, 3))
     ax = fig.add_subplot(1, 1, 1)
     finite = khat[np.isfinite(khat)]
     ax.hist(finite, bins=40, color="C0")
@@ -135,4 +137,4 @@ def khat_histogram(khat: np.ndarray, path) -> Path:
     ax.set_xlabel("PSIS k̂ of the encoder as a proposal")
     ax.set_ylabel("examples")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save(fig, path)

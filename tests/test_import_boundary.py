@@ -5,7 +5,9 @@ import sys
 
 BACKEND_FREE = ["ppl_vae", "ppl_vae.spec", "ppl_vae.data", "ppl_vae.objective",
                 "ppl_vae.diagnostics", "ppl_vae.runs", "ppl_vae.training", "ppl_vae.report",
-                "ppl_vae.cli", "ppl_vae.backends", "ppl_vae.plots"]
+                "ppl_vae.cli", "ppl_vae.backends", "ppl_vae.plots", "ppl_vae.autoregressive",
+                "ppl_vae.populations", "ppl_vae.dsprites", "ppl_vae.disentanglement",
+                "ppl_vae.experiments"]
 
 
 def test_backend_free_modules_import_no_backend():

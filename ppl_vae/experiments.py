@@ -1,0 +1,135 @@
+"""Plumbing shared by the lecture's experiments (`examples/*.py`), backend-free.
+
+Each experiment trains a few specs, evaluates them with `ppl_vae.report.evaluate_run` and prints
+one table. This module holds what they share: the command-line arguments, training a spec into a
+run folder (re-using a finished run with the same spec and backend, so that re-running an
+experiment re-draws its table and plots without retraining), the smoke settings the tests use,
+and the table and results files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ppl_vae import runs
+from ppl_vae.backends import BACKENDS
+from ppl_vae.spec import Spec, load_spec, spec_to_dict
+
+#: What --smoke changes in every spec: a few steps on a few examples, logged once.
+SMOKE_OVERRIDES = ("train.steps=20", "train.log_every=10", "train.eval_every=20",
+                   "train.checkpoint_every=20", "train.batch_size=32", "train.eval_batch_size=500",
+                   "data.limit=400")
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """--backend, --device, --out, --steps, --fresh, --smoke, --no-progress."""
+    parser.add_argument("--backend", choices=list(BACKENDS), default="pyro",
+                        help="pyro or numpyro (numpyro is several times faster on a CPU for "
+                             "these small networks)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--out", default=None,
+                        help=f"folder of the runs, table and figure (default runs/{name}, "
+                             f"runs/{name}-smoke with --smoke)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps of every run (default: the experiment's own)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="retrain every run even where a finished run with the same spec "
+                             "and backend is in --out")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few steps on a few examples: checks that everything runs "
+                             "(seconds), not the lecture's claims")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse_args(doc: str, name: str, argv=None) -> argparse.Namespace:
+    """The arguments of an experiment script (`add_arguments`), its docstring's first paragraph
+    as the description."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_arguments(parser, name)
+    return parser.parse_args(argv)
+
+
+def output_dir(args, name: str) -> Path:
+    out = Path(args.out or Path("runs") / (f"{name}-smoke" if args.smoke else name))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_spec(base: str | Spec, overrides: Sequence[str], args, steps: int) -> Spec:
+    """`base` with `overrides`, then the steps (--steps or `steps`) or the smoke settings."""
+    tail = list(SMOKE_OVERRIDES) if args.smoke else [f"train.steps={args.steps or steps}"]
+    return load_spec(base, [*overrides, *tail])
+
+
+def _finished(path: Path, spec: Spec, backend: str) -> bool:
+    """A run folder that already holds `spec` trained to the end with `backend`."""
+    try:
+        run = runs.load_run(path)
+    except runs.RunError:
+        return False
+    return (run.info.get("backend") == backend and run.info.get("step") == spec.train.steps
+            and spec_to_dict(run.spec) == spec_to_dict(spec))
+
+
+def train(spec: Spec, path: Path, args) -> tuple[runs.Run, float]:
+    """Train `spec` into `path` with --backend (or re-use a finished identical run there).
+
+    Returns the run and its training wall time in seconds (as recorded when it was trained).
+    """
+    from ppl_vae.training import fit
+
+    if not args.fresh and _finished(path, spec, args.backend):
+        run = runs.load_run(path)
+        print(f"  {path.name}: re-using the finished run (--fresh retrains)")
+    else:
+        run = fit(spec, backend=args.backend, device=args.device, out_dir=path, overwrite=True,
+                  progress=not args.no_progress)
+    return run, float(run.info.get("wall_seconds", float("nan")))
+
+
+def train_and_evaluate(spec: Spec, path: Path, args, iwae_k: int = 0) -> dict:
+    """Train (or re-use) and evaluate one run; returns its report (`evaluate_run`) plus
+    ``train_seconds``."""
+    from ppl_vae.report import evaluate_run
+
+    run, seconds = train(spec, path, args)
+    report = evaluate_run(run.path, device="cpu" if args.device == "auto" else args.device,
+                          iwae_k=0 if args.smoke else iwae_k, progress=not args.no_progress)
+    return report | {"train_seconds": seconds}
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A Markdown table: `columns` are (header, key, format) with format e.g. "{:.3f}"; a
+    missing key prints as "–"."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = [fmt.format(row[key]) if key in row and row[key] is not None else "–"
+                 for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_claims(claims: Sequence[dict]) -> str:
+    """One Markdown bullet per claim {"claim", "held", "evidence"}: whether it held, and why."""
+    return "\n".join(f"* {c['claim']}: {'held' if c['held'] else 'did NOT hold'} "
+                     f"({c['evidence']})" for c in claims)
+
+
+def write_results(out: Path, name: str, rows: Sequence[dict], table: str, started: float,
+                  args, extra: dict | None = None) -> None:
+    """Write `out/results.json` (rows, settings, wall time) and `out/table.md`; print the
+    table and the wall time."""
+    wall = time.perf_counter() - started
+    payload = {"experiment": name, "backend": args.backend, "smoke": args.smoke,
+               "wall_seconds": wall, "rows": list(rows), **(extra or {})}
+    runs.write_json_atomic(out / "results.json", json.loads(json.dumps(payload, default=float)))
+    runs.write_text_atomic(out / "table.md", table + "\n")
+    print()
+    print(table)
+    print(f"\nwall time {wall:.0f} s ({args.backend}); written: {out / 'results.json'}, "
+          f"{out / 'table.md'}")
