@@ -137,13 +137,17 @@ def plot(rows: list[dict], best: dict, path) -> None:
 
 
 def traversals(row: dict, args, path) -> None:
-    """Latent traversals of a run, dimensions ordered by their rate."""
+    """Latent traversals of a run around the posterior mean of one test image (a heart in the
+    middle), dimensions ordered by their rate."""
     from ppl_vae.plots import latent_traversals
 
     run = runs.load_run(row["folder"])
     model = run.model(args.backend)
+    heart = np.array([[2, 3, 0, 16, 16]])  # shape, scale, orientation, pos_x, pos_y indices
+    base = model.encode(dsprites.render(heart))[0][0]
     order = np.argsort(row["rate_per_dim"])[::-1]
-    latent_traversals(model.decode_mean, order, run.spec.latent.dim, dsprites.IMAGE_SHAPE, path)
+    latent_traversals(model.decode_mean, order, run.spec.latent.dim, dsprites.IMAGE_SHAPE, path,
+                      base=base, title=f"around the code of a heart, β = {row['beta']:g}")
 
 
 if __name__ == "__main__":

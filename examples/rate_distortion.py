@@ -84,9 +84,13 @@ def plot(rows: list[dict], entropy: float, path) -> None:
     ax.errorbar(rates, distortions, xerr=[2 * r["rate_stderr"] for r in rows],
                 yerr=[2 * r["nll_distortion_stderr"] for r in rows], fmt="o-", ms=4,
                 label="trained models (test, ± 2 s.e.)")
+    labels: dict[tuple, list[str]] = {}  # coinciding points (collapsed models) share a label
     for r in rows:
-        ax.annotate(f"β={r['beta']:g}", (r["rate"], r["nll_distortion"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        labels.setdefault((round(r["rate"], 2), round(r["nll_distortion"], 2)), []).append(
+            f"{r['beta']:g}")
+    for (rate, distortion), betas in labels.items():
+        ax.annotate("β=" + ", ".join(betas), (rate, distortion), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
     top = max(entropy, rates.max()) * 1.05
     ax.plot([0, top], [entropy, entropy - top], "k--", lw=1, label=f"R + D = H(y) = {entropy:.3f}")
     ax.set_xlim(0, top)

@@ -24,11 +24,12 @@ def save_image_grid(images: np.ndarray, path, title: str = "", ncols: int | None
     n, h, w = images.shape
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
+    inches = max(0.6, 0.016 * h)  # per image: small digits stay small, 64x64 sprites readable
     grid = np.full((nrows * (h + 1) + 1, ncols * (w + 1) + 1), 0.35)  # grey separators
     for i, img in enumerate(images):
         r, c = divmod(i, ncols)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = img
-    fig = figure((max(3.0, ncols * 0.6), max(1.5, nrows * 0.6) + (0.4 if title else 0)))
+    fig = figure((max(3.0, ncols * inches), max(1.5, nrows * inches) + (0.4 if title else 0)))
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
@@ -57,18 +58,22 @@ def reconstructions(x: np.ndarray, recon: np.ndarray, shape, path, n: int = 16) 
 
 
 def latent_traversals(decode, order: np.ndarray, dim: int, shape, path,
-                      span: float = 3.0, steps: int = 9) -> Path:
+                      span: float = 3.0, steps: int = 9, base: np.ndarray | None = None,
+                      title: str = "") -> Path:
     """One row per latent dimension (in `order`, e.g. by rate): E[y|z] with z_i swept over
-    [−span, span] and every other coordinate at 0 (the prior mean)."""
+    [−span, span] and every other coordinate at `base` (d,) (default 0, the prior mean; the
+    posterior mean of a real example shows its factors changing one at a time)."""
     values = np.linspace(-span, span, steps)
+    base = np.zeros(dim) if base is None else np.asarray(base, dtype=np.float64)
     rows = []
     for i in order:
-        z = np.zeros((len(values), dim))
+        z = np.tile(base, (len(values), 1))
         z[:, i] = values
         rows.append(decode(z).reshape(len(values), *shape))
+    where = title or ("the others at 0" if not base.any() else "the others at a given code")
     return save_image_grid(np.concatenate(rows), path,
                            f"latent traversals, z_i from {values[0]:g} to {values[-1]:g} "
-                           "(rows: dimensions by rate)", ncols=len(values))
+                           f"(rows: dimensions by rate; {where})", ncols=len(values))
 
 
 def training_curves(metrics: list[dict], path) -> Path:

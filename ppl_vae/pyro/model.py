@@ -101,11 +101,13 @@ def ancestral_sample(spec: LikelihoodSpec, decoder: nn.Module, z: torch.Tensor,
     data_dim = decoder.data_dim
     y = z.new_zeros(*z.shape[:-1], data_dim)
     means = torch.zeros_like(y)
+    pixel = torch.arange(data_dim, device=z.device)
     for i in range(data_dim):
         params = decoder(z, y)
         draw = from_observation(spec, likelihood_dist(spec, params, log_scale).sample())
-        y[..., i] = draw[..., i].to(y.dtype)
-        means[..., i] = likelihood_mean(spec, params)[..., i]
+        # torch.where, not an in-place write: y is an input of the graph when gradients flow
+        y = torch.where(pixel == i, draw.to(y.dtype), y)
+        means = torch.where(pixel == i, likelihood_mean(spec, params), means)
     return y, means
 
 
