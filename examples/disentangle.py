@@ -16,7 +16,7 @@ Each model is `models/beta_vae_dsprites.toml` (conv encoder and decoder, 10 late
 the metrics use fresh factor draws, rendered and encoded (posterior means). The best model (by
 MIG) gets latent traversals.
 
-    python examples/disentangle.py                          # the full sweep (an hour on 2 cores)
+    python examples/disentangle.py                          # the full sweep (~75 min, 2 cores)
     python examples/disentangle.py --smoke                  # seconds, checks it runs
 
 Writes runs/disentangle/: one run folder per β, table.md, results.json, disentangle.png and
@@ -34,7 +34,7 @@ from ppl_vae import disentanglement, dsprites, experiments, runs
 NAME = "disentangle"
 BETAS = (1.0, 4.0, 16.0)
 SMOKE_BETAS = (1.0, 4.0)
-STEPS = 6000
+STEPS = 20000
 #: Metric sizes (disentanglement_lib's defaults are 10000 points for MIG and 10000 / 5000
 #: training / evaluation points of 64-image batches for the classifier metrics; smaller here to
 #: keep the encoding of rendered images to about a minute per model on a CPU).

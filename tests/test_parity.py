@@ -155,3 +155,30 @@ def test_terms_and_gradients_agree_float64():
     worst = json.loads(done.stdout.strip().splitlines()[-1])
     for case, w in worst.items():
         assert w["terms"] < 1e-9 and w["grads"] < 1e-9, (case, w)
+
+
+def test_both_models_offer_the_same_hooks():
+    """Backend-free code calls these methods on either backend's `Model`."""
+    def hooks(cls):
+        return {n for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
+
+    assert hooks(pmodel.Model) == hooks(nmodel.Model)
+    assert {"encode", "decode_mean", "sample_prior", "log_density_parts", "log_weights",
+            "eval_terms", "prior_normal", "export_params", "import_params"} <= hooks(pmodel.Model)
+
+
+def test_both_backends_give_the_same_log_density_parts_and_ancestral_means():
+    """With the same parameters the parts of the importance weights agree in distribution (the
+    backends draw z from different random streams: compare means over 1000 draws), and the
+    ancestral means of the autoregressive decoder are probabilities in both."""
+    spec = load_spec(Spec(), [*SMALL, *CASES["autoregressive"]])
+    torch.manual_seed(4)
+    pm = pmodel.Model(spec, 64, None, "cpu")
+    nm = nmodel.Model(spec, 64, None, "cpu", params=pm.export_params())
+    y, _, _ = _inputs(spec)
+    a, b = pm.log_density_parts(y, 1000), nm.log_density_parts(y, 1000)
+    assert a.shape == b.shape == (6, 1000, 3)
+    np.testing.assert_allclose(a.mean(1), b.mean(1), atol=0.15, rtol=0.02)
+    means_p, means_n = pm.decode_mean(np.zeros((3, 3))), nm.decode_mean(np.zeros((3, 3)))
+    assert means_p.shape == means_n.shape == (3, 64)
+    assert ((means_p > 0) & (means_p < 1)).all() and ((means_n > 0) & (means_n < 1)).all()
