@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint experiments clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py
+
+# The lecture's five experiments (examples/README.md): about 8 minutes, then ~75 for dSprites.
+experiments: $(STAMP)
+	for e in posterior_collapse rate_distortion universality encoder_autonomy; do \
+		$(BIN)/python examples/$$e.py --backend numpyro || exit 1; done
+	$(BIN)/python examples/disentangle.py --backend pyro
 
 lint: $(STAMP)
 	$(BIN)/ruff check ppl_vae tests examples benchmarks

@@ -155,12 +155,19 @@ def check_claims(summary: list[dict]) -> list[dict]:
     ]
 
 
+#: x-axis labels of the figure
+SHORT = {"no aux": "no aux", "+ supervised, 100 labels": "sup.\n×10",
+         "+ supervised ×100, 100 labels": "sup.\n×100", "+ InfoNCE": "InfoNCE"}
+
+
 def plot(rows: list[dict], path) -> None:
     from ppl_vae.plots import figure, save
 
-    fig = figure((12, 3.6))
     panels = [("neg_elbo", "test −ELBO, nats"), ("neg_log_likelihood", "IWAE −ln p̂(y), nats"),
-              ("probe_accuracy", "linear probe accuracy"), ("mutual_information", "I_q, nats")]
+              ("probe_accuracy", "probe accuracy, all labels"),
+              ("probe_accuracy_100", f"probe accuracy, {LABELS_KEPT} labels"),
+              ("mutual_information", "I_q, nats")]
+    fig = figure((3 * len(panels), 3.6))
     names = list(VARIANTS)
     for j, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), j + 1)
@@ -168,11 +175,13 @@ def plot(rows: list[dict], path) -> None:
             values = [r[key] for r in rows if r["variant"] == variant]
             ax.bar(i, np.mean(values), color=f"C{i}", alpha=0.6)
             ax.plot([i] * len(values), values, "k.", ms=6)
-        ax.set_xticks(range(len(names)), [n.replace(", ", "\n") for n in names], fontsize=7)
+        ax.set_xticks(range(len(names)), [SHORT.get(n, n) for n in names], fontsize=7)
         ax.set_title(label, fontsize=9)
         values = np.array([r[key] for r in rows])
-        if key in ("neg_elbo", "neg_log_likelihood") and np.isfinite(values).all():
-            ax.set_ylim(values.min() - 2, values.max() + 1)  # the differences, not the totals
+        if key != "mutual_information" and np.isfinite(values).all():
+            # the differences are the point, not the totals
+            pad = 1.0 if key.startswith("neg") else 0.05
+            ax.set_ylim(values.min() - 2 * pad, values.max() + pad)
     save(fig, path)
 
 
