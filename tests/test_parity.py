@@ -144,15 +144,18 @@ def test_terms_and_gradients_agree_float32(case):
     assert worst["grads"] < 1e-5, worst
 
 
-def test_terms_and_gradients_agree_float64():
-    """In float64 (JAX's 64-bit mode is process-wide, so in a child process) to 1e-9."""
+@pytest.mark.parametrize("half", [0, 1])
+def test_terms_and_gradients_agree_float64(half):
+    """In float64 (JAX's 64-bit mode is process-wide, so in a child process) to 1e-9. The cases
+    go in two halves, two child processes, which `pytest -n 2` (make test) runs side by side."""
     code = ("import json, tests.test_parity as t; "
-            "print(json.dumps({c: t.compare(c, 'float64') for c in t.CASES}))")
+            f"print(json.dumps({{c: t.compare(c, 'float64') for c in list(t.CASES)[{half}::2]}}))")
     env = {**os.environ, "JAX_ENABLE_X64": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 0, done.stderr[-3000:]
     worst = json.loads(done.stdout.strip().splitlines()[-1])
+    assert list(worst) == list(CASES)[half::2]
     for case, w in worst.items():
         assert w["terms"] < 1e-9 and w["grads"] < 1e-9, (case, w)
 
