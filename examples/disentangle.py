@@ -16,7 +16,7 @@ Each model is `models/beta_vae_dsprites.toml` (conv encoder and decoder, 10 late
 the metrics use fresh factor draws, rendered and encoded (posterior means). The best model (by
 MIG) gets latent traversals.
 
-    python examples/disentangle.py                          # the full sweep (~75 min, 2 cores)
+    python examples/disentangle.py                          # the full sweep (58 min, 2 cores)
     python examples/disentangle.py --smoke                  # seconds, checks it runs
 
 Writes runs/disentangle/: one run folder per β, table.md, results.json, disentangle.png and
@@ -34,8 +34,8 @@ from ppl_vae import disentanglement, dsprites, experiments, runs
 NAME = "disentangle"
 BETAS = (1.0, 4.0, 16.0)
 SMOKE_BETAS = (1.0, 4.0)
-#: Sized for a 2-core CPU (about 0.18 s a step with Pyro, so about an hour for the sweep with
-#: the metrics); on a GPU use --steps 30000 or more, as Higgins et al. train far longer.
+#: Sized for a 2-core CPU (0.12-0.17 s a step with Pyro: 58 minutes for the sweep with the
+#: metrics); disentanglement_lib trains for 300,000 steps, so on a GPU use --steps 30000 or more.
 STEPS = 6000
 #: Metric sizes (disentanglement_lib's defaults are 10000 points for MIG and 10000 / 5000
 #: training / evaluation points of 64-image batches for the classifier metrics; smaller here to
