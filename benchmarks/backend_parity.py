@@ -17,7 +17,7 @@ import numpy as np
 def main(args) -> list[dict]:
     import torch
 
-    from ppl_vae.pyro.model import Model
+    from ppl_vae.pyro.hooks import Model
     from ppl_vae.runs import save_params
     from ppl_vae.spec import load_spec
     from ppl_vae.training import fit

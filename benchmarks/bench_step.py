@@ -87,11 +87,11 @@ def pyro_stock(x, n_steps, warmup):
     import torch
 
     from ppl_vae.pyro.networks import MLP, Encoder
-    from ppl_vae.spec import EncoderSpec
+    from ppl_vae.spec import PosteriorSpec
 
     torch.manual_seed(0)
     pyro.clear_param_store()
-    encoder = Encoder(EncoderSpec(hidden=(H,)), D, Z, None)
+    encoder = Encoder(D, None, 0, (H,), "relu", Z, PosteriorSpec())
     decoder = torch.nn.Sequential(MLP([Z, H], "relu"), torch.nn.Linear(H, D))
     xt = torch.as_tensor(x)
 
@@ -105,7 +105,7 @@ def pyro_stock(x, n_steps, warmup):
     def guide(y):
         pyro.module("encoder", encoder)
         with pyro.plate("data", y.shape[0]):
-            loc, scale = encoder(y)
+            loc, scale = encoder(y)[:2]
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
@@ -195,9 +195,9 @@ def numpyro_stock(x, n_steps, warmup):
     from numpyro.infer import SVI, Trace_ELBO
 
     from ppl_vae.numpyro.networks import Decoder, Encoder
-    from ppl_vae.spec import DecoderSpec, EncoderSpec
+    from ppl_vae.spec import DecoderSpec, PosteriorSpec
 
-    encoder = Encoder(EncoderSpec(hidden=(H,)), Z, None)
+    encoder = Encoder((H,), "relu", None, None, Z, PosteriorSpec())
     decoder = Decoder(DecoderSpec(hidden=(H,)), D, None, 1)
 
     def model(y):
@@ -209,7 +209,7 @@ def numpyro_stock(x, n_steps, warmup):
     def guide(y):
         net = flax_module("encoder", encoder, input_shape=(1, D))
         with numpyro.plate("data", y.shape[0]):
-            loc, scale = net(y)
+            loc, scale = net(y)[:2]
             numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     svi = SVI(model, guide, optax.adam(1e-3), Trace_ELBO())

@@ -124,7 +124,7 @@ def plot(rows: list[dict], refits: list[dict], args, path) -> None:
     for i, row in enumerate(rows):
         model, _, (loc, scale), dataset = _posteriors(row, args)
         ax = fig.add_subplot(1, len(rows) + 1, i + 1)
-        prior = model.sample_prior(3000, seed=1)
+        prior = model.sample_prior(3000, seed=1)["z"]
         z = loc + scale * rng.standard_normal(loc.shape)
         ax.scatter(prior[:, 0], prior[:, 1], s=2, c="0.75", label="z ~ prior p̂(z)")
         ax.scatter(z[:, 0], z[:, 1], s=2, c=dataset.labels_test, cmap="tab10",

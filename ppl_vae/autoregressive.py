@@ -1,5 +1,7 @@
-"""The connectivity of the autoregressive decoder (``decoder.kind = "autoregressive"``),
-backend-free: both backends build their masked layers from these NumPy masks.
+"""The connectivity of the MADE networks, backend-free: both backends build their masked
+layers from these NumPy masks. Two components use them: the autoregressive decoder
+(``decoder.kind = "autoregressive"``) and the inverse autoregressive flow posterior
+(``posterior.kind = "iaf"``, below).
 
 The decoder is a MADE (Germain et al. 2015, "MADE: Masked Autoencoder for Distribution
 Estimation") over the D pixels, conditioned on z:
@@ -22,11 +24,30 @@ Degrees (MADE §4): input pixel i has degree i (1-based); hidden unit j of a lay
 degree 1 + ⌊j (D − 1) / H⌋, spread evenly over 1..D−1 whatever H is; output unit o = i·K + k
 (pixel i, parameter k of K per pixel) has degree i + 1. A hidden unit sees the units of the
 layer below whose degree is ≤ its own; an output sees those whose degree is < its own.
+
+An inverse autoregressive flow posterior (``posterior.kind = "iaf"``; Kingma et al. 2016,
+"Improving Variational Inference with Inverse Autoregressive Flow", eq. 10–14 with the gated
+update of their §4): the encoder gives loc, scale and features h of its inputs; then
+
+    z_0 = loc + scale ⊙ ε,  ε ~ N(0, I)
+    [m_t, s_t] = MADE_t(z_{t−1}; h),  σ_t = sigmoid(s_t + IAF_GATE_BIAS)
+    z_t = σ_t ⊙ z_{t−1} + (1 − σ_t) ⊙ m_t,        t = 1..T
+    ln q(z_T|·) = ln N(z_0; loc, diag scale²) − Σ_t Σ_i ln σ_{t,i}
+
+Each MADE has two outputs per dimension (m and s, `layer_masks(d, hidden, 2)`), so m_{t,i} and
+s_{t,i} read only z_{t−1,<i}: the Jacobian of a step is triangular with diagonal σ_t. Odd steps
+run in the reversed order of the dimensions (so that every dimension can depend on every
+other after two steps). The rate of an IAF posterior is Monte Carlo (no closed-form KL).
+Inverting a step (needed only for a z the flow did not draw itself) takes d MADE passes.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+#: Added to the IAF gate's logit, so that a new flow starts near the identity (σ ≈ 0.88), as
+#: Kingma et al. (2016) recommend and Pyro's `AffineAutoregressive(stable=True)` does.
+IAF_GATE_BIAS = 2.0
 
 
 def input_degrees(data_dim: int) -> np.ndarray:

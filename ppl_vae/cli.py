@@ -54,6 +54,8 @@ def _add_sample(sub):
     p.add_argument("--n", type=int, default=64, help="how many samples (default 64)")
     p.add_argument("--out", required=True, help="a .png image grid, or .npy for the raw means")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", type=int, help="a label-conditional model (label.condition): "
+                   "draw this class (default: the classes in turn)")
     p.add_argument("--backend", choices=list(BACKENDS), help="default: the one that trained it")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
 
@@ -83,6 +85,8 @@ def _add_plot(sub):
     p = sub.add_parser("plot", help="write a run's figures to RUN/plots/")
     p.add_argument("run", help="a run folder")
     p.add_argument("others", nargs="*", help="more run folders: extra rate-distortion points")
+    p.add_argument("--label", type=int, help="a label-conditional model: draw samples and "
+                   "traversals of this class")
     p.add_argument("--backend", choices=list(BACKENDS), help="default: the one that trained it")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
 
@@ -90,7 +94,8 @@ def _add_plot(sub):
 def cmd_plot(args) -> int:
     from ppl_vae.report import plot_run
 
-    for path in plot_run(args.run, args.others, backend=args.backend, device=args.device):
+    for path in plot_run(args.run, args.others, backend=args.backend, device=args.device,
+                         label=args.label):
         print(f"written: {path}")
     return 0
 
@@ -148,9 +153,13 @@ def cmd_sample(args) -> int:
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
+    from ppl_vae.report import label_arrays
+
     run = load_run(args.run)
+    labels = label_arrays(run.spec, args.n, args.label, cycle=True)
     model = run.model(args.backend, args.device)
-    means = model.decode_mean(model.sample_prior(args.n, seed=args.seed))
+    means = model.decode_mean(model.sample_prior(args.n, seed=args.seed, labels=labels),
+                              labels=labels)
     out = Path(args.out)
     if out.suffix == ".npy":
         np.save(out, means)
@@ -160,8 +169,10 @@ def cmd_sample(args) -> int:
             raise ValueError("these data are not images; use --out FILE.npy for the raw means")
         from ppl_vae.plots import save_image_grid
 
+        what = "" if labels is None else (f", label {args.label}" if args.label is not None
+                                          else ", labels 0, 1, … in turn")
         save_image_grid(means.reshape(-1, *shape), out,
-                        title=f"{run.spec.name}: E[y|z], z ~ prior")
+                        title=f"{run.spec.name}: E[y|z], z ~ prior{what}")
     print(f"written: {out}")
     return 0
 

@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ppl_vae import runs
+from ppl_vae import graph, runs
 from ppl_vae.backends import BACKENDS
-from ppl_vae.diagnostics import active_units
+from ppl_vae.diagnostics import active_units, active_units_from_draws
 
 
 def timing(run) -> dict:
@@ -29,6 +29,7 @@ def timing(run) -> dict:
 
 def compare_backends(spec, overrides, out: Path, device=None, overwrite=False) -> list[dict]:
     from ppl_vae.data import load_data
+    from ppl_vae.report import posterior_means
     from ppl_vae.training import evaluation_data
 
     rows = []
@@ -44,11 +45,14 @@ def compare_backends(spec, overrides, out: Path, device=None, overwrite=False) -
             raise RuntimeError(f"training with {backend} failed:\n{done.stderr[-2000:]}")
         run = runs.load_run(run_dir)
         test = run.final_test
-        x, _ = evaluation_data(run.spec, load_data(run.spec))
-        n_active, _ = active_units(run.model(backend).encode(x)[0])
+        x, labels = evaluation_data(run.spec, load_data(run.spec))
+        means = posterior_means(run.model(backend), run.spec, x,
+                                labels if run.spec.label.condition else None)
+        n_active = sum(active_units(m)[0] if d is None else active_units_from_draws(d)[0]
+                       for m, d in means.values())
         rows.append({"backend": backend, "elbo": test["elbo"], "rate": test["rate"],
                      "distortion": test["distortion"], "active_units": int(n_active),
-                     "latent_dim": run.spec.latent.dim,
+                     "latent_dim": graph.total_dim(run.spec),
                      "peak_memory_mb": run.info.get("peak_memory_mb", float("nan")),
                      "wall_seconds": run.info.get("wall_seconds", float("nan")),
                      **timing(run)})

@@ -29,6 +29,7 @@ __all__ = [
     "Estimate",
     "IWAEBound",
     "active_units",
+    "active_units_from_draws",
     "GaussianMixture",
     "aggregate_log_density",
     "ess_from_log_weights",
@@ -170,6 +171,25 @@ def active_units(loc_q, threshold: float = 0.01) -> tuple[int, np.ndarray]:
         raise ValueError(f"loc_q must have shape (N, d) with N >= 1; got {loc_q.shape}")
     cov_per_dim = np.var(loc_q, axis=0)
     return int(np.sum(cov_per_dim > threshold)), cov_per_dim
+
+
+def active_units_from_draws(draws, threshold: float = 0.01) -> tuple[int, np.ndarray]:
+    """`active_units` for a posterior without a closed-form mean (an IAF, a site inferred from
+    other latents): draws (N, S, d), S ≥ 2 draws z ~ q(z|y_n) per example.
+
+    The means of S draws add their own noise to the spread over the data: Var_n(m̂_n) ≈
+    Var_y(E[z|y]) + E_y Var(z|y) / S, which for a collapsed unit (Var(z|y) ≈ 1) and S = 100
+    alone crosses the 0.01 threshold. The noise term is estimated from the draws (the sample
+    variance per example, 1/(S−1)) and subtracted, so the statistic is unbiased for A_u.
+    Returns (n_active, A (d,)).
+    """
+    draws = np.asarray(draws, dtype=np.float64)
+    if draws.ndim != 3 or draws.shape[1] < 2:
+        raise ValueError(f"draws must have shape (N, S, d) with S >= 2; got {draws.shape}")
+    means = draws.mean(axis=1)
+    noise = draws.var(axis=1, ddof=1).mean(axis=0) / draws.shape[1]
+    statistic = np.var(means, axis=0) - noise
+    return int(np.sum(statistic > threshold)), statistic
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,29 @@ def beta_schedule(objective: ObjectiveSpec, steps: np.ndarray) -> np.ndarray:
     return sch.start + (objective.beta - sch.start) * ramp
 
 
+def site_betas(spec: Spec, beta):
+    """β of each latent site at a step whose global β is `beta` (a number or a traced array):
+    ``objective.beta`` schedules it, ``[[latents]] beta`` multiplies it per site. A plain
+    `beta` when every site's multiplier is 1, else {site: β · multiplier} (`ScaledELBO`'s
+    per-site form)."""
+    weights = {s.name: s.beta for s in spec.sites}
+    if all(w == 1.0 for w in weights.values()):
+        return beta
+    return {name: beta * w for name, w in weights.items()}
+
+
+def step_term_keys(spec: Spec) -> tuple[str, ...]:
+    """The `ScaledELBO` terms each training step reports, in the order of the trainers' rows:
+    loss, rate, distortion, aux, then rate/<site> for each site of a latent graph."""
+    per_site = tuple(f"rate/{s.name}" for s in spec.sites) if spec.latents else ()
+    return ("loss", "rate", "distortion", "aux", *per_site)
+
+
+def step_fields(spec: Spec) -> tuple[str, ...]:
+    """The metric names of `step_term_keys` (the weighted loss is the ``objective``)."""
+    return tuple("objective" if k == "loss" else k for k in step_term_keys(spec))
+
+
 def aux_site_names(spec: Spec) -> list[str]:
     """Guide factor-site names of the aux terms: the kind (or function name), made unique."""
     names: list[str] = []

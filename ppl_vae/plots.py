@@ -86,6 +86,12 @@ def training_curves(metrics: list[dict], path) -> Path:
             if rec:
                 ax.plot([r["step"] for r in rec], [r[key] for r in rec], style, color=color,
                         label=f"{key} ({split})", ms=4)
+    train = [r for r in metrics if r.get("split") == "train"]
+    sites = [k for k in (train[-1] if train else {}) if k.startswith("rate/")
+             and k.count("/") == 1]  # the per-site rates of a latent graph
+    for i, key in enumerate(sites):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], "--", color=f"C{4 + i}",
+                label=f"{key} (train)", lw=1)
     rec = [r for r in metrics if r.get("split") == "test" and "elbo" in r]
     if rec:
         ax.plot([r["step"] for r in rec], [-r["elbo"] for r in rec], "s", color="k", ms=4,
@@ -107,6 +113,22 @@ def rate_per_dim_bars(rates: list[float], path) -> Path:
     ax.set_ylabel("KL(q(z_i|y) ‖ p(z_i)), nats")
     ax.set_title("rate per dimension")
     ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def rate_per_dim_by_site(rates: dict[str, list[float]], path) -> Path:
+    """The rate of each dimension of each latent site, one panel per site (shared axis)."""
+    total = sum(len(r) for r in rates.values())
+    fig = figure((max(4, 0.3 * total + 1.5 * len(rates)), 3))
+    axes = fig.subplots(1, len(rates), sharey=True, squeeze=False,
+                        gridspec_kw={"width_ratios": [max(len(r), 2) for r in rates.values()]})[0]
+    for ax, (name, r) in zip(axes, rates.items()):
+        ax.bar(range(len(r)), r, color="C0")
+        ax.axhline(0.01, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(f"dimension of {name}")
+        ax.set_title(f"{name}: {sum(r):.2f} nats", fontsize=9)
+    axes[0].set_ylabel("KL per dimension, nats")
+    fig.suptitle("rate per dimension, per latent site (dashed: 0.01 nats)", fontsize=10)
     return save(fig, path)
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ppl_vae import runs
+from ppl_vae import graph, runs
 from ppl_vae.data import load_data
 from ppl_vae.diagnostics import (
     active_units,
+    active_units_from_draws,
     ess_from_log_weights,
     iwae_bound,
     log_weights_from_parts,
@@ -27,10 +28,14 @@ KHAT_FILE = "khat.npy"  # PSIS k̂ per test example, written by eval for the his
 COLLAPSE_RATE = 0.01
 
 
-def collapse_verdict(n_active: int, dim: int, rate: float, mutual_info: float) -> str:
-    """One line on posterior collapse that names its evidence."""
-    evidence = (f"{n_active} of {dim} dimensions active, rate {rate:.3g} nats, "
-                f"I_q {mutual_info:.3g} nats")
+#: Draws per example behind the posterior means of sites without a closed-form mean.
+MEAN_DRAWS = 64
+
+
+def collapse_verdict(n_active: int, dim: int, rate: float, mutual_info: float | None) -> str:
+    """One line on posterior collapse that names its evidence (I_q where it is estimated)."""
+    evidence = f"{n_active} of {dim} dimensions active, rate {rate:.3g} nats" + (
+        f", I_q {mutual_info:.3g} nats" if mutual_info is not None else "")
     if n_active == 0 or rate < COLLAPSE_RATE * dim:
         return f"posterior collapse: {evidence}"
     if n_active < dim:
@@ -38,8 +43,25 @@ def collapse_verdict(n_active: int, dim: int, rate: float, mutual_info: float) -
     return f"no collapse: {evidence}"
 
 
+def posterior_means(model, spec, x: np.ndarray, labels=None, seed: int = 0,
+                    batch_size: int = 1000) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """{site: (means (N, d), draws (N, S, d) or None)}: the exact posterior mean of sites whose
+    q(z|y) is Gaussian (`encode`), else the mean of `MEAN_DRAWS` joint draws (kept, for
+    `active_units_from_draws`)."""
+    out, need_draws = {}, []
+    for s in spec.sites:
+        try:
+            out[s.name] = (model.encode(x, batch_size, labels=labels, site=s.name)[0], None)
+        except ValueError:  # not a Gaussian of the data: an IAF, or inferred from other sites
+            need_draws.append(s.name)
+    if need_draws:
+        draws = model.posterior_draws(x, labels, MEAN_DRAWS, seed=seed, batch_size=batch_size)
+        out |= {name: (draws[name].mean(1), draws[name]) for name in need_draws}
+    return {s.name: out[s.name] for s in spec.sites}
+
+
 def importance_sampling(model, x: np.ndarray, num_samples: int, seed: int = 0,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, labels=None) -> dict:
     """IWAE bound L_K (Burda et al. 2016) as the log-likelihood estimate, with PSIS k̂ (Vehtari
     et al. 2015) and the effective sample size per example, from one set of K importance
     weights per example; examples in blocks so that K in the thousands fits in memory."""
@@ -51,7 +73,8 @@ def importance_sampling(model, x: np.ndarray, num_samples: int, seed: int = 0,
         starts = tqdm(starts, desc=f"IWAE, K={num_samples}", unit="block", leave=False)
     bounds, khat, ess = [], [], []
     for i in starts:
-        log_w = model.log_weights(x[i:i + block], num_samples, seed=seed + i)  # (n, K)
+        log_w = model.log_weights(x[i:i + block], num_samples, seed=seed + i,
+                                  labels=None if labels is None else labels[i:i + block])
         bounds.append(iwae_bound(log_w).per_example)
         khat.append(psis_khat(log_w) if num_samples >= 2 else np.full(len(log_w), np.nan))
         ess.append(ess_from_log_weights(log_w))
@@ -62,14 +85,17 @@ def importance_sampling(model, x: np.ndarray, num_samples: int, seed: int = 0,
             "khat": np.concatenate(khat), "ess": np.concatenate(ess)}
 
 
-def per_example_stderrs(model, x: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Standard errors (nats) of the test means of −ELBO, rate and −ln p(y|z), from one draw of
-    z ~ q(z|y) per example (the rate by Monte Carlo, ln q − ln p̂): they cover the sampling of
-    both the examples and z, and are what a difference of two test means should be compared
-    with."""
-    parts = model.log_density_parts(x, 1, seed=seed)[:, 0]  # (N, 3)
+def per_example_stderrs(model, spec, x: np.ndarray, labels=None,
+                        seed: int = 0) -> dict[str, float]:
+    """Standard errors (nats) of the test means of −ELBO, rate, −ln p(y|z) and each site's rate
+    (``rate/<site>``), from one joint draw of z ~ q(z|y) per example (rates by Monte Carlo,
+    ln q − ln p̂): they cover the sampling of both the examples and z, and are what a
+    difference of two test means should be compared with."""
+    parts = model.log_density_parts(x, 1, seed=seed, labels=labels)[:, 0]  # (N, 1 + 2S)
+    site_rates = {f"rate/{s.name}": parts[:, 2 + 2 * i] - parts[:, 1 + 2 * i]
+                  for i, s in enumerate(spec.sites)}
     draws = {"elbo": log_weights_from_parts(parts[:, None])[:, 0],
-             "rate": parts[:, 2] - parts[:, 1], "nll": -parts[:, 0]}
+             "rate": sum(site_rates.values()), "nll": -parts[:, 0], **site_rates}
     n = len(x)
     return {k: float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
             for k, v in draws.items()}
@@ -89,9 +115,51 @@ def entropy_checks(entropy: float, report: dict) -> dict:
     return out
 
 
+def site_reports(model, spec, x: np.ndarray, labels, metrics: dict, stderr: dict,
+                 seed: int = 0) -> dict[str, dict]:
+    """Per latent site, per example in nats: rate (and its standard error), rate per dimension
+    (where posterior and prior factorise), active units and the posterior-mean variances behind
+    them, I_q(y; z_site) and KL(q(z_site) ‖ p̂(z_site)) where q(z_site|y) is a diagonal
+    Gaussian of the data (their estimator needs its density at every pair of examples), and
+    the collapse verdict."""
+    means = posterior_means(model, spec, x, labels, seed, spec.train.eval_batch_size)
+    out = {}
+    for s in spec.sites:
+        rate = metrics[f"rate/{s.name}"] if graph.is_graph(spec) else metrics["rate"]
+        keys = [graph.rate_dim_key(spec, s.name, i) for i in range(s.dim)]
+        mean, draws = means[s.name]
+        n_active, variance = (active_units(mean) if draws is None else
+                              active_units_from_draws(draws))
+        site = {"dim": s.dim, "posterior": s.posterior.kind, "prior": s.prior.kind,
+                "rate": rate, "rate_stderr": stderr[f"rate/{s.name}"],
+                "rate_per_dim": [metrics[k] for k in keys if k in metrics],
+                "active_units": int(n_active),
+                "posterior_mean_variance": [float(v) for v in variance],
+                "mutual_information": None}
+        if s.posterior.kind == "diagonal" and not graph.posterior_sites(s):
+            loc, scale = model.encode(x, spec.train.eval_batch_size, labels=labels, site=s.name)
+            mi = mutual_information(loc, scale, np.random.default_rng(seed))
+            site |= {
+                # Hoffman & Johnson 2016: rate = I_q + KL(q(z) || p̂(z)), Î − I in the lecture.
+                "mutual_information": mi.value, "mutual_information_stderr": mi.stderr,
+                "marginal_kl": marginal_kl(rate, mi.value),
+                # over N examples the aggregate posterior has N components: I_q ≤ ln N
+                "mutual_information_ceiling": math.log(len(x)),
+            }
+        site["verdict"] = collapse_verdict(site["active_units"], s.dim, rate,
+                                           site["mutual_information"])
+        out[s.name] = site
+    return out
+
+
 def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: int = 1000,
                  n: int | None = None, progress: bool = True) -> dict:
     """Test-split report of a run (per example, nats); also written to RUN/report.json.
+
+    The whole model's lines (ELBO, rate, distortion, IWAE and PSIS over the joint of all latent
+    sites) come first; ``sites`` holds each latent site's rate, active units, rate per
+    dimension, I_q and verdict (`site_reports`); a one-site spec also has them at the top
+    level, as always.
 
     :param iwae_k: importance samples per example for the IWAE log-likelihood and PSIS (0: skip).
     :param n: evaluate only the first n test examples (default: all).
@@ -106,9 +174,9 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
     train = run.records("train")
     beta = train[-1]["beta"] if train else spec.objective.beta
     metrics = evaluate(model, spec, x, labels, beta, spec.objective.lam)
-    loc, scale = model.encode(x, spec.train.eval_batch_size)
-    n_active, variance = active_units(loc)
-    mi = mutual_information(loc, scale, np.random.default_rng(spec.train.seed))
+    label_input = labels if spec.label.condition else None
+    stderr = per_example_stderrs(model, spec, x, label_input, seed=spec.train.seed)
+    sites = site_reports(model, spec, x, label_input, metrics, stderr, seed=spec.train.seed)
     dim = dataset.dim
     report = {
         "run": str(run.path),
@@ -125,25 +193,21 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
         "nll_distortion": metrics["nll"],
         "objective": metrics["objective"],
         "aux": metrics["aux"],
-        "latent_dim": spec.latent.dim,
-        "active_units": int(n_active),
-        "posterior_mean_variance": [float(v) for v in variance],
-        "rate_per_dim": [metrics[f"rate/dim_{i}"] for i in range(spec.latent.dim)
-                         if f"rate/dim_{i}" in metrics],
+        "latent_dim": graph.total_dim(spec),
+        "active_units": sum(site["active_units"] for site in sites.values()),
+        "elbo_stderr": stderr["elbo"], "rate_stderr": stderr["rate"],
+        "nll_distortion_stderr": stderr["nll"], "data": dataset.name,
+        "sites": sites,
     }
-    stderr = per_example_stderrs(model, x, seed=spec.train.seed)
-    report |= {"elbo_stderr": stderr["elbo"], "rate_stderr": stderr["rate"],
-               "nll_distortion_stderr": stderr["nll"], "data": dataset.name}
-    report |= {
-        # Hoffman & Johnson 2016: rate = I_q + KL(q(z) || p̂(z)), i.e. Î − I in the lecture.
-        "mutual_information": mi.value,
-        "mutual_information_stderr": mi.stderr,
-        "marginal_kl": marginal_kl(metrics["rate"], mi.value),
-        # I_q over N examples cannot exceed ln N (the aggregate posterior has N components)
-        "mutual_information_ceiling": math.log(len(x)),
-    }
+    if not graph.is_graph(spec):  # the one site's lines at the top level, as always
+        (site,) = sites.values()
+        report |= {k: site[k] for k in ("posterior_mean_variance", "rate_per_dim",
+                                        "mutual_information", "mutual_information_stderr",
+                                        "marginal_kl", "mutual_information_ceiling")
+                   if k in site}
     if iwae_k:
-        iwae = importance_sampling(model, x, iwae_k, seed=spec.train.seed, progress=progress)
+        iwae = importance_sampling(model, x, iwae_k, seed=spec.train.seed, progress=progress,
+                                   labels=label_input)
         report |= {
             "iwae_k": iwae_k,
             "log_likelihood": iwae["mean"],
@@ -153,19 +217,42 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
             "khat_file": KHAT_FILE,
             "ess_mean": float(iwae["ess"].mean()),
         }
-    if iwae_k:
         runs.save_array(Path(path) / KHAT_FILE, iwae["khat"])
     if dataset.entropy is not None:
         report |= entropy_checks(dataset.entropy, report)
-    report["verdict"] = collapse_verdict(report["active_units"], spec.latent.dim, report["rate"],
-                                         report["mutual_information"])
+    report["verdict"] = ("; ".join(f"{name}: {site['verdict']}" for name, site in sites.items())
+                         if graph.is_graph(spec) else next(iter(sites.values()))["verdict"])
     runs.write_json_atomic(Path(path) / "report.json", report)
     return report
+
+
+def _site_lines(name: str | None, site: dict) -> list[str]:
+    """The lines of one latent site (`name` None: the one site of a one-site spec)."""
+    head = "" if name is None else f"  site {name} (d = {site['dim']}, posterior "
+    lines = [] if name is None else [
+        "", f"{head}{site['posterior']}, prior {site['prior']}): rate {site['rate']:.3f} "
+        f"± {site['rate_stderr']:.3f} nats"]
+    if site["mutual_information"] is not None:
+        lines.append(f"  {'I_q(y; z)' if name is None else '  I_q(y; z_' + name + ')':<24}"
+                     f"{site['mutual_information']:>16.3f}  ± "
+                     f"{site['mutual_information_stderr']:.3f}")
+        lines.append(f"  {'KL(q(z) ‖ p̂(z))' if name is None else '  KL(q ‖ p̂) marginal':<24}"
+                     f"{site['marginal_kl']:>16.3f}   (= rate − I_q)")
+        ceiling = site["mutual_information_ceiling"]
+        if site["mutual_information"] > 0.9 * ceiling:
+            lines.append(f"  (I_q is near its ceiling ln N = {ceiling:.2f}: with more test "
+                         "examples it could be larger, so the KL above is an upper estimate)")
+    elif name is not None:
+        lines.append("    I_q: not estimated (q(z|y) of this site is not a diagonal Gaussian "
+                     "of the data)")
+    return lines
 
 
 def format_report(report: dict, bits: bool = False) -> str:
     """A readable table of a report."""
     objective_label = f"objective (β={report['beta']:.3g}, λ={report['lam']:.3g})"
+    sites = report.get("sites", {})
+    one_site = len(sites) == 1
     lines = [
         f"run {report['run']}  (backend {report['backend']}, trained with "
         f"{report['trained_with']}, step {report['step']}, {report['n_test']} test examples)",
@@ -178,14 +265,9 @@ def format_report(report: dict, bits: bool = False) -> str:
         f"  ± {report['nll_distortion_stderr']:.3f}",
         f"  {objective_label:<24}{report['objective']:>16.3f}",
         f"  {'aux':<24}{report['aux']:>16.3f}",
-        f"  {'I_q(y; z)':<24}{report['mutual_information']:>16.3f}"
-        f"  ± {report['mutual_information_stderr']:.3f}",
-        f"  {'KL(q(z) ‖ p̂(z))':<24}{report['marginal_kl']:>16.3f}   (= rate − I_q)",
     ]
-    ceiling = report["mutual_information_ceiling"]
-    if report["mutual_information"] > 0.9 * ceiling:
-        lines.append(f"  (I_q is near its ceiling ln N = {ceiling:.2f}: with more test examples it "
-                     "could be larger, so the KL above is an upper estimate)")
+    if one_site:
+        lines += _site_lines(None, next(iter(sites.values())))
     if "log_likelihood" in report:
         iwae_label = f"IWAE ln p(y), K={report['iwae_k']}"
         psis = report["psis"]
@@ -210,45 +292,116 @@ def format_report(report: dict, bits: bool = False) -> str:
         if "log_likelihood_excess" in report:
             lines.append(f"  {'−ln p(y) − H(y)':<24}{report['log_likelihood_excess']:>16.3f}  ± "
                          f"{report['log_likelihood_stderr']:.3f}   (≥ 0: a cross-entropy)")
-        lines.append(f"  H(y) − distortion ≤ I_q ≤ rate:  {report['mutual_information_lower']:.3f}"
-                     f" ≤ {report['mutual_information']:.3f} ≤ {report['rate']:.3f}")
-    lines += ["", f"  active units: {report['active_units']} of {report['latent_dim']}"]
-    if report["rate_per_dim"]:
-        lines.append("  rate per dimension (nats): " + "  ".join(
-            f"{i}:{v:.2f}" for i, v in enumerate(report["rate_per_dim"])))
-    lines += ["", f"  {report['verdict']}"]
+        if report.get("mutual_information") is not None:
+            lines.append(f"  H(y) − distortion ≤ I_q ≤ rate:  "
+                         f"{report['mutual_information_lower']:.3f} ≤ "
+                         f"{report['mutual_information']:.3f} ≤ {report['rate']:.3f}")
+        else:
+            lines.append(f"  H(y) − distortion ≤ I_q(y; z) ≤ rate:  "
+                         f"{report['mutual_information_lower']:.3f} ≤ I_q ≤ "
+                         f"{report['rate']:.3f}")
+    if one_site:
+        site = next(iter(sites.values()))
+        lines += ["", f"  active units: {site['active_units']} of {site['dim']}"]
+        if site["rate_per_dim"]:
+            lines.append("  rate per dimension (nats): " + "  ".join(
+                f"{i}:{v:.2f}" for i, v in enumerate(site["rate_per_dim"])))
+        lines += ["", f"  {site['verdict']}"]
+        return "\n".join(lines)
+    lines += ["", f"  latent sites: {len(sites)}; active units {report['active_units']} of "
+                  f"{report['latent_dim']}"]
+    for name, site in sites.items():
+        lines += _site_lines(name, site)
+        lines.append(f"    active units: {site['active_units']} of {site['dim']}")
+        if site["rate_per_dim"]:
+            lines.append("    rate per dimension (nats): " + "  ".join(
+                f"{i}:{v:.2f}" for i, v in enumerate(site["rate_per_dim"])))
+        lines.append(f"    {site['verdict']}")
     return "\n".join(lines)
 
 
-def plot_run(path, others=(), backend: str | None = None, device: str = "cpu") -> list[Path]:
+def label_arrays(spec, n: int, label: int | None, cycle: bool):
+    """Labels (n,) for drawing from a label-conditional model: all `label`, or (without one)
+    the classes in turn (`cycle`) or class 0; None for a model that reads no label."""
+    if not spec.label.condition:
+        if label is not None:
+            raise ValueError("this model does not read a label (label.condition = false): "
+                             "drop --label")
+        return None
+    classes = spec.label.classes
+    if label is not None and not 0 <= label < classes:
+        raise ValueError(f"--label {label}: this model's labels are 0..{classes - 1}")
+    if label is not None:
+        return np.full(n, label)
+    return np.arange(n) % classes if cycle else np.zeros(n, np.int64)
+
+
+def plot_run(path, others=(), backend: str | None = None, device: str = "cpu",
+             label: int | None = None) -> list[Path]:
     """Write the figures of a run to RUN/plots/: prior samples, reconstructions, latent
-    traversals, training curves, rate per dimension, the rate–distortion plane (with `others`,
-    more run folders, as further points) and, after `ppl-vae eval`, the PSIS k̂ histogram."""
+    traversals (one figure per site of a latent graph), training curves, rate per dimension
+    (per site), the rate–distortion plane (with `others`, more run folders, as further points),
+    after `ppl-vae eval` the PSIS k̂ histogram, and for a label-conditional model the samples of
+    every class with the same noise (`samples_by_label.png`). `label` draws the samples and
+    traversals of a label-conditional model for that class (default: the classes in turn for
+    samples, class 0 for traversals)."""
     from ppl_vae import plots
 
     run = runs.load_run(path)
+    spec = run.spec
     out = Path(path) / "plots"
     out.mkdir(exist_ok=True)
     model = run.model(backend, device)
-    dataset = load_data(run.spec)
+    dataset = load_data(spec)
     written = [plots.training_curves(run.metrics, out / "curves.png")]
     shape = run.info.get("image_shape")
     test = run.final_test
-    d = run.spec.latent.dim
-    rates = [test.get(f"rate/dim_{i}", float("nan")) for i in range(d)]
+    rates = {s.name: [test.get(graph.rate_dim_key(spec, s.name, i), float("nan"))
+                      for i in range(s.dim)] for s in spec.sites}
     if shape:
-        x, _ = evaluation_data(run.spec, dataset)
-        loc, _ = model.encode(x[:16])
+        x, labels = evaluation_data(spec, dataset)
+        x, labels = x[:16], (labels[:16] if spec.label.condition else None)
+        drawn = label_arrays(spec, 64, label, cycle=True)
+        means = {k: v[0] for k, v in posterior_means(model, spec, x, labels).items()}
+        what = "" if drawn is None else (f", label {label}" if label is not None
+                                         else ", labels 0, 1, … in turn")
         written += [
-            plots.save_image_grid(model.decode_mean(model.sample_prior(64)).reshape(-1, *shape),
-                                  out / "samples.png", "E[y|z], z ~ prior"),
-            plots.reconstructions(x, model.decode_mean(loc), shape, out / "reconstructions.png"),
-            plots.latent_traversals(model.decode_mean, np.argsort(rates)[::-1]
-                                    if np.isfinite(rates).all() else np.arange(d), d, shape,
-                                    out / "traversals.png"),
+            plots.save_image_grid(
+                model.decode_mean(model.sample_prior(64, labels=drawn), labels=drawn
+                                  ).reshape(-1, *shape), out / "samples.png",
+                f"E[y|z], z ~ prior{what}"),
+            plots.reconstructions(x, model.decode_mean(means, labels=labels), shape,
+                                  out / "reconstructions.png"),
         ]
-    if np.isfinite(rates).all():
-        written.append(plots.rate_per_dim_bars(rates, out / "rate_per_dim.png"))
+        for s in spec.sites:
+            r = rates[s.name]
+            order = np.argsort(r)[::-1] if np.isfinite(r).all() else np.arange(s.dim)
+            fixed = label_arrays(spec, 9, label, cycle=False)
+            where = ("the others at 0" if not graph.is_graph(spec) else
+                     f"site {s.name}, its others at 0, other sites at their prior means")
+            if fixed is not None:
+                where += f"; label {fixed[0]}"
+
+            def decode(z, name=s.name, fixed=fixed):
+                return model.decode_mean({name: z}, labels=fixed)
+
+            name = "traversals.png" if not graph.is_graph(spec) else f"traversals_{s.name}.png"
+            written.append(plots.latent_traversals(decode, order, s.dim, shape, out / name,
+                                                   title=where))
+        if spec.label.condition:
+            classes, columns = spec.label.classes, 8
+            rows = [model.decode_mean(model.sample_prior(columns, seed=1,
+                                                         labels=np.full(columns, k)),
+                                      labels=np.full(columns, k)) for k in range(classes)]
+            written.append(plots.save_image_grid(
+                np.concatenate(rows).reshape(-1, *shape), out / "samples_by_label.png",
+                "one row per label, the same prior noise in each column", ncols=columns))
+    finite = {k: v for k, v in rates.items() if np.isfinite(v).all()}
+    if finite and not graph.is_graph(spec):
+        written.append(plots.rate_per_dim_bars(next(iter(finite.values())),
+                                               out / "rate_per_dim.png"))
+    elif finite:
+        written.append(plots.rate_per_dim_by_site(finite, out / "rate_per_dim.png"))
     points = []
     for p in (path, *others):
         t = runs.load_run(p).final_test
@@ -263,17 +416,24 @@ def plot_run(path, others=(), backend: str | None = None, device: str = "cpu") -
 
 def export_posterior_draws(path, n_examples: int, num_draws: int = 1000,
                            backend: str | None = None, device: str = "cpu") -> Path:
-    """Draws z ~ q(z|y) for the first `n_examples` test examples as ArviZ InferenceData
-    (posterior group, variable ``z`` with dims (chain, draw, example, latent)), written to
-    RUN/posterior.nc, for ArviZ's summaries and plots (`az.summary`, `az.plot_posterior`)."""
+    """Draws from the joint posterior q(z_1, …, z_S | y) for the first `n_examples` test
+    examples as ArviZ InferenceData (posterior group, one variable per latent site with dims
+    (chain, draw, example, <site>_dim); a one-site model's variable ``z`` has dims (chain,
+    draw, example, latent)), written to RUN/posterior.nc, for ArviZ's summaries and plots
+    (`az.summary`, `az.plot_posterior`)."""
     from ppl_vae.arviz_compat import posterior_draws_to_inference_data, save_netcdf
 
     run = runs.load_run(path)
-    x, labels = evaluation_data(run.spec, load_data(run.spec))
-    loc, scale = run.model(backend, device).encode(x[:n_examples])
-    rng = np.random.default_rng(run.spec.train.seed)
-    z = loc + scale * rng.standard_normal((1, num_draws, *loc.shape))
+    spec = run.spec
+    x, labels = evaluation_data(spec, load_data(spec))
+    x, labels = x[:n_examples], (labels[:n_examples] if spec.label.condition else None)
+    draws = run.model(backend, device).posterior_draws(x, labels, num_draws,
+                                                       seed=spec.train.seed)
+    one_site = not graph.is_graph(spec)
+    dim_name = {s.name: "latent" if one_site else f"{s.name}_dim" for s in spec.sites}
     idata = posterior_draws_to_inference_data(
-        {"z": z}, coords={"example": np.arange(len(loc)), "latent": np.arange(loc.shape[1])},
-        dims={"z": ["example", "latent"]})
+        {name: v.transpose(1, 0, 2)[None] for name, v in draws.items()},
+        coords={"example": np.arange(len(x)),
+                **{dim_name[s.name]: np.arange(s.dim) for s in spec.sites}},
+        dims={name: ["example", dim_name[name]] for name in draws})
     return save_netcdf(idata, Path(path) / "posterior.nc")

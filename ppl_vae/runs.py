@@ -174,7 +174,7 @@ class Run:
         """The backend's `Model` with this run's parameters (either backend reads params.npz)."""
         from ppl_vae.backends import backend_module
 
-        mod = backend_module(backend or self.info["backend"], "model")
+        mod = backend_module(backend or self.info["backend"], "hooks")
         shape = self.info.get("image_shape")
         return mod.Model(self.spec, self.info["data_dim"], tuple(shape) if shape else None,
                          device, params=self.params)

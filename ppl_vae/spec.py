@@ -25,7 +25,8 @@ from typing import Any
 DATA_SOURCES = ("digits", "mnist", "npz", "dsprites")  # or "synthetic:<population>"
 SYNTHETIC_POPULATIONS = ("bars",)  # data.source = "synthetic:bars"; see ppl_vae/populations.py
 BINARIZE = ("none", "static", "dynamic")
-PRIOR_KINDS = ("normal", "learned_normal", "mixture")
+PRIOR_KINDS = ("normal", "learned_normal", "mixture", "conditional")
+POSTERIOR_KINDS = ("diagonal", "full", "iaf")
 ENCODER_KINDS = ("mlp", "conv")
 DECODER_KINDS = ("mlp", "conv", "autoregressive")
 LIKELIHOOD_KINDS = ("bernoulli", "gaussian", "binomial", "categorical")
@@ -41,6 +42,9 @@ SOURCE_IMAGE_SHAPES = {"digits": (8, 8), "mnist": (28, 28), "dsprites": (64, 64)
 PATH_SOURCES = ("mnist", "npz")
 
 _USER_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_SITE_NAME = re.compile(r"^[A-Za-z_]\w*$")
+#: Names a latent site may not take: the observed site, the plate, what posteriors read.
+RESERVED_SITE_NAMES = ("y", "data", "label")
 
 
 class SpecError(ValueError):
@@ -77,8 +81,56 @@ class LatentSpec:
 
 @dataclass(frozen=True)
 class PriorSpec:
+    """P̂_Φ(z) of one latent site: `normal` N(0, I); `learned_normal` N(loc, diag scale²);
+    `mixture` of `components` diagonal Gaussians; `conditional` p(z | parents, label) a diagonal
+    Gaussian whose loc and scale come from an MLP (`hidden`) of the parent sites' values (and the
+    one-hot label when ``label.prior``)."""
+
     kind: str = _choice("normal", PRIOR_KINDS)
     components: int = 10  # mixture only: number K of learnable diagonal Gaussians
+    parents: tuple[str, ...] = ()  # conditional only: the latent sites it reads
+    hidden: tuple[int, ...] = ()  # conditional only: MLP widths ([] = linear in the parents)
+    activation: str = _choice("relu", ACTIVATIONS)
+
+
+@dataclass(frozen=True)
+class PosteriorSpec:
+    """P_Ψ(z|·) of one latent site. `diagonal`: N(loc, diag scale²); `full`: N(loc, L Lᵀ) with a
+    lower-triangular L; `iaf`: the diagonal Gaussian pushed through `flow_steps` inverse
+    autoregressive flow steps (Kingma et al. 2016), each a MADE (`flow_hidden`) conditioned on
+    the encoder's features. `inputs` are what it reads: "y" (the `[encoder]` network's features
+    of the data) and/or other latent sites; `hidden` are MLP widths of its own on those inputs
+    (graphs only: a one-site spec's encoder is `[encoder]`)."""
+
+    kind: str = _choice("diagonal", POSTERIOR_KINDS)
+    inputs: tuple[str, ...] = ("y",)
+    hidden: tuple[int, ...] = ()
+    activation: str = _choice("relu", ACTIVATIONS)
+    flow_steps: int = 2  # iaf only
+    flow_hidden: tuple[int, ...] = (64,)  # iaf only: the MADE widths of each flow step
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One latent site of a graph (`[[latents]]`): its name, dimension, prior and posterior.
+    Its β is ``objective.beta × beta`` (so a β schedule ramps every site together)."""
+
+    name: str = ""
+    dim: int = 8
+    beta: float = 1.0
+    prior: PriorSpec = PriorSpec()
+    posterior: PosteriorSpec = PosteriorSpec()
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """Conditioning on observed labels (a conditional VAE): with `condition`, the one-hot label
+    of `classes` classes is an input of every posterior and of the decoder, and with `prior`
+    also of every `conditional` prior (p(z|label) when it has no parents)."""
+
+    condition: bool = False
+    prior: bool = False
+    classes: int = 10
 
 
 @dataclass(frozen=True)
@@ -95,6 +147,7 @@ class DecoderSpec:
     hidden: tuple[int, ...] = (128, 256)  # autoregressive: the masked hidden layers (MADE)
     channels: tuple[int, ...] = (64, 32)  # conv only: transposed convs, from deep to shallow
     activation: str = _choice("relu", ACTIVATIONS)
+    reads: tuple[str, ...] = ("z",)  # the latent sites whose values it reads
 
 
 @dataclass(frozen=True)
@@ -124,6 +177,7 @@ class AuxSpec:
     weight: float = 1.0
     hidden: tuple[int, ...] = ()  # supervised: hidden widths of the classifier head
     classes: int = 10  # supervised: number of classes
+    site: str = ""  # the latent site it reads ("" = the first); its posterior must be diagonal
 
 
 @dataclass(frozen=True)
@@ -160,6 +214,9 @@ class Spec:
     data: DataSpec = DataSpec()
     latent: LatentSpec = LatentSpec()
     prior: PriorSpec = PriorSpec()
+    posterior: PosteriorSpec = PosteriorSpec()
+    latents: tuple[SiteSpec, ...] = ()  # a latent graph; empty = the one site z of [latent]
+    label: LabelSpec = LabelSpec()
     encoder: EncoderSpec = EncoderSpec()
     decoder: DecoderSpec = DecoderSpec()
     likelihood: LikelihoodSpec = LikelihoodSpec()
@@ -169,6 +226,13 @@ class Spec:
 
     def replace(self, **changes) -> Spec:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def sites(self) -> tuple[SiteSpec, ...]:
+        """The latent sites: `latents`, or the one site ``z`` of `latent`, `prior`, `posterior`."""
+        if self.latents:
+            return self.latents
+        return (SiteSpec("z", self.latent.dim, 1.0, self.prior, self.posterior),)
 
 
 # ---- conversion from plain data (TOML tables) ----------------------------------------------
@@ -295,8 +359,7 @@ def validate(spec: Spec) -> None:
     need(d.labelled >= 0, "data.labelled", d.labelled, "an integer >= 0 (0 = keep every label)")
     need(0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
     need(d.limit >= 0, "data.limit", d.limit, "an integer >= 0 (0 = all)")
-    need(spec.latent.dim >= 1, "latent.dim", spec.latent.dim, "an integer >= 1")
-    need(spec.prior.components >= 1, "prior.components", spec.prior.components, "an integer >= 1")
+    _validate_graph(spec, need)
     for part in ("encoder", "decoder"):
         net = getattr(spec, part)
         need(all(h >= 1 for h in net.hidden), f"{part}.hidden", list(net.hidden),
@@ -331,8 +394,16 @@ def validate(spec: Spec) -> None:
     if sch.kind == "cyclical":
         need(sch.period >= sch.warmup, "objective.beta_schedule.period", sch.period,
              f"an integer >= warmup ({sch.warmup})")
+    site_names = [s.name for s in spec.sites]
     for i, aux in enumerate(obj.aux):
         key = f"objective.aux[{i}]"
+        if aux.site:
+            need(aux.site in site_names, f"{key}.site", aux.site,
+                 "one of the latent sites " + ", ".join(repr(n) for n in site_names))
+        aux_site = next(s for s in spec.sites if s.name == (aux.site or site_names[0]))
+        need(aux_site.posterior.kind == "diagonal", f"{key}.site", aux.site or aux_site.name,
+             f"a site with a diagonal posterior (aux terms read its loc and scale; "
+             f"{aux_site.name!r} has posterior {aux_site.posterior.kind!r})")
         need(aux.kind in AUX_KINDS or bool(_USER_FN.match(aux.kind)), f"{key}.kind", aux.kind,
              "'infonce', 'supervised' or a user function 'package.module:function'")
         need(aux.weight >= 0, f"{key}.weight", aux.weight, "a number >= 0")
@@ -353,6 +424,105 @@ def validate(spec: Spec) -> None:
          f"a multiple of train.log_every ({tr.log_every})")
     need(tr.checkpoint_every % tr.log_every == 0, "train.checkpoint_every", tr.checkpoint_every,
          f"a multiple of train.log_every ({tr.log_every})")
+
+
+def _validate_graph(spec: Spec, need) -> None:
+    """The latent sites, their priors and posteriors, the decoder's reads and the label switch:
+    names, dimensions, parents and inputs that exist, no cycles, every site used."""
+    from ppl_vae import graph
+
+    graph_spec = bool(spec.latents)
+    if graph_spec:
+        for name, default in (("latent", LatentSpec()), ("prior", PriorSpec()),
+                              ("posterior", PosteriorSpec())):
+            need(getattr(spec, name) == default, name, _to_dict(getattr(spec, name)),
+                 f"no [{name}] table with [[latents]]: a graph declares each site's dim, prior "
+                 "and posterior in its own [[latents]] table")
+
+    def key(i: int, part: str) -> str:
+        if graph_spec:
+            return f"latents[{i}].{part}"
+        return {"dim": "latent.dim", "name": "latent", "beta": "latent"}.get(part, part)
+
+    names = [s.name for s in spec.sites]
+    lab = spec.label
+    for i, s in enumerate(spec.sites):
+        need(bool(_SITE_NAME.match(s.name)) and s.name not in RESERVED_SITE_NAMES,
+             key(i, "name"), s.name, "a name of letters, digits and _ (not starting with a "
+             f"digit), other than {', '.join(repr(r) for r in RESERVED_SITE_NAMES)}")
+        need(names.count(s.name) == 1, key(i, "name"), s.name, "a name no other site has")
+        need(s.dim >= 1, key(i, "dim"), s.dim, "an integer >= 1")
+        need(s.beta >= 0, key(i, "beta"), s.beta, "a number >= 0")
+        pr, post = s.prior, s.posterior
+        need(pr.components >= 1, key(i, "prior.components"), pr.components, "an integer >= 1")
+        need(all(h >= 1 for h in pr.hidden), key(i, "prior.hidden"), list(pr.hidden),
+             "a list of positive widths ([] means linear)")
+        others = [n for n in names if n != s.name]
+        if pr.kind == "conditional":
+            for p in pr.parents:
+                need(p in others, key(i, "prior.parents"), list(pr.parents),
+                     "names of other latent sites (" + (", ".join(repr(n) for n in others)
+                                                       or "there are none") + ")")
+            need(len(set(pr.parents)) == len(pr.parents), key(i, "prior.parents"),
+                 list(pr.parents), "each parent once")
+            need(bool(pr.parents) or lab.prior, key(i, "prior.parents"), list(pr.parents),
+                 "at least one parent site, or label.prior = true (p(z|label))")
+        else:
+            need(not pr.parents, key(i, "prior.parents"), list(pr.parents),
+                 f"[] for prior.kind {pr.kind!r} (only a 'conditional' prior reads parents)")
+        need(bool(post.inputs), key(i, "posterior.inputs"), list(post.inputs),
+             "at least one input: 'y' and/or latent sites")
+        for inp in post.inputs:
+            need(inp == graph.DATA or inp in others, key(i, "posterior.inputs"),
+                 list(post.inputs), "'y' (the data) and/or names of other latent sites ("
+                 + (", ".join(repr(n) for n in others) or "there are none") + ")")
+        need(len(set(post.inputs)) == len(post.inputs), key(i, "posterior.inputs"),
+             list(post.inputs), "each input once")
+        if not graph_spec:
+            need(post.inputs == (graph.DATA,), "posterior.inputs", list(post.inputs),
+                 "['y'] in a one-site spec (declare [[latents]] for a graph of sites)")
+            need(not post.hidden, "posterior.hidden", list(post.hidden),
+                 "[] in a one-site spec: its encoder's layers are encoder.hidden")
+        need(all(h >= 1 for h in post.hidden), key(i, "posterior.hidden"), list(post.hidden),
+             "a list of positive widths ([] means linear)")
+        need(post.flow_steps >= 1, key(i, "posterior.flow_steps"), post.flow_steps,
+             "an integer >= 1")
+        need(all(h >= 1 for h in post.flow_hidden), key(i, "posterior.flow_hidden"),
+             list(post.flow_hidden), "a list of positive widths ([] means a linear MADE)")
+    for order, part, what in ((graph.model_order, "prior.parents", "prior"),
+                              (graph.guide_order, "posterior.inputs", "posterior")):
+        try:
+            order(spec)
+        except graph.CycleError as err:
+            i = names.index(err.cycle[0])
+            field_value = getattr(getattr(spec.sites[i], what), part.split(".")[1])
+            need(False, key(i, part), list(field_value),
+                 f"no cycle; the {what}s read each other in a circle: {err}")
+    need(any(graph.DATA in s.posterior.inputs for s in spec.sites), "posterior.inputs"
+         if not graph_spec else "latents", names,
+         "at least one site whose posterior reads 'y' (else the encoder never sees the data)")
+    reads = spec.decoder.reads
+    need(bool(reads), "decoder.reads", list(reads), "at least one latent site ("
+         + ", ".join(repr(n) for n in names) + "): a decoder that reads nothing ignores z")
+    for r in reads:
+        need(r in names, "decoder.reads", list(reads),
+             "names of latent sites (" + ", ".join(repr(n) for n in names) + ")")
+    need(len(set(reads)) == len(reads), "decoder.reads", list(reads), "each site once")
+    used = graph.ancestors_in_prior(spec, reads)
+    for i, s in enumerate(spec.sites):
+        need(s.name in used, key(i, "name"), s.name,
+             "a site the decoder reads (decoder.reads) or that a prior on the way to it reads "
+             "(prior.parents): otherwise it carries no information about y")
+    need(lab.classes >= 2, "label.classes", lab.classes, "an integer >= 2")
+    need(not lab.prior or lab.condition, "label.prior", lab.prior,
+         "false unless label.condition = true (a label-conditional prior needs the label)")
+    if lab.prior:
+        need(any(s.prior.kind == "conditional" for s in spec.sites), "label.prior", lab.prior,
+             "false, or a site with prior.kind = 'conditional' (parents may be [] for "
+             "p(z|label))")
+    if lab.condition:
+        need(spec.data.labelled == 0, "data.labelled", spec.data.labelled,
+             "0 with label.condition = true (a conditional VAE reads every example's label)")
 
 
 def _max_halvings(side: int) -> int:

@@ -18,14 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ppl_vae import __version__, runs
+from ppl_vae import __version__, graph, runs
 from ppl_vae.backends import backend_module
 from ppl_vae.data import Dataset, binarize, load_data
-from ppl_vae.diagnostics import gaussian_kl_per_dim
-from ppl_vae.objective import beta_schedule
+from ppl_vae.objective import beta_schedule, site_betas, step_fields
 from ppl_vae.spec import Spec, load_spec
-
-STEP_FIELDS = ("objective", "rate", "distortion", "aux")
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,18 +70,22 @@ def evaluation_data(spec: Spec, dataset: Dataset) -> tuple[np.ndarray, np.ndarra
 
 def evaluate(model, spec: Spec, x: np.ndarray, labels: np.ndarray, beta: float,
              lam: float) -> dict[str, float]:
-    """Per-example test metrics in nats: elbo (β = λ = 1, nll), objective (as trained), rate,
-    distortion (as trained), nll, aux and, where the prior factorises, rate/dim_<i>."""
-    sums = model.eval_terms(x, labels, beta, lam, seed=spec.train.seed,
+    """Per-example test metrics in nats: elbo (β = λ = 1, nll), objective (as trained, `beta`
+    the global β), rate, distortion (as trained), nll, aux; in a latent graph rate/<site> per
+    site; and the rate of each dimension where a site's posterior and prior factorise
+    (`graph.rate_dim_key`: rate/dim_<i> in a one-site spec, rate/<site>/dim_<i> in a graph)."""
+    sums = model.eval_terms(x, labels, site_betas(spec, beta), lam, seed=spec.train.seed,
                             batch_size=spec.train.eval_batch_size)
     n = len(x)
-    out = {k: v / n for k, v in sums.items()}
+    out = {}
+    for key, value in sums.items():
+        parts = key.split("/")
+        if len(parts) == 3:  # rate/<site>/dim_<i>
+            key = graph.rate_dim_key(spec, parts[1], int(parts[2][len("dim_"):]))
+        elif len(parts) == 2 and not graph.is_graph(spec):
+            continue  # rate/z of a one-site spec is the rate
+        out[key] = value / n
     out["elbo"] = -(out["rate"] + out["nll"])
-    prior = model.prior_normal()
-    if prior is not None:
-        loc, scale = model.encode(x, spec.train.eval_batch_size)
-        per_dim = gaussian_kl_per_dim(loc, scale, *prior).mean(0)
-        out.update({f"rate/dim_{i}": float(v) for i, v in enumerate(per_dim)})
     return out
 
 
@@ -192,7 +193,7 @@ def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, pr
                         "train.clip_norm > 0, or float64 (train.dtype).")
                 record = {"step": last, "split": "train", "beta": float(betas[-1]),
                           "lam": obj.lam}
-                record |= dict(zip(STEP_FIELDS, values.mean(0).tolist()))
+                record |= dict(zip(step_fields(spec), values.mean(0).tolist()))
                 if nll_trained:
                     record["elbo"] = -(record["rate"] + record["distortion"])
                 record["seconds"] = time.perf_counter() - t0

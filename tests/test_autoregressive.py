@@ -46,8 +46,8 @@ SPEC = ['decoder.kind="autoregressive"', "decoder.hidden=[12, 9]", "latent.dim=2
 def _models(*overrides, data_dim=5):
     torch = pytest.importorskip("torch")
     pytest.importorskip("numpyro")
-    from ppl_vae.numpyro import model as nmodel
-    from ppl_vae.pyro import model as pmodel
+    from ppl_vae.numpyro import hooks as nmodel
+    from ppl_vae.pyro import hooks as pmodel
 
     spec = load_spec(Spec(), [*SPEC, *overrides])
     torch.manual_seed(3)
@@ -76,7 +76,8 @@ def test_each_pixel_depends_on_earlier_pixels_and_z_only_in_both_backends():
         torch.as_tensor(z, dtype=torch.float32)).numpy()
 
     def flax_out(zz, yy):
-        return nm.built.decoder.apply({"params": nm.param_map["decoder$params"]}, zz, yy).sum(-1)
+        return nm.built.decoder_module.apply({"params": nm.param_map["decoder$params"]}, zz,
+                                             yy).sum(-1)
 
     jax_y = np.asarray(jax.jacobian(flax_out, 1)(jnp.asarray(z, jnp.float32),
                                                  jnp.asarray(y, jnp.float32)))
@@ -110,7 +111,7 @@ def test_ancestral_draws_follow_the_scored_density(backend):
 def _log_p_y_given_z(pm, images, z):
     import torch
 
-    from ppl_vae.pyro.model import likelihood_dist, observation
+    from ppl_vae.pyro.likelihood import likelihood_dist, observation
 
     y = torch.as_tensor(images)
     params = pm.modules["decoder"](torch.as_tensor(z, dtype=torch.float32).expand(len(y), -1), y)
@@ -123,18 +124,19 @@ def _draws(model, backend, z):
     if backend == "pyro":
         import torch
 
-        from ppl_vae.pyro.model import ancestral_sample
+        from ppl_vae.pyro.likelihood import ancestral_sample
 
         with torch.no_grad():
             torch.manual_seed(0)
             return ancestral_sample(model.spec.likelihood, model.modules["decoder"],
-                                    model.tensor(z))[0].numpy()
+                                    model.tensor(z), 5)[0].numpy()
     import jax
 
-    from ppl_vae.numpyro.model import ancestral_sample
+    from ppl_vae.numpyro.likelihood import ancestral_sample
 
     def decode(zz, yy):
-        return model.built.decoder.apply({"params": model.param_map["decoder$params"]}, zz, yy)
+        return model.built.decoder_module.apply({"params": model.param_map["decoder$params"]},
+                                                zz, yy)
 
     return np.asarray(ancestral_sample(model.spec.likelihood, decode, model.tensor(z), 5,
                                        jax.random.PRNGKey(0))[0])

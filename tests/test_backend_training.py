@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("numpyro")
 
-from ppl_vae.pyro.model import Model  # noqa: E402
+from ppl_vae.pyro.hooks import Model  # noqa: E402
 from ppl_vae.runs import save_params  # noqa: E402
 from ppl_vae.spec import load_spec  # noqa: E402
 from ppl_vae.training import fit  # noqa: E402

@@ -48,10 +48,10 @@ def model_for(backend, params):
         jax = pytest.importorskip("jax")
         if not jax.config.jax_enable_x64:
             spec = load_spec(SPEC, ['train.dtype="float32"'])
-            return backend_module(backend, "model").Model(spec, D, None, "cpu", params=params)
+            return backend_module(backend, "hooks").Model(spec, D, None, "cpu", params=params)
     else:
         pytest.importorskip("torch")
-    return backend_module(backend, "model").Model(SPEC, D, None, "cpu", params=params)
+    return backend_module(backend, "hooks").Model(SPEC, D, None, "cpu", params=params)
 
 
 @pytest.mark.parametrize("backend", ["pyro", "numpyro"])

@@ -61,7 +61,8 @@ class ScaledELBO(ELBO):
     :param beta: weight of the rate; a number, a (traced) array, or {latent site: number}.
     :param lam: weight of the distortion; likewise, keyed by distortion site.
     :param num_particles: Monte Carlo draws of the latents (averaged).
-    :param analytic_kl: closed-form KL(q‖p) for the rate where registered.
+    :param analytic_kl: closed-form KL(q‖p) for the rate where registered, except at guide
+        sites marked ``infer={"analytic_kl": False}`` (see the Pyro twin: bottom-up inference).
     :param vectorize_particles: as in `numpyro.infer.ELBO` (vmap by default).
     """
 
@@ -106,7 +107,7 @@ class ScaledELBO(ELBO):
         return terms
 
     def _rate(self, msite, gsite) -> jax.Array:
-        if self.analytic_kl:
+        if self.analytic_kl and gsite["infer"].get("analytic_kl", True):
             try:
                 kl = kl_divergence(gsite["fn"], msite["fn"])
             except NotImplementedError:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl_vae import autoregressive
-from ppl_vae.spec import AuxSpec, DecoderSpec, EncoderSpec
+from ppl_vae.spec import AuxSpec, DecoderSpec, PosteriorSpec
 
 #: The smallest posterior standard deviation (the same as the Pyro backend's).
 MIN_SCALE = 1e-4
@@ -49,35 +49,93 @@ class MLP(nn.Module):
         return h
 
 
-class Encoder(nn.Module):
-    """y (..., D) -> (loc, scale), each (..., d); scale = softplus(raw) + MIN_SCALE."""
+def concat(parts):
+    """Concatenate along the last axis after broadcasting the leading (particle, batch) axes."""
+    lead = jnp.broadcast_shapes(*(p.shape[:-1] for p in parts))
+    return jnp.concatenate([jnp.broadcast_to(p, (*lead, p.shape[-1])) for p in parts], -1)
 
-    spec: EncoderSpec
-    latent_dim: int
+
+def scale_from_raw(raw):
+    """softplus(raw) + MIN_SCALE: a standard deviation from an unconstrained output."""
+    return jax.nn.softplus(raw) + MIN_SCALE
+
+
+class Features(nn.Module):
+    """(y (..., D) or None, extra (..., E) or None) -> features h (..., H): the twin of the
+    Pyro backend's `Features` (convs of the image y when `channels` is given, the extra inputs
+    appended, then the MLP `body`)."""
+
+    hidden: Sequence[int]
+    activation: str
     image_shape: tuple[int, int] | None
+    channels: tuple[int, ...] | None
 
     def setup(self):
-        if self.spec.kind == "conv":
+        if self.channels:
             self.convs = [nn.Conv(c, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))
-                          for c in self.spec.channels]
-        self.body = MLP(tuple(self.spec.hidden), self.spec.activation)
-        self.loc = nn.Dense(self.latent_dim)
-        self.scale = nn.Dense(self.latent_dim)
+                          for c in self.channels]
+        self.body = MLP(tuple(self.hidden), self.activation)
 
-    def __call__(self, y):
-        if self.spec.kind == "conv":
-            act = ACTIVATIONS[self.spec.activation]
-            lead = y.shape[:-1]
-            h = y.reshape(-1, *self.image_shape, 1)
-            for conv in self.convs:
-                h = act(conv(h))
-            y = h.transpose(0, 3, 1, 2).reshape(*lead, -1)  # flatten as (C, H, W), like torch
-        h = self.body(y)
-        return self.loc(h), jax.nn.softplus(self.scale(h)) + MIN_SCALE
+    def features(self, y, extra):
+        parts = []
+        if y is not None:
+            if self.channels:
+                act = ACTIVATIONS[self.activation]
+                lead = y.shape[:-1]
+                h = y.reshape(-1, *self.image_shape, 1)
+                for conv in self.convs:
+                    h = act(conv(h))
+                y = h.transpose(0, 3, 1, 2).reshape(*lead, -1)  # flatten as (C, H, W), as torch
+            parts.append(y)
+        if extra is not None:
+            parts.append(extra)
+        return self.body(concat(parts) if len(parts) > 1 else parts[0])
+
+    def __call__(self, y, extra=None):
+        return self.features(y, extra)
+
+
+class Encoder(Features):
+    """`Features`, then the parameters of q(z|inputs): `loc`, `scale` (softplus + MIN_SCALE),
+    `tril` (full covariance) and the IAF steps `flow_<t>`; the twin of the Pyro backend's."""
+
+    latent_dim: int = 1
+    posterior: PosteriorSpec = PosteriorSpec()
+
+    def setup(self):
+        super().setup()
+        d, post = self.latent_dim, self.posterior
+        self.loc = nn.Dense(d)
+        self.scale = nn.Dense(d)
+        if post.kind == "full" and d > 1:
+            self.tril = nn.Dense(d * (d - 1) // 2)
+        if post.kind == "iaf":
+            self.flow = [MADE(d, tuple(post.flow_hidden), 2, post.activation)
+                         for _ in range(post.flow_steps)]
+
+    def __call__(self, y, extra=None):
+        """-> (loc, scale, below-diagonal entries of L or None, features h)."""
+        h = self.features(y, extra)
+        loc, scale = self.loc(h), scale_from_raw(self.scale(h))
+        below = self.tril(h) if self.posterior.kind == "full" and self.latent_dim > 1 else None
+        if self.posterior.kind == "iaf" and self.is_initializing():
+            for t in range(self.posterior.flow_steps):  # create the flow's parameters too
+                self.flow_params(loc, h, t)
+        return loc, scale, below, h
+
+    def flow_params(self, x, h, step: int):
+        """IAF step `step` at x (..., d) with context h: (m, gate logit), each (..., d)."""
+        reverse = step % 2 == 1
+        x = x[..., ::-1] if reverse else x
+        out = self.flow[step](h, x)  # (..., d, 2)
+        m, s = out[..., 0], out[..., 1]
+        if reverse:
+            m, s = m[..., ::-1], s[..., ::-1]
+        return m, s + autoregressive.IAF_GATE_BIAS
 
 
 class Decoder(nn.Module):
-    """z (..., d) -> likelihood parameters (..., D), or (..., D, K) when per_pixel = K > 1."""
+    """code (..., C) -> likelihood parameters (..., D), or (..., D, K) when per_pixel = K > 1."""
 
     spec: DecoderSpec
     data_dim: int
@@ -96,10 +154,10 @@ class Decoder(nn.Module):
         else:
             self.out = nn.Dense(self.data_dim * self.per_pixel)
 
-    def __call__(self, z, y=None):
-        """y is not used: this decoder's pixels are independent given z."""
-        lead = z.shape[:-1]
-        h = self.body(z)
+    def __call__(self, code, y=None):
+        """y is not used: this decoder's pixels are independent given the code."""
+        lead = code.shape[:-1]
+        h = self.body(code)
         if self.spec.kind == "conv":
             act = ACTIVATIONS[self.spec.activation]
             low = [s // 2 ** len(self.spec.channels) for s in self.image_shape]
@@ -141,16 +199,18 @@ class MaskedDense(nn.Module):
         return h
 
 
-class AutoregressiveDecoder(nn.Module):
-    """(z (..., d), y (..., D)) -> likelihood parameters (..., D) or (..., D, K): a MADE over the
-    pixels conditioned on z (`ppl_vae.autoregressive`); the twin of the Pyro backend's."""
+class MADE(nn.Module):
+    """(context (..., C), x (..., D)) -> (..., D) or (..., D, K): a MADE over x conditioned on
+    the context (`ppl_vae.autoregressive`); the twin of the Pyro backend's, used as the
+    autoregressive decoder and as each IAF step."""
 
-    spec: DecoderSpec
     data_dim: int
+    hidden: tuple[int, ...]
     per_pixel: int
+    activation: str
 
     def setup(self):
-        hidden = tuple(self.spec.hidden)
+        hidden = tuple(self.hidden)
         n = len(hidden) + 1
         widths = [*hidden, self.data_dim * self.per_pixel]
         self.layers = [MaskedDense(self.data_dim, hidden, self.per_pixel, i) for i in range(n)]
@@ -159,21 +219,39 @@ class AutoregressiveDecoder(nn.Module):
             self.direct = MaskedDense(self.data_dim, hidden, self.per_pixel, "direct",
                                       use_bias=False)
 
-    def __call__(self, z, y=None):
-        if y is None:
+    def __call__(self, context, x=None):
+        if x is None:
             raise ValueError("the autoregressive decoder needs the image y as well as z "
                              "(teacher forcing); draw images with `ancestral_sample`")
-        act = ACTIVATIONS[self.spec.activation]
-        lead = jnp.broadcast_shapes(z.shape[:-1], y.shape[:-1])
-        h = y
-        for i, (layer, context) in enumerate(zip(self.layers, self.context)):
-            h = layer(h) + context(z)
+        act = ACTIVATIONS[self.activation]
+        lead = jnp.broadcast_shapes(context.shape[:-1], x.shape[:-1])
+        h = x
+        for i, (layer, ctx) in enumerate(zip(self.layers, self.context)):
+            h = layer(h) + ctx(context)
             if i < len(self.layers) - 1:
                 h = act(h)
-        if self.spec.hidden:
-            h = h + self.direct(y)
+        if self.hidden:
+            h = h + self.direct(x)
         h = h.reshape(*lead, self.data_dim, self.per_pixel)
         return h[..., 0] if self.per_pixel == 1 else h
+
+
+class ConditionalPrior(nn.Module):
+    """inputs (..., C) (parents' values, label) -> (loc, scale) of p̂(z|inputs): `body`, `loc`,
+    `scale`, the twin of the Pyro backend's `Prior` of kind conditional."""
+
+    hidden: tuple[int, ...]
+    activation: str
+    latent_dim: int
+
+    def setup(self):
+        self.body = MLP(tuple(self.hidden), self.activation)
+        self.loc = nn.Dense(self.latent_dim)
+        self.scale = nn.Dense(self.latent_dim)
+
+    def __call__(self, inputs):
+        h = self.body(inputs)
+        return self.loc(h), scale_from_raw(self.scale(h))
 
 
 class SupervisedHead(nn.Module):

@@ -24,10 +24,9 @@ import optax
 
 from ppl_vae.data import Dataset
 from ppl_vae.numpyro.elbo import ScaledELBO
-from ppl_vae.numpyro.model import Model
+from ppl_vae.numpyro.hooks import Model
+from ppl_vae.objective import site_betas, step_term_keys
 from ppl_vae.spec import Spec
-
-STEP_FIELDS = ("objective", "rate", "distortion", "aux")
 
 
 class Trainer:
@@ -61,10 +60,12 @@ class Trainer:
         dynamic = self.spec.data.binarize == "dynamic"
         n, batch = x.shape[0], tr.batch_size
 
+        keys = step_term_keys(self.spec)
+
         def loss_fn(p, k, y, lab, beta):
-            t = self.elbo.with_weights(beta, lam).terms(k, p, built.model, built.guide, y, lab)
-            return t["loss"] / batch, jnp.stack([t["loss"], t["rate"], t["distortion"],
-                                                 t["aux"]]) / batch
+            t = self.elbo.with_weights(site_betas(self.spec, beta), lam).terms(
+                k, p, built.model, built.guide, y, lab)
+            return t["loss"] / batch, jnp.stack([t[name] for name in keys]) / batch
 
         def sgd_step(carry, beta):
             params, opt_state, key = carry
@@ -79,7 +80,7 @@ class Trainer:
             return (optax.apply_updates(params, updates), opt_state, key), row
 
         def skip(carry, beta):  # a padding step of a short last window: nothing happens
-            return carry, jnp.zeros(4, x.dtype)
+            return carry, jnp.zeros(len(keys), x.dtype)
 
         def step(carry, inputs):
             beta, on = inputs
@@ -95,7 +96,8 @@ class Trainer:
         return params, opt_state, key, rows
 
     def run_steps(self, betas: np.ndarray, lam: float) -> np.ndarray:
-        """One SVI step per entry of `betas`; returns (len(betas), 4) per-example STEP_FIELDS."""
+        """One SVI step per entry of `betas`; returns (len(betas), F) per-example values of
+        `objective.step_fields`, nats."""
         dtype = self.model.dtype
         calls = []
         for start in range(0, len(betas), self.steps_per_call):

@@ -59,6 +59,9 @@ class ScaledELBO(Trace_ELBO):
     :param num_particles: Monte Carlo samples of z per example (averaged).
     :param analytic_kl: use ``kl_divergence(q, p)`` for the rate of a latent site when it is
         registered for the pair, else the Monte Carlo ln q − ln p (as `TraceMeanField_ELBO`).
+        A guide site marked ``infer={"analytic_kl": False}`` always takes the Monte Carlo rate:
+        mark a site whose prior reads a latent that the guide draws *from* it (bottom-up
+        inference, q(z2|z1) with p̂(z1|z2)), where the KL at the drawn parent is biased.
     Other keyword arguments go to `pyro.infer.ELBO` (``vectorize_particles``,
     ``max_plate_nesting``, …).
     """
@@ -97,7 +100,7 @@ class ScaledELBO(Trace_ELBO):
         return terms
 
     def _rate(self, msite, gsite) -> torch.Tensor:
-        if self.analytic_kl:
+        if self.analytic_kl and gsite["infer"].get("analytic_kl", True):
             try:
                 kl = kl_divergence(gsite["fn"], msite["fn"])
             except NotImplementedError:

@@ -1,8 +1,12 @@
-"""PyTorch networks built from a spec: encoder, decoder, prior, likelihood parameters, aux heads.
+"""PyTorch networks built from a spec: encoders, decoder, priors, likelihood parameters, aux
+heads.
 
 Parameter names are canonical (`params.npz` uses ``<module>.<state_dict key>``) and layouts are
 PyTorch's: dense weights are (out, in), conv weights (out, in, kh, kw), transposed-conv weights
-(in, out, kh, kw). The NumPyro backend converts to and from this layout.
+(in, out, kh, kw). The NumPyro backend converts to and from this layout. Module names follow the
+latent graph (`ppl_vae.graph`): ``encoder``, ``prior`` in a one-site spec; ``encoder`` (the
+data's features), ``encoder_<site>``, ``prior_<site>`` in a graph; ``decoder``, ``likelihood``
+and ``aux_<name>`` in both.
 
 Every network accepts extra leading dimensions (particles) before the batch dimension.
 """
@@ -14,9 +18,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ppl_vae import autoregressive
+from ppl_vae import autoregressive, graph
 from ppl_vae.objective import aux_site_names
-from ppl_vae.spec import AuxSpec, DecoderSpec, EncoderSpec, LikelihoodSpec, PriorSpec, Spec
+from ppl_vae.spec import AuxSpec, DecoderSpec, LikelihoodSpec, PosteriorSpec, PriorSpec, Spec
 
 #: The smallest posterior/likelihood standard deviation; keeps ln q finite when softplus -> 0.
 MIN_SCALE = 1e-4
@@ -36,6 +40,18 @@ def params_per_pixel(likelihood: LikelihoodSpec) -> int:
     return likelihood.categories if likelihood.kind == "categorical" else 1
 
 
+def concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along the last axis after broadcasting the leading (particle, batch) axes,
+    e.g. features (B, H) with a drawn site (P, B, d) -> (P, B, H + d)."""
+    lead = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
+    return torch.cat([p.expand(*lead, p.shape[-1]) for p in parts], -1)
+
+
+def scale_from_raw(raw: torch.Tensor) -> torch.Tensor:
+    """softplus(raw) + MIN_SCALE: a standard deviation from an unconstrained output."""
+    return F.softplus(raw) + MIN_SCALE
+
+
 class MLP(nn.Module):
     """Dense layers `layers.i` with the activation between them (and after the last one)."""
 
@@ -50,60 +66,96 @@ class MLP(nn.Module):
         return h
 
 
-class Encoder(nn.Module):
-    """y (..., D) -> (loc, scale), each (..., d): the diagonal Gaussian q(z|y).
+class Features(nn.Module):
+    """(y (..., D) or None, extra (..., E) or None) -> features h (..., H).
 
-    conv: one 4x4 stride-2 conv per entry of `channels` (`convs.i`), flatten, then the MLP.
-    scale = softplus(raw) + MIN_SCALE.
+    conv (`channels` given): one 4x4 stride-2 conv of the image y per entry (`convs.i`), then
+    flatten; the extra inputs are appended; then the MLP `body` (`hidden`, [] = none).
     """
 
-    def __init__(self, spec: EncoderSpec, data_dim: int, latent_dim: int,
-                 image_shape: tuple[int, int] | None):
+    def __init__(self, data_dim: int, image_shape, extra_width: int, hidden: tuple[int, ...],
+                 activation: str, channels: tuple[int, ...] | None = None):
         super().__init__()
-        self.kind, self.image_shape = spec.kind, image_shape
-        self.act = ACTIVATIONS[spec.activation]
+        self.image_shape, self.conv = image_shape, bool(channels)
+        self.act = ACTIVATIONS[activation]
         width = data_dim
-        if spec.kind == "conv":
-            chans = [1, *spec.channels]
+        if channels:
+            chans = [1, *channels]
             self.convs = nn.ModuleList(
                 nn.Conv2d(a, b, 4, stride=2, padding=1) for a, b in zip(chans[:-1], chans[1:])
             )
-            side_h, side_w = (s // 2 ** len(spec.channels) for s in image_shape)
-            width = spec.channels[-1] * side_h * side_w
-        self.body = MLP([width, *spec.hidden], spec.activation)
-        out = spec.hidden[-1] if spec.hidden else width
-        self.loc = nn.Linear(out, latent_dim)
-        self.scale = nn.Linear(out, latent_dim)
+            width = graph.conv_width(channels, image_shape)
+        width += extra_width
+        self.body = MLP([width, *hidden], activation)
+        self.width = hidden[-1] if hidden else width
 
-    def features(self, y: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv":
-            lead = y.shape[:-1]
-            h = y.reshape(-1, 1, *self.image_shape)
-            for conv in self.convs:
-                h = self.act(conv(h))
-            y = h.reshape(*lead, -1)
-        return self.body(y)
+    def forward(self, y: torch.Tensor | None, extra: torch.Tensor | None = None) -> torch.Tensor:
+        parts = []
+        if y is not None:
+            if self.conv:
+                lead = y.shape[:-1]
+                h = y.reshape(-1, 1, *self.image_shape)
+                for conv in self.convs:
+                    h = self.act(conv(h))
+                y = h.reshape(*lead, -1)
+            parts.append(y)
+        if extra is not None:
+            parts.append(extra)
+        return self.body(concat(parts) if len(parts) > 1 else parts[0])
 
-    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(y)
-        return self.loc(h), F.softplus(self.scale(h)) + MIN_SCALE
+
+class Encoder(Features):
+    """`Features`, then the parameters of a posterior q(z|inputs) over d dimensions:
+    `loc`, `scale` (softplus + MIN_SCALE), `tril` (the d(d−1)/2 entries below the diagonal of
+    the full-covariance scale L, row by row) and `flow.t` (the MADE of IAF step t, reading
+    the features h as context; `ppl_vae.autoregressive`)."""
+
+    def __init__(self, data_dim: int, image_shape, extra_width: int, hidden, activation: str,
+                 latent_dim: int, posterior: PosteriorSpec, channels=None):
+        super().__init__(data_dim, image_shape, extra_width, hidden, activation, channels)
+        self.kind, self.latent_dim = posterior.kind, latent_dim
+        self.loc = nn.Linear(self.width, latent_dim)
+        self.scale = nn.Linear(self.width, latent_dim)
+        if posterior.kind == "full" and latent_dim > 1:
+            self.tril = nn.Linear(self.width, latent_dim * (latent_dim - 1) // 2)
+        if posterior.kind == "iaf":
+            self.flow = nn.ModuleList(
+                MADE(latent_dim, posterior.flow_hidden, 2, self.width, posterior.activation)
+                for _ in range(posterior.flow_steps))
+
+    def forward(self, y, extra=None):
+        """-> (loc, scale, below-diagonal entries of L or None, features h)."""
+        h = super().forward(y, extra)
+        below = self.tril(h) if hasattr(self, "tril") else None
+        return self.loc(h), scale_from_raw(self.scale(h)), below, h
+
+    def flow_params(self, x: torch.Tensor, h: torch.Tensor, step: int):
+        """IAF step `step` at x (..., d) with context h: (m, gate logit), each (..., d)."""
+        reverse = step % 2 == 1
+        x = x.flip(-1) if reverse else x
+        out = self.flow[step](h, x)  # (..., d, 2)
+        m, s = out[..., 0], out[..., 1]
+        if reverse:
+            m, s = m.flip(-1), s.flip(-1)
+        return m, s + autoregressive.IAF_GATE_BIAS
 
 
 class Decoder(nn.Module):
-    """z (..., d) -> likelihood parameters (..., D) or (..., D, K) for K categories.
+    """code (..., C) -> likelihood parameters (..., D) or (..., D, K) for K categories; the code
+    is the values of the sites the decoder reads, then the one-hot label.
 
     conv: the MLP, then a dense layer `project` to channels[0] x (H/2^L) x (W/2^L), then 4x4
     stride-2 transposed convs (`deconvs.i`), the last one to K output channels.
     """
 
-    def __init__(self, spec: DecoderSpec, data_dim: int, latent_dim: int,
+    def __init__(self, spec: DecoderSpec, data_dim: int, code_width: int,
                  image_shape: tuple[int, int] | None, per_pixel: int):
         super().__init__()
         self.kind, self.image_shape, self.per_pixel = spec.kind, image_shape, per_pixel
         self.data_dim = data_dim
         self.act = ACTIVATIONS[spec.activation]
-        self.body = MLP([latent_dim, *spec.hidden], spec.activation)
-        width = spec.hidden[-1] if spec.hidden else latent_dim
+        self.body = MLP([code_width, *spec.hidden], spec.activation)
+        width = spec.hidden[-1] if spec.hidden else code_width
         if spec.kind == "conv":
             self.low = tuple(s // 2 ** len(spec.channels) for s in image_shape)
             self.project = nn.Linear(width, spec.channels[0] * self.low[0] * self.low[1])
@@ -115,10 +167,10 @@ class Decoder(nn.Module):
         else:
             self.out = nn.Linear(width, data_dim * per_pixel)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """y is not used: this decoder's pixels are independent given z."""
-        lead = z.shape[:-1]
-        h = self.body(z)
+    def forward(self, code: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """y is not used: this decoder's pixels are independent given the code."""
+        lead = code.shape[:-1]
+        h = self.body(code)
         if self.kind == "conv":
             h = self.act(self.project(h)).reshape(-1, self.deconvs[0].in_channels, *self.low)
             for i, deconv in enumerate(self.deconvs):
@@ -144,45 +196,51 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.weight * self.mask, self.bias)
 
 
-class AutoregressiveDecoder(nn.Module):
-    """(z (..., d), y (..., D)) -> likelihood parameters (..., D) or (..., D, K): a MADE over the
-    pixels conditioned on z, so that the parameters of pixel i depend on y_<i and z only (see
-    `ppl_vae.autoregressive` for the layers and masks). y is the data in its own units (the
-    observed image, teacher forcing); draws come from `ancestral_sample`."""
+class MADE(nn.Module):
+    """(context (..., C), x (..., D)) -> (..., D) or (..., D, K): a MADE over x conditioned on
+    the context, so that the K outputs of dimension i depend on x_<i and the context only
+    (`ppl_vae.autoregressive`: layers `layers.l`, context layers `context.l`, `direct`).
 
-    def __init__(self, spec: DecoderSpec, data_dim: int, latent_dim: int, per_pixel: int):
+    Two components: the autoregressive decoder (x the image, teacher forcing; the context the
+    code; draws from `ancestral_sample`) and each step of an IAF posterior (x the latent, K = 2,
+    the context the encoder's features)."""
+
+    def __init__(self, data_dim: int, hidden: tuple[int, ...], per_pixel: int, context_dim: int,
+                 activation: str):
         super().__init__()
         self.data_dim, self.per_pixel = data_dim, per_pixel
-        self.act = ACTIVATIONS[spec.activation]
-        masks = autoregressive.layer_masks(data_dim, spec.hidden, per_pixel)
+        self.act = ACTIVATIONS[activation]
+        masks = autoregressive.layer_masks(data_dim, hidden, per_pixel)
         self.layers = nn.ModuleList(MaskedLinear(m) for m in masks)
-        self.context = nn.ModuleList(nn.Linear(latent_dim, m.shape[1], bias=False)
+        self.context = nn.ModuleList(nn.Linear(context_dim, m.shape[1], bias=False)
                                      for m in masks)
-        if spec.hidden:
+        if hidden:
             self.direct = MaskedLinear(autoregressive.direct_mask(data_dim, per_pixel),
                                        bias=False)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if y is None:
+    def forward(self, context: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        if x is None:
             raise ValueError("the autoregressive decoder needs the image y as well as z "
                              "(teacher forcing); draw images with `ancestral_sample`")
-        lead = torch.broadcast_shapes(z.shape[:-1], y.shape[:-1])
-        h = y
-        for i, (layer, context) in enumerate(zip(self.layers, self.context)):
-            h = layer(h) + context(z)
+        lead = torch.broadcast_shapes(context.shape[:-1], x.shape[:-1])
+        h = x
+        for i, (layer, ctx) in enumerate(zip(self.layers, self.context)):
+            h = layer(h) + ctx(context)
             if i < len(self.layers) - 1:
                 h = self.act(h)
         if hasattr(self, "direct"):
-            h = h + self.direct(y)
+            h = h + self.direct(x)
         h = h.reshape(*lead, self.data_dim, self.per_pixel)
         return h.squeeze(-1) if self.per_pixel == 1 else h
 
 
 class Prior(nn.Module):
-    """P̂_Φ(z): `normal` N(0, I) (no parameters), `learned_normal` N(loc, diag exp(log_scale)²),
-    or `mixture`: sum_k softmax(logits)_k N(loc_k, diag exp(log_scale_k)²)."""
+    """P̂_Φ(z) of one site: `normal` N(0, I) (no parameters), `learned_normal`
+    N(loc, diag exp(log_scale)²), `mixture` Σ_k softmax(logits)_k N(loc_k, diag exp(log_scale_k)²),
+    or `conditional` N(loc(h), diag scale(h)²) with h = body(parents, label): `body`, `loc`,
+    `scale` as in an encoder."""
 
-    def __init__(self, spec: PriorSpec, latent_dim: int):
+    def __init__(self, spec: PriorSpec, latent_dim: int, in_width: int = 0):
         super().__init__()
         self.kind, self.dim = spec.kind, latent_dim
         if spec.kind == "learned_normal":
@@ -194,6 +252,11 @@ class Prior(nn.Module):
             # Spread the components so they do not start identical (they would stay identical).
             self.loc = nn.Parameter(torch.randn(k, latent_dim))
             self.log_scale = nn.Parameter(torch.zeros(k, latent_dim))
+        elif spec.kind == "conditional":
+            self.body = MLP([in_width, *spec.hidden], spec.activation)
+            width = spec.hidden[-1] if spec.hidden else in_width
+            self.loc = nn.Linear(width, latent_dim)
+            self.scale = nn.Linear(width, latent_dim)
         else:
             self.register_buffer("zero", torch.zeros(()), persistent=False)
 
@@ -220,19 +283,34 @@ class SupervisedHead(nn.Module):
 
 
 def build_networks(spec: Spec, data_dim: int, image_shape) -> dict[str, nn.Module]:
-    """All modules of a spec, by canonical module name. The prefix decides the role: `encoder`
-    and `aux_*` belong to the guide (Ψ); `decoder`, `prior`, `likelihood` to the model (Φ)."""
-    d, per_pixel = spec.latent.dim, params_per_pixel(spec.likelihood)
-    decoder = (AutoregressiveDecoder(spec.decoder, data_dim, d, per_pixel)
-               if spec.decoder.kind == "autoregressive" else
-               Decoder(spec.decoder, data_dim, d, image_shape, per_pixel))
-    modules: dict[str, nn.Module] = {
-        "encoder": Encoder(spec.encoder, data_dim, d, image_shape),
-        "decoder": decoder,
-        "prior": Prior(spec.prior, d),
-        "likelihood": Likelihood(spec.likelihood, data_dim),
-    }
+    """All modules of a spec, by canonical module name. The prefix decides the role: `encoder*`
+    and `aux_*` belong to the guide (Ψ); `decoder`, `prior*`, `likelihood` to the model (Φ)."""
+    enc, per_pixel = spec.encoder, params_per_pixel(spec.likelihood)
+    channels = enc.channels if enc.kind == "conv" else None
+    code = graph.decoder_input_width(spec)
+    modules: dict[str, nn.Module] = {}
+    if not graph.is_graph(spec):
+        (s,) = spec.sites
+        modules["encoder"] = Encoder(data_dim, image_shape, graph.label_width(spec), enc.hidden,
+                                     enc.activation, s.dim, s.posterior, channels)
+    elif graph.has_feature_network(spec):
+        modules["encoder"] = Features(data_dim, image_shape, 0, enc.hidden, enc.activation,
+                                      channels)
+    for s in spec.sites if graph.is_graph(spec) else ():
+        post = s.posterior
+        modules[graph.encoder_module(spec, s.name)] = Encoder(
+            0, None, graph.posterior_extra_width(spec, s, data_dim, image_shape), post.hidden,
+            post.activation, s.dim, post)
+    modules["decoder"] = (
+        MADE(data_dim, spec.decoder.hidden, per_pixel, code, spec.decoder.activation)
+        if spec.decoder.kind == "autoregressive" else
+        Decoder(spec.decoder, data_dim, code, image_shape, per_pixel))
+    for s in spec.sites:
+        modules[graph.prior_module(spec, s.name)] = Prior(s.prior, s.dim,
+                                                          graph.prior_input_width(spec, s))
+    modules["likelihood"] = Likelihood(spec.likelihood, data_dim)
+    dims = {s.name: s.dim for s in spec.sites}
     for name, aux in zip(aux_site_names(spec), spec.objective.aux):
         if aux.kind == "supervised":
-            modules[f"aux_{name}"] = SupervisedHead(aux, d)
+            modules[f"aux_{name}"] = SupervisedHead(aux, dims[graph.aux_site(spec, aux)])
     return modules

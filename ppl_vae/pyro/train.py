@@ -14,12 +14,10 @@ import pyro
 import torch
 
 from ppl_vae.data import Dataset
+from ppl_vae.objective import site_betas, step_term_keys
 from ppl_vae.pyro.elbo import ScaledELBO
-from ppl_vae.pyro.model import Model
+from ppl_vae.pyro.hooks import Model
 from ppl_vae.spec import Spec
-
-#: Columns of the array `run_steps` returns, per example, in nats.
-STEP_FIELDS = ("objective", "rate", "distortion", "aux")
 
 
 class Trainer:
@@ -46,16 +44,18 @@ class Trainer:
         self.params = list(self.model.modules.parameters())
         self.optimizer = torch.optim.Adam(self.params, lr=tr.lr)
         self.step = 0
+        self.term_keys = step_term_keys(spec)
 
     def run_steps(self, betas: np.ndarray, lam: float) -> np.ndarray:
-        """One SVI step per entry of `betas`; returns (len(betas), 4) per-example STEP_FIELDS."""
+        """One SVI step per entry of `betas`; returns (len(betas), F) per-example values of
+        `objective.step_fields` (the terms `step_term_keys`), nats."""
         tr, built = self.spec.train, self.model.built
         n, batch = len(self.x), tr.batch_size
         dynamic = self.spec.data.binarize == "dynamic"
         rows = []
         self.elbo.lam = lam
         for beta in betas:
-            self.elbo.beta = float(beta)
+            self.elbo.beta = site_betas(self.spec, float(beta))
             idx = torch.randint(n, (batch,), device=self.device)
             y = self.x[idx]
             if dynamic:
@@ -70,8 +70,7 @@ class Trainer:
             if tr.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, tr.clip_norm)
             self.optimizer.step()
-            rows.append(torch.stack([terms[k].detach() for k in ("loss", "rate", "distortion",
-                                                                  "aux")]))
+            rows.append(torch.stack([terms[k].detach() for k in self.term_keys]))
             self.step += 1
         return (torch.stack(rows) / batch).double().cpu().numpy()
 

@@ -143,7 +143,7 @@ def test_aux_gradients_reach_the_encoder_only():
                               'objective.aux=[{kind="infonce"}, {kind="supervised"}]',
                               "encoder.hidden=[16]", "decoder.hidden=[16]"])
     built = build(spec, 12)
-    from ppl_vae.numpyro.model import export_params, init_params
+    from ppl_vae.numpyro.params import export_params, init_params
 
     params = init_params(built, 12, jax.random.PRNGKey(0))
     y = jnp.asarray(np.random.default_rng(0).integers(0, 2, (10, 12)), jnp.float32)

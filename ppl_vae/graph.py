@@ -1,0 +1,267 @@
+"""The latent graph of a spec, backend-free: its sites, the orders in which the model and the
+guide draw them, where a closed-form rate is valid, module names and input widths.
+
+A spec declares latent sites (`Spec.sites`: `[[latents]]`, or the one site ``z``). Two graphs
+connect them:
+
+* the **prior graph**: p̂(z_s | parents(s)) (`prior.parents` of a `conditional` prior), drawn
+  by the model in `model_order`, parents first, down to the decoder's sites, P̂_Φ(y | reads);
+* the **posterior graph**: q(z_s | inputs(s)) (`posterior.inputs`: "y" and/or other sites),
+  drawn by the guide in `guide_order`, inputs first. Bottom-up inference (Burda et al. 2016,
+  q(z1|y) q(z2|z1)) runs against the prior graph's direction; top-down (ladder-style,
+  q(z2|y) q(z1|y, z2)) along it.
+
+Both backends build from these functions, so the two agree on every order, name and width.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # spec.py validates with this module: no import of it at run time
+    from ppl_vae.spec import SiteSpec, Spec
+
+#: The posterior input that stands for the data (through the `[encoder]` network).
+DATA = "y"
+
+
+class CycleError(ValueError):
+    """The graph has a cycle; `cycle` lists its sites, the first one repeated at the end."""
+
+    def __init__(self, cycle: list[str]):
+        self.cycle = cycle
+        super().__init__(" → ".join(cycle))
+
+
+def topological_order(names: list[str], parents: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """`names` ordered parents first, ties kept in the given order; raises CycleError."""
+    done: list[str] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+
+    def visit(name: str, path: list[str]):
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise CycleError(path[path.index(name):] + [name])
+        state[name] = 1
+        for parent in parents.get(name, ()):
+            if parent in parents:  # unknown names are the validator's to report
+                visit(parent, [*path, name])
+        state[name] = 2
+        done.append(name)
+
+    for name in names:
+        visit(name, [])
+    return tuple(done)
+
+
+def site_names(spec: Spec) -> tuple[str, ...]:
+    return tuple(s.name for s in spec.sites)
+
+
+def site(spec: Spec, name: str) -> SiteSpec:
+    for s in spec.sites:
+        if s.name == name:
+            return s
+    raise KeyError(f"no latent site {name!r}; the sites are {', '.join(site_names(spec))}")
+
+
+def prior_parents(s: SiteSpec) -> tuple[str, ...]:
+    return s.prior.parents if s.prior.kind == "conditional" else ()
+
+
+def posterior_sites(s: SiteSpec) -> tuple[str, ...]:
+    """The latent sites (not "y") that the posterior of `s` reads."""
+    return tuple(i for i in s.posterior.inputs if i != DATA)
+
+
+def model_order(spec: Spec) -> tuple[str, ...]:
+    """The order in which the model draws the sites: each after its prior's parents."""
+    return topological_order(list(site_names(spec)),
+                             {s.name: prior_parents(s) for s in spec.sites})
+
+
+def guide_order(spec: Spec) -> tuple[str, ...]:
+    """The order in which the guide draws the sites: each after the sites its posterior reads."""
+    return topological_order(list(site_names(spec)),
+                             {s.name: posterior_sites(s) for s in spec.sites})
+
+
+def guide_descendants(spec: Spec, name: str) -> set[str]:
+    """The sites whose posterior reads `name`, directly or through other sites."""
+    children: dict[str, list[str]] = {s.name: [] for s in spec.sites}
+    for s in spec.sites:
+        for i in posterior_sites(s):
+            children.setdefault(i, []).append(s.name)
+    out: set[str] = set()
+    todo = list(children.get(name, ()))
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(children.get(n, ()))
+    return out
+
+
+def closed_form_rate_valid(spec: Spec) -> dict[str, bool]:
+    """Per site: may its rate E_q[ln q(z_s|·) − ln p̂(z_s|parents)] be replaced by the closed-form
+    KL(q(z_s|·) ‖ p̂(z_s|parents)) at the guide's draw of the parents?
+
+    Only when no parent of s in the prior graph is drawn by the guide *after* s, from s: then
+    z_s given everything the KL conditions on is still distributed as q(z_s|·). With bottom-up
+    inference (q(z2|z1), p̂(z1|z2)) the parent z2 is inferred from z1, the two are correlated
+    under q, and the KL at the drawn z2 is biased (too large): that site's rate stays Monte
+    Carlo. (Pyro's `TraceMeanField_ELBO` assumes the orders agree and only warns.)
+    """
+    return {s.name: not (set(prior_parents(s)) & guide_descendants(spec, s.name))
+            for s in spec.sites}
+
+
+def ancestors_in_prior(spec: Spec, names) -> set[str]:
+    """`names` and every site their priors read, directly or not."""
+    by_name = {s.name: s for s in spec.sites}
+    out: set[str] = set()
+    todo = [n for n in names if n in by_name]
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(p for p in prior_parents(by_name[n]) if p in by_name)
+    return out
+
+
+def sites_to_fill(spec: Spec, given) -> tuple[str, ...]:
+    """The sites, in model order, that the decoder needs but `given` lacks: the decoder's sites
+    and, for each of those missing, the parents its prior reads (e.g. a traversal of z2 in
+    z2 → z1 → y needs z1 from p̂(z1|z2))."""
+    by_name = {s.name: s for s in spec.sites}
+    needed: set[str] = set()
+    todo = [r for r in spec.decoder.reads if r not in given]
+    while todo:
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo.extend(p for p in prior_parents(by_name[n]) if p not in given)
+    return tuple(n for n in model_order(spec) if n in needed)
+
+
+def gaussian_data_site(spec: Spec, name: str | None = None) -> SiteSpec:
+    """The site `name` (default: the first), checked to have a Gaussian posterior of the data
+    alone, q(z|y, label), whose mean and standard deviations an `encode` hook can return."""
+    s = site(spec, name or spec.sites[0].name)
+    if posterior_sites(s):
+        raise ValueError(f"site {s.name!r}: its posterior reads {', '.join(posterior_sites(s))}, "
+                         "so q(z|y) is a mixture, not a Gaussian: use posterior_draws")
+    if s.posterior.kind == "iaf":
+        raise ValueError(f"site {s.name!r}: an IAF posterior is not Gaussian: use "
+                         "posterior_draws")
+    return s
+
+
+def as_code(spec: Spec, code) -> dict:
+    """A latent code as {site: (N, d)}: a dict as it is, an array as the value of the one site
+    of a one-site spec."""
+    if isinstance(code, dict):
+        unknown = set(code) - set(site_names(spec))
+        if unknown:
+            raise ValueError(f"unknown latent sites {sorted(unknown)}; the sites are "
+                             f"{', '.join(site_names(spec))}")
+        return dict(code)
+    if len(spec.sites) != 1:
+        raise ValueError("this model has latent sites " + ", ".join(site_names(spec))
+                         + ": pass the code as a dict {site: values}")
+    return {spec.sites[0].name: code}
+
+
+# ---- module names ---------------------------------------------------------------------------
+def is_graph(spec: Spec) -> bool:
+    """True when the spec declares `[[latents]]` (module names then carry the site)."""
+    return bool(spec.latents)
+
+
+def encoder_module(spec: Spec, name: str) -> str:
+    """The module of the posterior of site `name`: ``encoder`` in a one-site spec (the data
+    network and the posterior in one, as always), ``encoder_<site>`` in a graph."""
+    return f"encoder_{name}" if is_graph(spec) else "encoder"
+
+
+def prior_module(spec: Spec, name: str) -> str:
+    """The module (or parameter prefix) of the prior of site `name`: ``prior`` or
+    ``prior_<site>``."""
+    return f"prior_{name}" if is_graph(spec) else "prior"
+
+
+def has_feature_network(spec: Spec) -> bool:
+    """A graph's shared data network ``encoder`` (y → features read as "y" by the posteriors)
+    exists when it has layers; an MLP with ``hidden = []`` is the identity and has none."""
+    return is_graph(spec) and (spec.encoder.kind == "conv" or bool(spec.encoder.hidden))
+
+
+# ---- widths ---------------------------------------------------------------------------------
+def label_width(spec: Spec) -> int:
+    """Width of the one-hot label that posteriors and decoder read (0 without conditioning)."""
+    return spec.label.classes if spec.label.condition else 0
+
+
+def conv_width(channels: tuple[int, ...], image_shape) -> int:
+    """Features after one stride-2 convolution per channel count, flattened."""
+    h, w = (s // 2 ** len(channels) for s in image_shape)
+    return channels[-1] * h * w
+
+
+def data_feature_width(spec: Spec, data_dim: int, image_shape) -> int:
+    """Width of the data's features that a posterior reading "y" gets: the `[encoder]` network's
+    output (its last hidden width, else its input) in a graph, or the raw data when that
+    network is the identity. (In a one-site spec the encoder module reads y itself.)"""
+    enc = spec.encoder
+    if enc.hidden:
+        return enc.hidden[-1]
+    return conv_width(enc.channels, image_shape) if enc.kind == "conv" else data_dim
+
+
+def posterior_extra_width(spec: Spec, s: SiteSpec, data_dim: int, image_shape) -> int:
+    """Width of what the posterior of `s` reads besides the raw data: in a graph, the data's
+    features (if it reads "y"), the sites it reads and the label; in a one-site spec the label
+    only (it is appended to the data's features)."""
+    label = label_width(spec)
+    if not is_graph(spec):
+        return label
+    dims = {x.name: x.dim for x in spec.sites}
+    width = sum(dims[i] for i in posterior_sites(s)) + label
+    if DATA in s.posterior.inputs:
+        width += data_feature_width(spec, data_dim, image_shape)
+    return width
+
+
+def prior_input_width(spec: Spec, s: SiteSpec) -> int:
+    """Width of what a `conditional` prior reads: its parents' values and the label."""
+    dims = {x.name: x.dim for x in spec.sites}
+    return (sum(dims[p] for p in prior_parents(s))
+            + (spec.label.classes if spec.label.prior else 0))
+
+
+def decoder_input_width(spec: Spec) -> int:
+    """Width of the code the decoder reads: its sites' values, then the one-hot label."""
+    dims = {x.name: x.dim for x in spec.sites}
+    return sum(dims[r] for r in spec.decoder.reads) + label_width(spec)
+
+
+def total_dim(spec: Spec) -> int:
+    return sum(s.dim for s in spec.sites)
+
+
+def aux_site(spec: Spec, aux) -> str:
+    """The site an aux term reads: its `site`, or the first site."""
+    return aux.site or spec.sites[0].name
+
+
+def site_beta_weights(spec: Spec) -> dict[str, float]:
+    """Per-site multipliers of objective.beta (`[[latents]] beta`; 1 in a one-site spec)."""
+    return {s.name: s.beta for s in spec.sites}
+
+
+# ---- metric names ---------------------------------------------------------------------------
+def rate_dim_key(spec: Spec, name: str, i: int) -> str:
+    """The metric name of the rate of dimension i of site `name`: ``rate/dim_<i>`` in a
+    one-site spec (as always), ``rate/<site>/dim_<i>`` in a graph."""
+    return f"rate/{name}/dim_{i}" if is_graph(spec) else f"rate/dim_{i}"

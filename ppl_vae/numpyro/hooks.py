@@ -1,0 +1,275 @@
+"""`Model`: a spec built with parameters on a device, and the hooks backend-free code calls
+(NumPy in and out); the twin of `ppl_vae/pyro/hooks.py`, every hook a jitted function of the
+param map (compiled once per shape)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+from numpyro import handlers
+from numpyro.distributions import kl_divergence
+
+from ppl_vae import graph
+from ppl_vae.backends import BackendError
+from ppl_vae.diagnostics import log_weights_from_parts
+from ppl_vae.numpyro.latents import factorised_normal, marginal_std, site_log_prob
+from ppl_vae.numpyro.likelihood import ancestral_sample, likelihood_mean
+from ppl_vae.numpyro.model import build
+from ppl_vae.numpyro.params import export_params, import_params, init_params
+from ppl_vae.spec import Spec
+
+
+def resolve_device(device: str):
+    """"auto" → the first GPU when JAX sees one, else the CPU; "cuda" without one is an error."""
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if device == "cuda" and not gpus:
+        raise BackendError(
+            f"device 'cuda' was asked for, but JAX ({jax.__version__}) sees no GPU; use --device "
+            "cpu (or auto), or install jax with CUDA support (pip install 'jax[cuda12]')."
+        )
+    if device in ("cuda", "auto") and gpus:
+        return gpus[0]
+    return jax.devices("cpu")[0]
+
+
+def check_dtype(spec: Spec):
+    if spec.train.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise BackendError("train.dtype = 'float64' with the numpyro backend needs JAX's 64-bit "
+                           "mode: set the environment variable JAX_ENABLE_X64=1 before starting")
+    return jnp.float64 if spec.train.dtype == "float64" else jnp.float32
+
+
+def _traces(built, param_map, key, y, labels):
+    """The posterior guide's trace and the nll model replayed on it (the key split as the
+    ELBOs split it)."""
+    model_key, guide_key = jax.random.split(key)
+    guide_trace = handlers.trace(handlers.substitute(handlers.seed(
+        built.posterior_guide, guide_key), data=param_map)).get_trace(y, labels)
+    model_trace = handlers.trace(handlers.substitute(handlers.replay(handlers.seed(
+        built.elbo_model, model_key), guide_trace), data=param_map)).get_trace(y, labels)
+    return guide_trace, model_trace
+
+
+class Model:
+    """The spec built with parameters on a device, with the hooks backend-free code calls
+    (NumPy in and out); the same methods as the Pyro backend's `Model`."""
+
+    def __init__(self, spec: Spec, data_dim: int, image_shape=None, device: str = "auto",
+                 params: dict[str, np.ndarray] | None = None, rng_key=None):
+        self.spec, self.data_dim, self.image_shape = spec, data_dim, image_shape
+        self.device = resolve_device(device)
+        self.dtype = check_dtype(spec)
+        self.built = build(spec, data_dim, image_shape)
+        key = jax.random.PRNGKey(spec.train.seed) if rng_key is None else rng_key
+        with jax.default_device(self.device):
+            param_map = init_params(self.built, data_dim, key)
+            param_map = jax.tree_util.tree_map(lambda a: jnp.asarray(a, self.dtype), param_map)
+            if params is not None:
+                param_map = import_params(param_map, params)
+        self.param_map = jax.device_put(param_map, self.device)
+        self._jitted: dict[str, object] = {}
+
+    def _jit(self, name: str, fn, **kwargs):
+        """`fn` jitted once per Model (and per shape, as JAX does)."""
+        if name not in self._jitted:
+            self._jitted[name] = jax.jit(fn, **kwargs)
+        return self._jitted[name]
+
+    def tensor(self, x):
+        return jax.device_put(jnp.asarray(np.asarray(x), self.dtype), self.device)
+
+    def _labels(self, labels):
+        return None if labels is None else jax.device_put(
+            jnp.asarray(np.asarray(labels), jnp.int32), self.device)
+
+    def export_params(self) -> dict[str, np.ndarray]:
+        return export_params(self.param_map)
+
+    def import_params(self, params: dict[str, np.ndarray]) -> None:
+        self.param_map = jax.device_put(import_params(self.param_map, params), self.device)
+
+    # -- posteriors -----------------------------------------------------------------------------
+    def encode(self, x: np.ndarray, batch_size: int = 1000, labels=None,
+               site: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and coordinate standard deviations of the Gaussian posterior q(z_site|y), each
+        (N, d) (see the Pyro twin)."""
+        s = graph.gaussian_data_site(self.spec, site)
+
+        def encode(param_map, y, labels, name):
+            with handlers.substitute(data=param_map):
+                q, loc, _ = self.built.posterior_of(name, y, {}, self.built.label_input(labels))
+            return loc, marginal_std(q)
+
+        fn = self._jit("encode", encode, static_argnums=3)
+        parts = [fn(self.param_map, self.tensor(x[i:i + batch_size]),
+                    self._labels(None if labels is None else labels[i:i + batch_size]), s.name)
+                 for i in range(0, len(x), batch_size)]
+        return (np.concatenate([np.asarray(p[0]) for p in parts]),
+                np.concatenate([np.asarray(p[1]) for p in parts]))
+
+    def posterior_draws(self, x: np.ndarray, labels=None, num_samples: int = 1, seed: int = 0,
+                        batch_size: int = 1000) -> dict[str, np.ndarray]:
+        """Draws from the joint posterior q(z_1, ..., z_S | y): {site: (N, num_samples, d)}."""
+
+        def draws(param_map, key, y, labels, k):
+            def one(key):
+                trace = handlers.trace(handlers.substitute(handlers.seed(
+                    self.built.posterior_guide, key), data=param_map)).get_trace(y, labels)
+                return {s.name: trace[s.name]["value"] for s in self.spec.sites}
+
+            return jax.vmap(one)(jax.random.split(key, k))
+
+        fn = self._jit("draws", draws, static_argnums=4)
+        key = jax.random.PRNGKey(seed)
+        out: dict[str, list] = {s.name: [] for s in self.spec.sites}
+        for b, i in enumerate(range(0, len(x), batch_size)):
+            got = fn(self.param_map, jax.random.fold_in(key, b), self.tensor(x[i:i + batch_size]),
+                     self._labels(None if labels is None else labels[i:i + batch_size]),
+                     num_samples)
+            for name, v in got.items():
+                out[name].append(np.asarray(v).transpose(1, 0, 2))
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    # -- the model --------------------------------------------------------------------------
+    def decode_mean(self, code, seed: int = 0, labels=None) -> np.ndarray:
+        """E[y|z], (N, D), from {site: (N, d)} or a one-site model's array; missing sites the
+        decoder needs are set to their prior means (see the Pyro twin)."""
+        code = {k: self.tensor(v) for k, v in graph.as_code(self.spec, code).items()}
+        fill = graph.sites_to_fill(self.spec, code)
+        fn = self._jit(f"decode:{','.join(sorted(code))}",
+                       functools.partial(self._decode_mean, fill=fill))
+        return np.asarray(fn(self.param_map, code, self._labels(labels),
+                             jax.random.PRNGKey(seed)))
+
+    def _decode_mean(self, param_map, values, labels, key, fill):
+        spec, built = self.spec, self.built
+        values = dict(values)
+        n = next(iter(values.values())).shape[0]
+        with handlers.substitute(data=param_map):
+            onehot = built.label_input(labels)
+            for name in fill:
+                mean = built.prior_of(name, values, onehot).mean
+                values[name] = jnp.broadcast_to(mean, (n, mean.shape[-1]))
+            net = built.decoder()
+            code = built.code(values, onehot)
+        if spec.decoder.kind == "autoregressive":
+            return ancestral_sample(spec.likelihood, net, code, self.data_dim, key,
+                                    param_map.get("likelihood.log_scale"))[1]
+        return likelihood_mean(spec.likelihood, net(code, None))
+
+    def sample_prior(self, n: int, seed: int = 0, labels=None) -> dict[str, np.ndarray]:
+        """n ancestral draws from P̂_Φ(z_1, ..., z_S): {site: (n, d)} (see the Pyro twin)."""
+
+        def draw(labels):
+            onehot = self.built.label_input(labels)
+            values = {}
+            with numpyro.plate("data", n):
+                for name in graph.model_order(self.spec):
+                    values[name] = numpyro.sample(name, self.built.prior_of(name, values,
+                                                                             onehot))
+            return values
+
+        fn = handlers.seed(handlers.substitute(draw, data=self.param_map),
+                           jax.random.PRNGKey(seed))
+        return {k: np.asarray(v) for k, v in fn(self._labels(labels)).items()}
+
+    def prior_normal(self, site: str | None = None):
+        """(loc, scale), each (d,), when the prior of `site` (default: the first) is a fixed or
+        learned factorised normal; None otherwise."""
+        s = graph.site(self.spec, site or self.spec.sites[0].name)
+        prefix = graph.prior_module(self.spec, s.name)
+        if s.prior.kind == "normal":
+            return np.zeros(s.dim), np.ones(s.dim)
+        if s.prior.kind == "learned_normal":
+            return (np.asarray(self.param_map[f"{prefix}.loc"], np.float64),
+                    np.exp(np.asarray(self.param_map[f"{prefix}.log_scale"], np.float64)))
+        return None
+
+    # -- log-densities and the ELBO's terms -------------------------------------------------------
+    def log_density_parts(self, x: np.ndarray, num_samples: int, seed: int = 0,
+                          chunk: int = 500, labels=None) -> np.ndarray:
+        """(N, K, 1 + 2S) float64, nats: ln p̂(y|z_k), then ln p̂(z_s,k | parents) and
+        ln q(z_s,k | inputs) for each site (the twin of the Pyro backend's hook)."""
+        fn = self._jit("parts", self._parts_chunk, static_argnums=4)
+        y, lab = self.tensor(x), self._labels(labels)
+        key = jax.random.PRNGKey(seed)
+        out = [np.asarray(fn(self.param_map, jax.random.fold_in(key, i), y, lab,
+                             min(chunk, num_samples - k)), np.float64)
+               for i, k in enumerate(range(0, num_samples, chunk))]
+        return np.concatenate(out).transpose(1, 0, 2).copy()
+
+    def _parts_chunk(self, param_map, key, y, labels, k):
+        def one(key):
+            guide_trace, model_trace = _traces(self.built, param_map, key, y, labels)
+            columns = [site_log_prob(model_trace["y"])]
+            for s in self.spec.sites:
+                columns += [site_log_prob(model_trace[s.name]), site_log_prob(guide_trace[s.name])]
+            return jnp.stack(columns, -1)
+
+        return jax.vmap(one)(jax.random.split(key, k))
+
+    def log_weights(self, x: np.ndarray, num_samples: int, seed: int = 0,
+                    chunk: int = 500, labels=None) -> np.ndarray:
+        """Importance log-weights ln p̂(y, z_k) − ln q(z_k|y), z_k ~ q(z|y) jointly over the
+        sites, (N, K) float64."""
+        return log_weights_from_parts(self.log_density_parts(x, num_samples, seed, chunk,
+                                                             labels))
+
+    def _rate_per_dim(self, param_map, key, y, labels) -> dict:
+        """{site: (d,)} per-coordinate rates summed over the batch (see the Pyro twin)."""
+        guide_trace, model_trace = _traces(self.built, param_map, key, y, labels)
+        closed_form = graph.closed_form_rate_valid(self.spec)
+        out = {}
+        for s in self.spec.sites:
+            gsite, msite = guide_trace[s.name], model_trace[s.name]
+            q, p = factorised_normal(gsite["fn"]), factorised_normal(msite["fn"])
+            if q is None or p is None:
+                continue
+            value = gsite["value"]
+            per = kl_divergence(q, p) if closed_form[s.name] else q.log_prob(value) - p.log_prob(
+                value)
+            out[s.name] = jnp.broadcast_to(per, value.shape).reshape(-1, s.dim).sum(0)
+        return out
+
+    def eval_terms(self, x: np.ndarray, labels, beta, lam: float, seed: int = 0,
+                   batch_size: int = 1000) -> dict[str, float]:
+        """Sums over the examples of x (nats): objective, rate, distortion, aux, nll,
+        rate/<site> and rate/<site>/dim_<i> (see the Pyro twin)."""
+        fn = self._jit("eval", self._eval_batch)
+        key = jax.random.PRNGKey(seed)
+        beta = jax.tree.map(lambda b: jnp.asarray(b, self.dtype), beta)
+        sums: dict[str, np.ndarray] = {}
+        for b, i in enumerate(range(0, len(x), batch_size)):
+            got = fn(self.param_map, jax.random.fold_in(key, b), self.tensor(x[i:i + batch_size]),
+                     self._labels(None if labels is None else labels[i:i + batch_size]), beta,
+                     jnp.asarray(lam, self.dtype))
+            for k, v in got.items():
+                sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+        out = {k: float(v) for k, v in sums.items() if np.ndim(v) == 0}
+        for name, per in ((k[len("dims/"):], v) for k, v in sums.items() if k.startswith("dims/")):
+            out |= {f"rate/{name}/dim_{i}": float(v) for i, v in enumerate(per)}
+        return out
+
+    def _eval_batch(self, param_map, key, y, labels, beta, lam):
+        from ppl_vae.numpyro.elbo import ScaledELBO
+
+        obj = self.spec.objective
+        elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl)
+        k1, k2 = jax.random.split(key)
+        k3 = jax.random.fold_in(key, 2)
+        t = elbo.with_weights(beta, lam).terms(k1, param_map, self.built.model, self.built.guide,
+                                               y, labels)
+        if self.built.elbo_model is self.built.model:
+            nll = t["distortion"]
+        else:
+            nll = elbo.terms(k2, param_map, self.built.elbo_model, self.built.guide, y,
+                             labels)["distortion"]
+        out = {"objective": t["loss"], "rate": t["rate"], "distortion": t["distortion"],
+               "aux": t["aux"], "nll": nll}
+        out |= {f"rate/{s.name}": t[f"rate/{s.name}"] for s in self.spec.sites}
+        out |= {f"dims/{k}": v for k, v in self._rate_per_dim(param_map, k3, y, labels).items()}
+        return out

@@ -1,0 +1,261 @@
+"""`Model`: a spec built on a device with parameters, and the hooks that backend-free code calls
+(the CLI, `eval`, the plots, the experiments), NumPy in and out. The twin of
+`ppl_vae/numpyro/hooks.py`: the same methods with the same meaning.
+
+Arrays are per example; log-densities are in nats. A latent code is a dict {site: (N, d_site)}
+(`Spec.sites`); a one-site model also takes its one array. Label-conditional models take the
+labels (N,) wherever they read them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from torch.distributions import kl_divergence
+
+from ppl_vae import graph
+from ppl_vae.backends import BackendError
+from ppl_vae.diagnostics import log_weights_from_parts
+from ppl_vae.pyro.latents import factorised_normal, marginal_std
+from ppl_vae.pyro.likelihood import ancestral_sample, likelihood_mean
+from ppl_vae.pyro.model import build
+from ppl_vae.pyro.params import export_params, import_params
+from ppl_vae.spec import Spec
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" → cuda when available, else cpu; "cuda" without a GPU is an error that says so."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendError(
+            f"device 'cuda' was asked for, but this PyTorch ({torch.__version__}) sees no CUDA "
+            "GPU; use --device cpu (or auto), or install a CUDA build of torch."
+        )
+    return torch.device(device)
+
+
+def site_log_prob(site) -> torch.Tensor:
+    """ln p of a trace site's value, per example (not summed over the batch)."""
+    return site["fn"].log_prob(site["value"])
+
+
+class Model:
+    """A spec built on a device, with the hooks that backend-free code calls (NumPy in and out).
+
+    Both backends have a `Model` with these methods, so the CLI, diagnostics and plots are written
+    once. Arrays are per example; log-densities are in nats.
+    """
+
+    def __init__(self, spec: Spec, data_dim: int, image_shape=None, device: str = "auto",
+                 params: dict[str, np.ndarray] | None = None):
+        self.spec, self.data_dim, self.image_shape = spec, data_dim, image_shape
+        self.device = resolve_device(device)
+        self.dtype = torch.float64 if spec.train.dtype == "float64" else torch.float32
+        self.built = build(spec, data_dim, image_shape, register=False)
+        self.modules = self.built.modules.to(device=self.device, dtype=self.dtype)
+        if params is not None:
+            import_params(self.modules, params)
+
+    def tensor(self, x: np.ndarray) -> torch.Tensor:
+        x = np.asarray(x)
+        if not x.flags.writeable:  # e.g. an array that JAX handed out: torch wants to own one
+            x = x.copy()
+        return torch.as_tensor(x, device=self.device, dtype=self.dtype)
+
+    def _labels(self, labels) -> torch.Tensor | None:
+        return None if labels is None else torch.as_tensor(np.asarray(labels),
+                                                            device=self.device)
+
+    @contextmanager
+    def _seeded(self, seed: int):
+        """torch's random state seeded for a hook and restored after it, so that evaluating
+        never changes training."""
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+            torch.manual_seed(seed)
+            yield
+
+    def export_params(self) -> dict[str, np.ndarray]:
+        return export_params(self.modules)
+
+    def import_params(self, params: dict[str, np.ndarray]) -> None:
+        import_params(self.modules, params)  # in place: an optimizer's references stay valid
+
+    # -- posteriors -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: np.ndarray, batch_size: int = 1000, labels=None,
+               site: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and coordinate standard deviations of the Gaussian posterior q(z_site|y), each
+        (N, d), for a site whose posterior reads the data only (default: the first site) and is
+        diagonal or full; other sites have no Gaussian q(z|y): use `posterior_draws`."""
+        s = graph.gaussian_data_site(self.spec, site)
+        locs, stds = [], []
+        for i in range(0, len(x), batch_size):
+            y = self.tensor(x[i:i + batch_size])
+            onehot = self.built.label_input(self._labels(None if labels is None
+                                                         else labels[i:i + batch_size]))
+            q, loc, _ = self.built.posterior_of(s.name, y, {}, onehot)
+            locs.append(loc)
+            stds.append(marginal_std(q))
+        return torch.cat(locs).cpu().numpy(), torch.cat(stds).cpu().numpy()
+
+    @torch.no_grad()
+    def posterior_draws(self, x: np.ndarray, labels=None, num_samples: int = 1, seed: int = 0,
+                        batch_size: int = 1000) -> dict[str, np.ndarray]:
+        """Draws from the joint posterior q(z_1, ..., z_S | y): {site: (N, num_samples, d)}."""
+        out: dict[str, list] = {s.name: [] for s in self.spec.sites}
+        with self._seeded(seed):
+            for i in range(0, len(x), batch_size):
+                lab = self._labels(None if labels is None else labels[i:i + batch_size])
+                with pyro.plate("particles", num_samples, dim=-2):
+                    trace = poutine.trace(self.built.posterior_guide).get_trace(
+                        self.tensor(x[i:i + batch_size]), lab)
+                for name in out:
+                    out[name].append(trace.nodes[name]["value"].transpose(0, 1))
+        return {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
+
+    # -- the model --------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode_mean(self, code, seed: int = 0, labels=None) -> np.ndarray:
+        """E[y|z], (N, D). `code`: {site: (N, d)}, or the array of a one-site model; sites the
+        decoder needs and `code` lacks are set to their prior means given their parents (so a
+        top site alone can be traversed). Autoregressive decoders: E[y_i | y_<i, z] along a draw
+        seeded by `seed`."""
+        code = graph.as_code(self.spec, code)
+        values = {k: self.tensor(v) for k, v in code.items()}
+        n = next(iter(values.values())).shape[0]
+        onehot = self.built.label_input(self._labels(labels))
+        for name in graph.sites_to_fill(self.spec, values):
+            mean = self.built.prior_of(name, values, onehot).mean
+            values[name] = mean.expand(n, *mean.shape[-1:])
+        decoder, lik = self.modules["decoder"], self.spec.likelihood
+        code_tensor = self.built.code(values, onehot)
+        if self.spec.decoder.kind == "autoregressive":
+            log_scale = getattr(self.modules["likelihood"], "log_scale", None)
+            with self._seeded(seed):
+                return ancestral_sample(lik, decoder, code_tensor, self.data_dim,
+                                        log_scale)[1].cpu().numpy()
+        return likelihood_mean(lik, decoder(code_tensor)).cpu().numpy()
+
+    @torch.no_grad()
+    def sample_prior(self, n: int, seed: int = 0, labels=None) -> dict[str, np.ndarray]:
+        """n ancestral draws from P̂_Φ(z_1, ..., z_S) (given the labels (n,) of a
+        label-conditional prior): {site: (n, d)}."""
+        onehot = self.built.label_input(self._labels(labels))
+        values = {}
+        with self._seeded(seed), pyro.plate("data", n):
+            for name in graph.model_order(self.spec):
+                values[name] = pyro.sample(name, self.built.prior_of(name, values, onehot))
+        return {k: v.cpu().numpy() for k, v in values.items()}
+
+    def prior_normal(self, site: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(loc, scale), each (d,), when the prior of `site` (default: the first) is a fixed or
+        learned factorised normal; None otherwise."""
+        name = site or self.spec.sites[0].name
+        prior = self.modules[graph.prior_module(self.spec, name)]
+        if prior.kind == "normal":
+            return np.zeros(prior.dim), np.ones(prior.dim)
+        if prior.kind == "learned_normal":
+            return (prior.loc.detach().cpu().numpy().astype(np.float64),
+                    prior.log_scale.detach().exp().cpu().numpy().astype(np.float64))
+        return None
+
+    # -- log-densities and the ELBO's terms -------------------------------------------------------
+    def _traces(self, y, labels):
+        """The posterior guide's trace and the nll model replayed on it."""
+        guide_trace = poutine.trace(self.built.posterior_guide).get_trace(y, labels)
+        model_trace = poutine.trace(poutine.replay(self.built.elbo_model, trace=guide_trace)
+                                    ).get_trace(y, labels)
+        return guide_trace, model_trace
+
+    @torch.no_grad()
+    def log_density_parts(self, x: np.ndarray, num_samples: int, seed: int = 0,
+                          chunk: int = 500, labels=None) -> np.ndarray:
+        """For K joint draws z_k ~ q(z|y): (N, K, 1 + 2S) float64, nats. Column 0 is
+        ln p̂(y|z_k) (the likelihood, whatever distortion was trained); then, for each site s
+        of `Spec.sites` in order, ln p̂(z_s,k | parents) and ln q(z_s,k | inputs).
+
+        The importance log-weight is column 0 + the prior columns − the posterior columns
+        (`log_weights_from_parts`); with K = 1, −column 0 is a per-example draw of the
+        distortion and ln q − ln p̂ of a site a draw of its rate. Draws come in chunks of
+        `chunk`, so that K in the thousands fits in memory.
+        """
+        y, lab = self.tensor(x), self._labels(labels)
+        out = []
+        with self._seeded(seed):
+            for k in range(0, num_samples, chunk):
+                with pyro.plate("particles", min(chunk, num_samples - k), dim=-2):
+                    guide_trace, model_trace = self._traces(y, lab)
+                columns = [site_log_prob(model_trace.nodes["y"])]
+                for s in self.spec.sites:
+                    columns += [site_log_prob(model_trace.nodes[s.name]),
+                                site_log_prob(guide_trace.nodes[s.name])]
+                out.append(torch.stack(columns, -1).double().cpu())
+        return torch.cat(out).transpose(0, 1).contiguous().numpy()
+
+    def log_weights(self, x: np.ndarray, num_samples: int, seed: int = 0,
+                    chunk: int = 500, labels=None) -> np.ndarray:
+        """Importance log-weights ln p̂(y, z_k) − ln q(z_k|y), z_k ~ q(z|y) jointly over the
+        sites, (N, K) float64."""
+        return log_weights_from_parts(self.log_density_parts(x, num_samples, seed, chunk,
+                                                             labels))
+
+    def _rate_per_dim(self, y, labels) -> dict[str, torch.Tensor]:
+        """{site: (d,)} the rate of each coordinate summed over the batch, for sites whose
+        posterior and prior both factorise into normals: the closed form KL where it is valid
+        (`graph.closed_form_rate_valid`), else ln q − ln p̂ of one draw."""
+        guide_trace, model_trace = self._traces(y, labels)
+        closed_form = graph.closed_form_rate_valid(self.spec)
+        out = {}
+        for s in self.spec.sites:
+            gsite, msite = guide_trace.nodes[s.name], model_trace.nodes[s.name]
+            q, p = factorised_normal(gsite["fn"]), factorised_normal(msite["fn"])
+            if q is None or p is None:
+                continue
+            value = gsite["value"]
+            per = kl_divergence(q, p) if closed_form[s.name] else q.log_prob(value) - p.log_prob(
+                value)
+            out[s.name] = per.expand(value.shape).reshape(-1, s.dim).sum(0)
+        return out
+
+    @torch.no_grad()
+    def eval_terms(self, x: np.ndarray, labels: np.ndarray | None, beta, lam: float,
+                   seed: int = 0, batch_size: int = 1000) -> dict[str, float]:
+        """Sums over the examples of x (nats): objective, rate, distortion, aux and nll (the
+        distortion of the ELBO model); rate/<site> for each site, and rate/<site>/dim_<i> where
+        the site's posterior and prior factorise (`_rate_per_dim`). One draw of z per example
+        (num_particles from the spec); `beta` a number or {site: β}."""
+        from ppl_vae.pyro.elbo import ScaledELBO
+
+        obj = self.spec.objective
+        elbo = ScaledELBO(beta=beta, lam=lam, num_particles=obj.num_particles,
+                          analytic_kl=obj.analytic_kl, vectorize_particles=obj.num_particles > 1,
+                          max_plate_nesting=1)
+        nll_elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl,
+                              vectorize_particles=obj.num_particles > 1, max_plate_nesting=1)
+        keys = ("loss", "rate", "distortion", "aux", *(f"rate/{s.name}" for s in self.spec.sites))
+        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in (*keys, "nll")}
+        dims: dict[str, torch.Tensor] = {}
+        with self._seeded(seed):
+            for i in range(0, len(x), batch_size):
+                y = self.tensor(x[i:i + batch_size])
+                lab = self._labels(None if labels is None else labels[i:i + batch_size])
+                t = elbo.terms(self.built.model, self.built.guide, y, lab)
+                for k in keys:
+                    sums[k] += t[k]
+                if self.built.elbo_model is self.built.model:
+                    sums["nll"] += t["distortion"]
+                else:
+                    sums["nll"] += nll_elbo.terms(self.built.elbo_model, self.built.guide, y,
+                                                  lab)["distortion"]
+                for name, per in self._rate_per_dim(y, lab).items():
+                    dims[name] = dims[name] + per.double() if name in dims else per.double()
+        out = {k: float(v) for k, v in sums.items()}
+        out["objective"] = out.pop("loss")
+        for name, per in dims.items():
+            out |= {f"rate/{name}/dim_{i}": float(v) for i, v in enumerate(per.cpu())}
+        return out
