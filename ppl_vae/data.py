@@ -328,6 +328,19 @@ def check_support(x: np.ndarray, likelihood: LikelihoodSpec, where: str) -> None
                             f"not (e.g. y = {float(x[off].flat[0]):.6g}); {fix}")
 
 
+def check_labels(labels: np.ndarray, classes: int, where: str) -> None:
+    """A conditional VAE (``label.condition``) reads every example's label: raise DataError
+    unless each is a class 0..classes−1."""
+    unknown = int(np.sum(labels < 0))
+    if unknown:
+        raise DataError(f"{where}: {unknown} of {len(labels)} examples have no label (-1), but "
+                        "label.condition = true reads every label; use a labelled source "
+                        "(digits, mnist, or an npz with 'labels' and 'labels_test')")
+    if len(labels) and labels.max() >= classes:
+        raise DataError(f"{where}: labels go up to {int(labels.max())} but label.classes = "
+                        f"{classes}; set label.classes = {int(labels.max()) + 1}")
+
+
 def _check_conv(spec: Spec, image_shape: tuple[int, int] | None) -> None:
     """A conv encoder/decoder needs images whose sides halve len(channels) times."""
     for part in ("encoder", "decoder"):
@@ -445,6 +458,9 @@ def load_data(spec: Spec) -> Dataset:
 
     for split, values in (("train", x), ("test", x_test)):
         check_support(values, spec.likelihood, f"{name} ({split} split)")
+    if spec.label.condition:
+        for split, cols in (("train", train), ("test", test_columns)):
+            check_labels(cols["labels"], spec.label.classes, f"{name} ({split} split)")
     if d.binarize == "static":
         rng = np.random.default_rng(binarize_seed)
         x, x_test = binarize(x, rng), binarize(x_test, rng)

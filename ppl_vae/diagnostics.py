@@ -375,10 +375,13 @@ def rate_under_prior(loc_q, scale_q, log_prior, rng: np.random.Generator,
 
 
 def log_weights_from_parts(parts) -> np.ndarray:
-    """Importance log-weights (N, K) from the backends' `log_density_parts` (N, K, 3):
-    ln p̂(y|z) + ln p̂(z) − ln q(z|y), nats."""
+    """Importance log-weights (N, K) from the backends' `log_density_parts` (N, K, 1 + 2S):
+    ln p̂(y|z) + Σ_s ln p̂(z_s|parents) − Σ_s ln q(z_s|inputs), nats (column 0 the
+    likelihood, then a prior and a posterior column per latent site)."""
     parts = np.asarray(parts, dtype=np.float64)
-    return parts[..., 0] + parts[..., 1] - parts[..., 2]
+    if parts.shape[-1] % 2 != 1:
+        raise ValueError(f"parts must have 1 + 2S columns; got {parts.shape[-1]}")
+    return parts[..., 0] + parts[..., 1::2].sum(-1) - parts[..., 2::2].sum(-1)
 
 
 def iwae_bound(log_weights) -> IWAEBound:

@@ -110,7 +110,8 @@ def closed_form_rate_valid(spec: Spec) -> dict[str, bool]:
     Only when no parent of s in the prior graph is drawn by the guide *after* s, from s: then
     z_s given everything the KL conditions on is still distributed as q(z_s|·). With bottom-up
     inference (q(z2|z1), p̂(z1|z2)) the parent z2 is inferred from z1, the two are correlated
-    under q, and the KL at the drawn z2 is biased (too large): that site's rate stays Monte
+    under q, and the expected KL at the drawn z2 is not the rate (the test in
+    tests/test_linear_gaussian.py measures the difference): that site's rate stays Monte
     Carlo. (Pyro's `TraceMeanField_ELBO` assumes the orders agree and only warns.)
     """
     return {s.name: not (set(prior_parents(s)) & guide_descendants(spec, s.name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,15 @@ def save_image_grid(images: np.ndarray, path, title: str = "", ncols: int | None
     for i, img in enumerate(images):
         r, c = divmod(i, ncols)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = img
-    fig = figure((max(3.0, ncols * inches), max(1.5, nrows * inches) + (0.4 if title else 0)))
+    width = max(3.0, ncols * inches)
+    # a long title wraps to the figure's width (about 13 characters an inch at 9 points)
+    lines = textwrap.wrap(title, width=int(13 * width)) if title else []
+    fig = figure((width, max(1.5, nrows * inches) + 0.2 + 0.17 * len(lines)))
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)
+    if lines:
+        ax.set_title("\n".join(lines), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -119,7 +123,7 @@ def rate_per_dim_bars(rates: list[float], path) -> Path:
 def rate_per_dim_by_site(rates: dict[str, list[float]], path) -> Path:
     """The rate of each dimension of each latent site, one panel per site (shared axis)."""
     total = sum(len(r) for r in rates.values())
-    fig = figure((max(4, 0.3 * total + 1.5 * len(rates)), 3))
+    fig = figure((min(12, max(4, 0.3 * total + 1.5 * len(rates))), 3))
     axes = fig.subplots(1, len(rates), sharey=True, squeeze=False,
                         gridspec_kw={"width_ratios": [max(len(r), 2) for r in rates.values()]})[0]
     for ax, (name, r) in zip(axes, rates.items()):

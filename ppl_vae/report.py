@@ -28,6 +28,9 @@ KHAT_FILE = "khat.npy"  # PSIS k̂ per test example, written by eval for the his
 COLLAPSE_RATE = 0.01
 
 
+#: At most this many dimensions of a site get a row in its traversal figure (by rate).
+TRAVERSAL_ROWS = 10
+
 #: Draws per example behind the posterior means of sites without a closed-form mean.
 MEAN_DRAWS = 64
 
@@ -138,18 +141,42 @@ def site_reports(model, spec, x: np.ndarray, labels, metrics: dict, stderr: dict
                 "mutual_information": None}
         if s.posterior.kind == "diagonal" and not graph.posterior_sites(s):
             loc, scale = model.encode(x, spec.train.eval_batch_size, labels=labels, site=s.name)
-            mi = mutual_information(loc, scale, np.random.default_rng(seed))
+            by_label = spec.label.prior and s.prior.kind == "conditional"
+            mi, ceiling = site_information(loc, scale, labels if by_label else None, seed)
             site |= {
-                # Hoffman & Johnson 2016: rate = I_q + KL(q(z) || p̂(z)), Î − I in the lecture.
                 "mutual_information": mi.value, "mutual_information_stderr": mi.stderr,
-                "marginal_kl": marginal_kl(rate, mi.value),
+                "mutual_information_given_label": bool(by_label),
                 # over N examples the aggregate posterior has N components: I_q ≤ ln N
-                "mutual_information_ceiling": math.log(len(x)),
+                "mutual_information_ceiling": ceiling,
             }
+            if not graph.prior_parents(s):
+                # Hoffman & Johnson 2016: rate = I_q + KL(q(z) ‖ p̂(z)), Î − I in the lecture
+                # (given the label, per class, for a label-conditional prior). A prior that
+                # reads other sites splits the rate otherwise: no marginal KL is printed.
+                site["marginal_kl"] = marginal_kl(rate, mi.value)
         site["verdict"] = collapse_verdict(site["active_units"], s.dim, rate,
                                            site["mutual_information"])
         out[s.name] = site
     return out
+
+
+def site_information(loc, scale, labels=None, seed: int = 0):
+    """I_q(y; z) of a diagonal-Gaussian posterior over the evaluation set (`mutual_information`)
+    and its ceiling ln N; with `labels`, I_q(y; z | label) = Σ_k p(k) I_q within class k (the
+    aggregate posterior of each class), the information a label-conditional prior p̂(z|label)
+    is compared with, and its ceiling Σ_k p(k) ln N_k."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        mi = mutual_information(loc, scale, rng)
+        return mi, math.log(len(loc))
+    classes, counts = np.unique(labels, return_counts=True)
+    weights = counts / counts.sum()
+    parts = [mutual_information(loc[labels == k], scale[labels == k], rng) for k in classes]
+    value = float(sum(w * p.value for w, p in zip(weights, parts)))
+    stderr = float(np.sqrt(sum((w * p.stderr) ** 2 for w, p in zip(weights, parts)
+                               if np.isfinite(p.stderr))))
+    ceiling = float(np.sum(weights * np.log(counts)))
+    return type(parts[0])(value, stderr), ceiling
 
 
 def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: int = 1000,
@@ -233,11 +260,15 @@ def _site_lines(name: str | None, site: dict) -> list[str]:
         "", f"{head}{site['posterior']}, prior {site['prior']}): rate {site['rate']:.3f} "
         f"± {site['rate_stderr']:.3f} nats"]
     if site["mutual_information"] is not None:
-        lines.append(f"  {'I_q(y; z)' if name is None else '  I_q(y; z_' + name + ')':<24}"
+        given = " | label" if site.get("mutual_information_given_label") else ""
+        z = name or "z"
+        lines.append(f"  {('' if name is None else '  ') + f'I_q(y; {z}{given})':<24}"
                      f"{site['mutual_information']:>16.3f}  ± "
                      f"{site['mutual_information_stderr']:.3f}")
-        lines.append(f"  {'KL(q(z) ‖ p̂(z))' if name is None else '  KL(q ‖ p̂) marginal':<24}"
-                     f"{site['marginal_kl']:>16.3f}   (= rate − I_q)")
+        if "marginal_kl" in site:
+            label = f"KL(q({z}) ‖ p̂({z}))" if not given else "KL(q ‖ p̂) given label"
+            lines.append(f"  {('' if name is None else '  ') + label:<24}"
+                         f"{site['marginal_kl']:>16.3f}   (= rate − I_q)")
         ceiling = site["mutual_information_ceiling"]
         if site["mutual_information"] > 0.9 * ceiling:
             lines.append(f"  (I_q is near its ceiling ln N = {ceiling:.2f}: with more test "
@@ -303,9 +334,7 @@ def format_report(report: dict, bits: bool = False) -> str:
     if one_site:
         site = next(iter(sites.values()))
         lines += ["", f"  active units: {site['active_units']} of {site['dim']}"]
-        if site["rate_per_dim"]:
-            lines.append("  rate per dimension (nats): " + "  ".join(
-                f"{i}:{v:.2f}" for i, v in enumerate(site["rate_per_dim"])))
+        lines += _rate_per_dim_lines(site["rate_per_dim"], "  ")
         lines += ["", f"  {site['verdict']}"]
         return "\n".join(lines)
     lines += ["", f"  latent sites: {len(sites)}; active units {report['active_units']} of "
@@ -313,11 +342,24 @@ def format_report(report: dict, bits: bool = False) -> str:
     for name, site in sites.items():
         lines += _site_lines(name, site)
         lines.append(f"    active units: {site['active_units']} of {site['dim']}")
-        if site["rate_per_dim"]:
-            lines.append("    rate per dimension (nats): " + "  ".join(
-                f"{i}:{v:.2f}" for i, v in enumerate(site["rate_per_dim"])))
+        lines += _rate_per_dim_lines(site["rate_per_dim"], "    ")
         lines.append(f"    {site['verdict']}")
     return "\n".join(lines)
+
+
+def _rate_per_dim_lines(rates: list[float], indent: str, shown: int = 16) -> list[str]:
+    """Every dimension's rate, or for a wide site the `shown` largest and a count."""
+    if not rates:
+        return []
+    if len(rates) <= shown:
+        return [f"{indent}rate per dimension (nats): " + "  ".join(
+            f"{i}:{v:.2f}" for i, v in enumerate(rates))]
+    top = np.argsort(rates)[::-1][:shown]
+    above = sum(v >= COLLAPSE_RATE for v in rates)
+    return [f"{indent}rate per dimension (nats), the {shown} largest: " + "  ".join(
+        f"{i}:{rates[i]:.2f}" for i in top),
+        f"{indent}{above} of {len(rates)} dimensions carry >= {COLLAPSE_RATE} nats "
+        "(all of them in report.json)"]
 
 
 def label_arrays(spec, n: int, label: int | None, cycle: bool):
@@ -376,9 +418,15 @@ def plot_run(path, others=(), backend: str | None = None, device: str = "cpu",
         for s in spec.sites:
             r = rates[s.name]
             order = np.argsort(r)[::-1] if np.isfinite(r).all() else np.arange(s.dim)
+            order = order[:TRAVERSAL_ROWS]
             fixed = label_arrays(spec, 9, label, cycle=False)
-            where = ("the others at 0" if not graph.is_graph(spec) else
-                     f"site {s.name}, its others at 0, other sites at their prior means")
+            # a graph site's other coordinates at the mean code of the test images shown (its
+            # prior need not be centred at 0); the sites it does not fix at their prior means
+            base = None if not graph.is_graph(spec) else means[s.name].mean(0)
+            where = ("the others at 0" if base is None else f"site {s.name}, its others at "
+                     "the mean code of 16 test images, other sites at their prior means")
+            if s.dim > TRAVERSAL_ROWS:
+                where = f"the {TRAVERSAL_ROWS} of {s.dim} with the largest rate; " + where
             if fixed is not None:
                 where += f"; label {fixed[0]}"
 
@@ -387,7 +435,7 @@ def plot_run(path, others=(), backend: str | None = None, device: str = "cpu",
 
             name = "traversals.png" if not graph.is_graph(spec) else f"traversals_{s.name}.png"
             written.append(plots.latent_traversals(decode, order, s.dim, shape, out / name,
-                                                   title=where))
+                                                   base=base, title=where))
         if spec.label.condition:
             classes, columns = spec.label.classes, 8
             rows = [model.decode_mean(model.sample_prior(columns, seed=1,

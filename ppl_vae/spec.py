@@ -446,11 +446,12 @@ def _validate_graph(spec: Spec, need) -> None:
 
     names = [s.name for s in spec.sites]
     lab = spec.label
-    for i, s in enumerate(spec.sites):
+    for i, s in enumerate(spec.sites):  # names first: the other checks refer to them
         need(bool(_SITE_NAME.match(s.name)) and s.name not in RESERVED_SITE_NAMES,
              key(i, "name"), s.name, "a name of letters, digits and _ (not starting with a "
              f"digit), other than {', '.join(repr(r) for r in RESERVED_SITE_NAMES)}")
-        need(names.count(s.name) == 1, key(i, "name"), s.name, "a name no other site has")
+        need(s.name not in names[:i], key(i, "name"), s.name, "a name no other site has")
+    for i, s in enumerate(spec.sites):
         need(s.dim >= 1, key(i, "dim"), s.dim, "an integer >= 1")
         need(s.beta >= 0, key(i, "beta"), s.beta, "a number >= 0")
         pr, post = s.prior, s.posterior
@@ -658,5 +659,9 @@ def _toml_table(table: dict, prefix: str, lines: list[str]) -> None:
 def spec_to_toml(spec: Spec) -> str:
     """The resolved spec as TOML text; `load_spec` of it gives back an equal spec."""
     lines: list[str] = []
-    _toml_table(spec_to_dict(spec), "", lines)
+    table = spec_to_dict(spec)
+    # only the tables of the spec's own form: [[latents]], or [latent], [prior], [posterior]
+    for key in ("latent", "prior", "posterior") if spec.latents else ("latents",):
+        del table[key]
+    _toml_table(table, "", lines)
     return "\n".join(lines) + "\n"

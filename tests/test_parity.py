@@ -150,7 +150,7 @@ def compare(case: str, dtype: str) -> dict:
         t = nelbo.terms(key, pm_, nm.built.model, nguide, *args)
         return t["loss"], t
 
-    (_, nterms), ngrad_map = jax.value_and_grad(loss, has_aux=True)(nm.param_map)
+    (_, nterms), ngrad_map = jax.jit(jax.value_and_grad(loss, has_aux=True))(nm.param_map)
     ngrads = numpyro_export(ngrad_map)
 
     worst = {"terms": 0.0, "grads": 0.0}

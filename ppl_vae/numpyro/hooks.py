@@ -66,7 +66,9 @@ class Model:
         self.built = build(spec, data_dim, image_shape)
         key = jax.random.PRNGKey(spec.train.seed) if rng_key is None else rng_key
         with jax.default_device(self.device):
-            param_map = init_params(self.built, data_dim, key)
+            # jitted: one compilation instead of op-by-op dispatch (5.5 s -> 2 s on a CPU for
+            # the two-layer test model)
+            param_map = jax.jit(lambda k: init_params(self.built, data_dim, k))(key)
             param_map = jax.tree_util.tree_map(lambda a: jnp.asarray(a, self.dtype), param_map)
             if params is not None:
                 param_map = import_params(param_map, params)

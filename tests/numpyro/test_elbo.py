@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -82,12 +83,35 @@ def identities(rtol):
                     value_and_grad(TraceMeanField_ELBO(), data, b), rtol)
 
 
+def graph_identities(rtol):
+    """The spec-built two-layer model (tests/pyro/test_elbo.py: TWO_LAYER) at β = 1: ScaledELBO
+    is Trace_ELBO, and TraceMeanField_ELBO with analytic_kl (z2's KL closed-form in both, z1's
+    full-covariance rate Monte Carlo in both), values and gradients."""
+    from ppl_vae.numpyro.hooks import Model
+    from tests.pyro.test_elbo import TWO_LAYER
+
+    dtype = "float64" if jax.config.jax_enable_x64 else "float32"
+    model = Model(load_spec(Spec(), [*TWO_LAYER, f'train.dtype="{dtype}"']), 10, None, "cpu")
+    y = jnp.asarray(np.random.default_rng(0).normal(size=(7, 10)), model.dtype)
+    for ours, stock in ((ScaledELBO(analytic_kl=False, num_particles=2), Trace_ELBO(2)),
+                        (ScaledELBO(analytic_kl=True), TraceMeanField_ELBO())):
+        with warnings.catch_warnings():  # the stock mean-field check warns: bottom-up order
+            warnings.filterwarnings("ignore", "Failed to verify mean field")
+            a, b = (jax.jit(jax.value_and_grad(lambda p, e=e: e.loss(
+                jax.random.PRNGKey(2), p, model.built.model, model.built.guide, y)))(
+                    model.param_map) for e in (ours, stock))
+        np.testing.assert_allclose(a[0], b[0], rtol=rtol)
+        for x, z in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
+            np.testing.assert_allclose(x, z, rtol=rtol, atol=rtol * np.abs(z).max())
+
+
 def test_identities_float32():
-    identities(rtol=2e-5)
+    identities(rtol=2e-5)  # the spec-built graph's identities run in float64 only, below
 
 
 def test_identities_float64():
-    code = "import tests.numpyro.test_elbo as t; t.identities(rtol=1e-6); print('ok')"
+    code = ("import tests.numpyro.test_elbo as t; t.identities(rtol=1e-6); "
+            "t.graph_identities(rtol=1e-6); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**__import__("os").environ, "JAX_ENABLE_X64": "1"}, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
@@ -148,8 +172,8 @@ def test_aux_gradients_reach_the_encoder_only():
     params = init_params(built, 12, jax.random.PRNGKey(0))
     y = jnp.asarray(np.random.default_rng(0).integers(0, 2, (10, 12)), jnp.float32)
     labels = jnp.asarray([0, 1, 2, -1, -1, 3, 4, 5, -1, 1])
-    grads = jax.grad(lambda p: ScaledELBO().terms(
-        jax.random.PRNGKey(1), p, built.model, built.guide, y, labels)["aux"])(params)
+    grads = jax.jit(jax.grad(lambda p: ScaledELBO().terms(
+        jax.random.PRNGKey(1), p, built.model, built.guide, y, labels)["aux"]))(params)
     for name, g in export_params(grads).items():
         if name.split(".")[0] in ("decoder", "prior", "likelihood"):
             assert not np.any(g), name

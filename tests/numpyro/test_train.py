@@ -18,7 +18,14 @@ def tiny_fit(tmp_path, name, extra=(), **kwargs):
                overrides=[*TINY, *extra], progress=False, **kwargs)
 
 
-def test_a_run_with_a_changing_beta_compiles_the_step_once(tmp_path, monkeypatch):
+#: A latent graph with per-site β and an IAF posterior: still one compilation.
+GRAPH = ['latents=[{name="z1", dim=3, prior={kind="conditional", parents=["z2"]}, '
+         'posterior={kind="iaf", flow_steps=1, flow_hidden=[6]}}, {name="z2", dim=2, beta=3.0, '
+         'posterior={inputs=["z1"]}}]', 'decoder.reads=["z1"]']
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_a_run_with_a_changing_beta_compiles_the_step_once(tmp_path, monkeypatch, graph):
     made = []
     original = ntrain.Trainer.__init__
 
@@ -28,9 +35,14 @@ def test_a_run_with_a_changing_beta_compiles_the_step_once(tmp_path, monkeypatch
 
     monkeypatch.setattr(ntrain.Trainer, "__init__", spy)
     # 45 steps: four full windows of 10 and a short last one, β rising every step.
-    run = tiny_fit(tmp_path, "c", ["train.steps=45", "train.eval_every=20",
-                                   "train.checkpoint_every=20", "objective.beta=2",
-                                   'objective.beta_schedule={kind="linear", warmup=40}'])
+    overrides = ["train.steps=45", "train.eval_every=20", "train.checkpoint_every=20",
+                 "objective.beta=2", 'objective.beta_schedule={kind="linear", warmup=40}']
+    if graph:
+        run = fit("vae_digits", backend="numpyro", out_dir=tmp_path / "c", progress=False,
+                  overrides=[*(o for o in TINY if not o.startswith("latent.")), *GRAPH,
+                             *overrides])
+    else:
+        run = tiny_fit(tmp_path, "c", overrides)
     (trainer,) = made
     assert trainer.compilations == 1
     betas = [r["beta"] for r in run.records("train")]
