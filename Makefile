@@ -24,10 +24,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py
 
-# The lecture's five experiments (examples/README.md): about 13 minutes on 2 CPU cores, then
-# about an hour for the dSprites sweep.
+# The lecture's five experiments and the latent-graph comparison (examples/README.md): about 18
+# minutes on 2 CPU cores, then about an hour for the dSprites sweep.
 experiments: $(STAMP)
-	for e in posterior_collapse rate_distortion universality encoder_autonomy; do \
+	for e in posterior_collapse rate_distortion universality encoder_autonomy latent_graphs; do \
 		$(BIN)/python examples/$$e.py --backend numpyro || exit 1; done
 	$(BIN)/python examples/disentangle.py --backend pyro
 

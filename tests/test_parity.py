@@ -57,11 +57,11 @@ CASES = {
     "aux": ['objective.aux=[{kind="infonce", weight=0.5}, {kind="supervised", hidden=[5]}, '
             '{kind="tests.aux_fns:zero"}]'],
     "mc-rate-beta": ["objective.analytic_kl=false", "objective.beta=3.5"],
-    # latent graphs: bottom-up (Burda et al.; z1's closed-form rate is invalid, so Monte Carlo),
-    # top-down with a shared conv data network, per-site β and an aux term on a graph site
+    # latent graphs: bottom-up (Burda et al.; z1's closed-form rate is invalid, so Monte Carlo)
+    # with per-site β and an aux term on a graph site; top-down with a shared conv data network
     "two-layer": ['latents=[{name="z1", dim=3, prior={kind="conditional", parents=["z2"], '
-                  'hidden=[5]}}, {name="z2", dim=2, beta=2.5, posterior={kind="diagonal", inputs=["z1"], '
-                  'hidden=[4]}}]', 'decoder.reads=["z1"]', "objective.beta=1.5",
+                  'hidden=[5]}}, {name="z2", dim=2, beta=2.5, posterior={kind="diagonal", '
+                  'inputs=["z1"], hidden=[4]}}]', 'decoder.reads=["z1"]', "objective.beta=1.5",
                   'objective.aux=[{kind="infonce", site="z2", weight=0.3}]'],
     "top-down-conv": [*IMAGES, 'encoder.kind="conv"', "encoder.channels=[4]",
                       'latents=[{name="top", dim=2}, {name="low", dim=3, prior={kind='

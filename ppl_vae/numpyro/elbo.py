@@ -3,8 +3,8 @@
 The twin of `ppl_vae.pyro.elbo.ScaledELBO`, with the same site roles:
 
 * latent: sample sites in both guide and model → β · (ln q − ln p), or β · KL(q‖p) when
-  ``analytic_kl=True`` and `kl_divergence` is registered for the pair (else Monte Carlo, as
-  `TraceMeanField_ELBO` does);
+  ``analytic_kl=True``, `kl_divergence` is registered for the pair and the guide site does not
+  say ``infer={"analytic_kl": False}`` (else Monte Carlo, as `TraceMeanField_ELBO` does);
 * distortion: observed sample sites and factor sites of the model → λ · (−log-density);
 * aux: factor sites of the guide only → + their value (a guide factor enters ln q, so a value f
   adds +f to the loss, exactly as in the stock `Trace_ELBO`).

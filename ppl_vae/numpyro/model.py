@@ -19,13 +19,13 @@ from numpyro.contrib.module import flax_module
 
 from ppl_vae import graph
 from ppl_vae.numpyro.aux import infonce_loss, supervised_loss
+from ppl_vae.numpyro.latents import one_hot, posterior_dist, prior_dist
 from ppl_vae.numpyro.likelihood import (
     distortion_value,
     likelihood_dist,
     likelihood_mean,
     observation,
 )
-from ppl_vae.numpyro.latents import one_hot, posterior_dist, prior_dist
 from ppl_vae.numpyro.networks import (
     MADE,
     Decoder,

@@ -12,6 +12,9 @@ distortion     observed sample sites and factor sites of the model    λ · (−
 aux            factor sites of the guide only                         + their value
 =============  =====================================================  ==========================
 
+A guide site may opt out of the closed form with ``infer={"analytic_kl": False}`` (the spec
+builder does so where it would be biased, `ppl_vae.graph.closed_form_rate_valid`).
+
 Sign convention: the returned loss is minimised; at β = λ = 1 with no aux site it is −ELBO and
 equals `Trace_ELBO` (`TraceMeanField_ELBO` when ``analytic_kl=True``) for the same random seed.
 With β = b it equals the stock ELBO with ``poutine.scale(scale=b)`` on each latent site of both
