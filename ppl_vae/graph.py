@@ -256,11 +256,6 @@ def aux_site(spec: Spec, aux) -> str:
     return aux.site or spec.sites[0].name
 
 
-def site_beta_weights(spec: Spec) -> dict[str, float]:
-    """Per-site multipliers of objective.beta (`[[latents]] beta`; 1 in a one-site spec)."""
-    return {s.name: s.beta for s in spec.sites}
-
-
 # ---- metric names ---------------------------------------------------------------------------
 def rate_dim_key(spec: Spec, name: str, i: int) -> str:
     """The metric name of the rate of dimension i of site `name`: ``rate/dim_<i>`` in a

@@ -400,6 +400,9 @@ def validate(spec: Spec) -> None:
         if aux.site:
             need(aux.site in site_names, f"{key}.site", aux.site,
                  "one of the latent sites " + ", ".join(repr(n) for n in site_names))
+        need(aux.kind.rsplit(":", 1)[-1] not in site_names, f"{key}.kind", aux.kind,
+             "a term whose name (its kind, or the function's name) is not a latent site's "
+             "(both are sites of the guide); rename the site")
         aux_site = next(s for s in spec.sites if s.name == (aux.site or site_names[0]))
         need(aux_site.posterior.kind == "diagonal", f"{key}.site", aux.site or aux_site.name,
              f"a site with a diagonal posterior (aux terms read its loc and scale; "

@@ -136,6 +136,8 @@ MISTAKES = [
      "latents[1].name", "carries no information"),
     ([GRAPH, 'decoder.reads=["z1"]', 'objective.aux=[{kind="infonce", site="z9"}]'],
      "objective.aux[0].site", "'z1', 'z2'"),
+    ([GRAPH.replace('"z2"', '"infonce"'), 'objective.aux=[{kind="infonce"}]'],
+     "objective.aux[0].kind", "rename the site"),
     ([GRAPH.replace('inputs=["z1"]', 'kind="iaf", inputs=["z1"]'),
       'objective.aux=[{kind="infonce", site="z2"}]'], "objective.aux[0].site", "diagonal"),
 ]

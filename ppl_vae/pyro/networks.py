@@ -288,6 +288,11 @@ def build_networks(spec: Spec, data_dim: int, image_shape) -> dict[str, nn.Modul
     enc, per_pixel = spec.encoder, params_per_pixel(spec.likelihood)
     channels = enc.channels if enc.kind == "conv" else None
     code = graph.decoder_input_width(spec)
+    # The decoder is made first: initial weights drawn in the order they always were (so a
+    # seed gives the run it gave before latent graphs), while the dict lists the encoder first.
+    decoder = (MADE(data_dim, spec.decoder.hidden, per_pixel, code, spec.decoder.activation)
+               if spec.decoder.kind == "autoregressive" else
+               Decoder(spec.decoder, data_dim, code, image_shape, per_pixel))
     modules: dict[str, nn.Module] = {}
     if not graph.is_graph(spec):
         (s,) = spec.sites
@@ -301,10 +306,7 @@ def build_networks(spec: Spec, data_dim: int, image_shape) -> dict[str, nn.Modul
         modules[graph.encoder_module(spec, s.name)] = Encoder(
             0, None, graph.posterior_extra_width(spec, s, data_dim, image_shape), post.hidden,
             post.activation, s.dim, post)
-    modules["decoder"] = (
-        MADE(data_dim, spec.decoder.hidden, per_pixel, code, spec.decoder.activation)
-        if spec.decoder.kind == "autoregressive" else
-        Decoder(spec.decoder, data_dim, code, image_shape, per_pixel))
+    modules["decoder"] = decoder
     for s in spec.sites:
         modules[graph.prior_module(spec, s.name)] = Prior(s.prior, s.dim,
                                                           graph.prior_input_width(spec, s))
