@@ -51,6 +51,8 @@ class MLP(nn.Module):
 
 def concat(parts):
     """Concatenate along the last axis after broadcasting the leading (particle, batch) axes."""
+    if len(parts) == 1:
+        return parts[0]
     lead = jnp.broadcast_shapes(*(p.shape[:-1] for p in parts))
     return jnp.concatenate([jnp.broadcast_to(p, (*lead, p.shape[-1])) for p in parts], -1)
 
@@ -89,7 +91,7 @@ class Features(nn.Module):
             parts.append(y)
         if extra is not None:
             parts.append(extra)
-        return self.body(concat(parts) if len(parts) > 1 else parts[0])
+        return self.body(concat(parts))
 
     def __call__(self, y, extra=None):
         return self.features(y, extra)

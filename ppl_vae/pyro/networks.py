@@ -43,6 +43,8 @@ def params_per_pixel(likelihood: LikelihoodSpec) -> int:
 def concat(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate along the last axis after broadcasting the leading (particle, batch) axes,
     e.g. features (B, H) with a drawn site (P, B, d) -> (P, B, H + d)."""
+    if len(parts) == 1:  # nothing to join (the one site of a plain VAE): no copy per step
+        return parts[0]
     lead = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
     return torch.cat([p.expand(*lead, p.shape[-1]) for p in parts], -1)
 
@@ -101,7 +103,7 @@ class Features(nn.Module):
             parts.append(y)
         if extra is not None:
             parts.append(extra)
-        return self.body(concat(parts) if len(parts) > 1 else parts[0])
+        return self.body(concat(parts))
 
 
 class Encoder(Features):
