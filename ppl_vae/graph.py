@@ -146,6 +146,12 @@ def sites_to_fill(spec: Spec, given) -> tuple[str, ...]:
     return tuple(n for n in model_order(spec) if n in needed)
 
 
+def is_gaussian_of_data(s: SiteSpec) -> bool:
+    """Is q(z_s|y, label) a Gaussian in closed form: a diagonal or full posterior that reads the
+    data (and the label) only?"""
+    return not posterior_sites(s) and s.posterior.kind != "iaf"
+
+
 def gaussian_data_site(spec: Spec, name: str | None = None) -> SiteSpec:
     """The site `name` (default: the first), checked to have a Gaussian posterior of the data
     alone, q(z|y, label), whose mean and standard deviations an `encode` hook can return."""

@@ -53,9 +53,9 @@ def posterior_means(model, spec, x: np.ndarray, labels=None, seed: int = 0,
     `active_units_from_draws`)."""
     out, need_draws = {}, []
     for s in spec.sites:
-        try:
+        if graph.is_gaussian_of_data(s):
             out[s.name] = (model.encode(x, batch_size, labels=labels, site=s.name)[0], None)
-        except ValueError:  # not a Gaussian of the data: an IAF, or inferred from other sites
+        else:  # an IAF, or a site inferred from other sites
             need_draws.append(s.name)
     if need_draws:
         draws = model.posterior_draws(x, labels, MEAN_DRAWS, seed=seed, batch_size=batch_size)
