@@ -21,8 +21,12 @@ test: $(STAMP)
 	$(BIN)/ruff check ppl_vae tests examples benchmarks
 	$(BIN)/python -m pytest -q -n 2
 
+# make bench DEVICE=cuda: the GPU benchmark (batches 128, 1024, 4096 and the conv step)
+DEVICE ?= cpu
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_step.py
+	$(BIN)/python benchmarks/bench_step.py --device $(DEVICE)
+	$(BIN)/python benchmarks/bench_psis.py
+	$(BIN)/python benchmarks/precision_check.py
 
 # The lecture's five experiments and the latent-graph comparison (examples/README.md): about 18
 # minutes on 2 CPU cores, then about an hour for the dSprites sweep.

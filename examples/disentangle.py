@@ -17,7 +17,13 @@ the metrics use fresh factor draws, rendered and encoded (posterior means). The 
 MIG) gets latent traversals.
 
     python examples/disentangle.py                          # the full sweep (58 min, 2 cores)
+    python examples/disentangle.py --backend numpyro --device cuda --steps 30000 --seeds 3
     python examples/disentangle.py --smoke                  # seconds, checks it runs
+
+With --seeds N each β is trained from N seeds (train.seed 0 .. N-1): Locatello et al. (2019)
+found the seed matters as much as β, so the table then gives each metric's mean ± standard
+deviation over the seeds, and the claim is called held only where a β > 1 beats β = 1 by more
+than that spread.
 
 Writes runs/disentangle/: one run folder per β, table.md, results.json, disentangle.png and
 traversals.png. On a CPU the Pyro backend is the faster one here (convolutions).
@@ -25,6 +31,8 @@ traversals.png. On a CPU the Pyro backend is the faster one here (convolutions).
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import time
 
 import numpy as np
@@ -49,6 +57,10 @@ COLUMNS = [("β", "beta", "{:g}"), ("test −ELBO", "neg_elbo", "{:.1f}"),
            ("β-VAE metric", "beta_vae", "{:.3f}"), ("train s", "train_seconds", "{:.0f}")]
 
 
+#: the metrics averaged over seeds (and the columns of the table with several seeds)
+SCORES = ("neg_elbo", "rate", "nll_distortion", "mig", "factor_vae", "beta_vae", "train_seconds")
+
+
 def main(args) -> dict:
     started = time.perf_counter()
     out = experiments.output_dir(args, NAME)
@@ -56,26 +68,77 @@ def main(args) -> dict:
     smoke_data = ["data.size=300", "latent.dim=4", "encoder.channels=[8, 8, 8, 8]",
                   "decoder.channels=[8, 8, 8, 8]", "encoder.hidden=[16]", "decoder.hidden=[16]"]
     rows = []
-    for beta in SMOKE_BETAS if args.smoke else BETAS:
-        overrides = [f"objective.beta={beta}", *(smoke_data if args.smoke else [])]
-        spec = experiments.make_spec("beta_vae_dsprites", overrides, args, STEPS)
-        folder = out / f"beta{beta:g}"
-        report = experiments.train_and_evaluate(spec, folder, args)
-        scores = score(folder, args, sizes)
-        active = f"{report['active_units']}/{report['latent_dim']}"
-        rows.append(report | scores | {"neg_elbo": -report["elbo"], "folder": str(folder),
-                                       "active": active})
-    best = max(rows, key=lambda r: r["mig"])
+    for beta in args.betas or (SMOKE_BETAS if args.smoke else BETAS):
+        for seed in range(args.seeds):
+            overrides = [f"objective.beta={beta}", f"train.seed={seed}",
+                         *(smoke_data if args.smoke else [])]
+            spec = experiments.make_spec("beta_vae_dsprites", overrides, args, STEPS)
+            # seed 0 keeps the one-seed sweep's folder names, so its finished runs are re-used
+            folder = out / (f"beta{beta:g}" if seed == 0 else f"beta{beta:g}-seed{seed}")
+            report = experiments.train_and_evaluate(spec, folder, args)
+            scores = score(folder, args, sizes)
+            active = f"{report['active_units']}/{report['latent_dim']}"
+            rows.append(report | scores | {"neg_elbo": -report["elbo"], "folder": str(folder),
+                                           "active": active, "seed": seed})
+    per_beta = over_seeds(rows)
+    best = max(per_beta, key=lambda r: r["mig"])
+    best_run = max((r for r in rows if r["beta"] == best["beta"]), key=lambda r: r["mig"])
     chance = 1 / len(dsprites.FACTOR_NAMES)
-    summary = (f"Best MIG at β = {best['beta']:g} ({best['mig']:.3f}); chance level of the "
+    summary = (f"Best mean MIG at β = {best['beta']:g} ({best['mig']:.3f}); chance level of the "
                f"FactorVAE and β-VAE metrics is {chance:.2f}. Metric sizes: MIG on "
                f"{sizes['mig_points']} codes; classifier metrics on {sizes['train']} training / "
-               f"{sizes['eval']} evaluation batches of 64.")
-    table = experiments.markdown_table(rows, COLUMNS) + "\n\n" + summary
-    plot(rows, best, out / "disentangle.png")
-    traversals(best, args, out / "traversals.png")
-    experiments.write_results(out, NAME, rows, table, started, args, {"metric_sizes": sizes})
-    return {"rows": rows}
+               f"{sizes['eval']} evaluation batches of 64. {args.seeds} seed(s) per β, "
+               f"{spec.train.steps} steps of batch {spec.train.batch_size}.")
+    if args.seeds > 1:
+        table = experiments.markdown_table(per_beta, SEED_COLUMNS)
+    else:
+        table = experiments.markdown_table(rows, COLUMNS)
+    table += "\n\n" + summary + "\n\n" + experiments.format_claims([claim(per_beta)])
+    plot(rows, per_beta, best_run, out / "disentangle.png")
+    traversals(best_run, args, out / "traversals.png")
+    experiments.write_results(out, NAME, rows, table, started, args,
+                              {"metric_sizes": sizes, "seeds": args.seeds, "per_beta": per_beta})
+    return {"rows": rows, "per_beta": per_beta}
+
+
+SEED_COLUMNS = [("β", "beta", "{:g}"), ("seeds", "seeds", "{}"),
+                *((label, f"{key}_text", "{}") for label, key, _ in COLUMNS
+                  if key in SCORES)]
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per β: the mean of each of `SCORES` over its seeds, its standard deviation
+    (``<key>_sd``, 0 for one seed) and "mean ± sd" text (``<key>_text``)."""
+    out = []
+    for beta in dict.fromkeys(r["beta"] for r in rows):
+        group = [r for r in rows if r["beta"] == beta]
+        row = {"beta": beta, "seeds": len(group)}
+        for key in SCORES:
+            values = [float(r[key]) for r in group]
+            mean = statistics.fmean(values)
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            digits = 1 if key in ("neg_elbo", "nll_distortion", "train_seconds") else 3
+            text = f"{mean:.{digits}f} ± {sd:.{digits}f}"
+            row |= {key: mean, f"{key}_sd": sd, f"{key}_text": text}
+        out.append(row)
+    return out
+
+
+def claim(per_beta: list[dict]) -> dict:
+    """"β > 1 improves disentanglement": some β > 1 has a mean MIG above β = 1's by more than
+    the two standard deviations over seeds added (with one seed: simply above)."""
+    base = next((r for r in per_beta if r["beta"] == 1.0), None)
+    higher = [r for r in per_beta if r["beta"] > 1.0]
+    if base is None or not higher:
+        return {"claim": "β > 1 improves MIG over β = 1", "held": False,
+                "evidence": "the sweep needs β = 1 and some β > 1"}
+    top = max(higher, key=lambda r: r["mig"])
+    margin = top["mig"] - base["mig"]
+    spread = top["mig_sd"] + base["mig_sd"]
+    return {"claim": "β > 1 improves MIG over β = 1", "held": bool(margin > spread),
+            "evidence": f"best β > 1 is β = {top['beta']:g}, MIG {top['mig_text']} against "
+                        f"{base['mig_text']} at β = 1 (difference {margin:+.3f}, seed spread "
+                        f"{spread:.3f}, {top['seeds']} seed(s))"}
 
 
 def score(folder, args, sizes: dict) -> dict:
@@ -100,15 +163,21 @@ def score(folder, args, sizes: dict) -> dict:
             "beta_vae": beta_vae["eval_accuracy"]}
 
 
-def plot(rows: list[dict], best: dict, path) -> None:
+def plot(rows: list[dict], per_beta: list[dict], best: dict, path) -> None:
+    """Metrics against β (means over seeds, each seed as a dot), the rate-distortion price, and
+    the best run's I(z_i; factor) matrix."""
     from ppl_vae.plots import figure, save
 
     fig = figure((13, 4))
-    betas = [r["beta"] for r in rows]
+    betas = [r["beta"] for r in per_beta]
     ax = fig.add_subplot(1, 3, 1)
-    for key, label in (("mig", "MIG"), ("factor_vae", "FactorVAE metric"),
-                       ("beta_vae", "β-VAE metric")):
-        ax.plot(betas, [r[key] for r in rows], "o-", ms=4, label=label)
+    for i, (key, label) in enumerate((("mig", "MIG"), ("factor_vae", "FactorVAE metric"),
+                                      ("beta_vae", "β-VAE metric"))):
+        ax.errorbar(betas, [r[key] for r in per_beta], yerr=[r[f"{key}_sd"] for r in per_beta],
+                    fmt="o-", ms=4, capsize=3, color=f"C{i}", label=label)
+        if len(rows) > len(per_beta):
+            ax.plot([r["beta"] for r in rows], [r[key] for r in rows], ".", color=f"C{i}",
+                    alpha=0.4)
     ax.axhline(1 / len(dsprites.FACTOR_NAMES), color="grey", ls=":", lw=1,
                label="chance (the two classifier metrics)")
     ax.set_xscale("log", base=2)
@@ -117,12 +186,12 @@ def plot(rows: list[dict], best: dict, path) -> None:
     ax.set_title("disentanglement against β")
     ax.legend(fontsize=7)
     ax = fig.add_subplot(1, 3, 2)
-    ax.plot(betas, [r["rate"] for r in rows], "o-", ms=4, label="rate Î")
+    ax.plot(betas, [r["rate"] for r in per_beta], "o-", ms=4, label="rate Î")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("β")
     ax.set_ylabel("rate, nats")
     twin = ax.twinx()
-    twin.plot(betas, [r["nll_distortion"] for r in rows], "s-", color="C1", ms=4,
+    twin.plot(betas, [r["nll_distortion"] for r in per_beta], "s-", color="C1", ms=4,
               label="distortion")
     twin.set_ylabel("distortion, nats")
     ax.set_title("the price: rate down, distortion up")
@@ -133,7 +202,8 @@ def plot(rows: list[dict], best: dict, path) -> None:
     image = ax.imshow(mi, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(dsprites.FACTOR_NAMES)), dsprites.FACTOR_NAMES, fontsize=7)
     ax.set_ylabel("latent dimension")
-    ax.set_title(f"I(z_i; factor) / H(factor), β = {best['beta']:g}", fontsize=9)
+    ax.set_title(f"I(z_i; factor) / H(factor), β = {best['beta']:g}, seed {best['seed']}",
+                 fontsize=9)
     fig.colorbar(image, ax=ax)
     save(fig, path)
 
@@ -152,5 +222,18 @@ def traversals(row: dict, args, path) -> None:
                       base=base, title=f"around the code of a heart, β = {row['beta']:g}")
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    experiments.add_arguments(parser, NAME)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="seeds per β (train.seed 0 .. N-1); the table gives mean ± sd")
+    parser.add_argument("--betas", type=float, nargs="+", default=None,
+                        help=f"the β values (default {' '.join(f'{b:g}' for b in BETAS)})")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    return args
+
+
 if __name__ == "__main__":
-    main(experiments.parse_args(__doc__, NAME))
+    main(parse_args())

@@ -55,6 +55,9 @@ def compare_backends(spec, overrides, out: Path, device=None, overwrite=False) -
                      "latent_dim": graph.total_dim(run.spec),
                      "peak_memory_mb": run.info.get("peak_memory_mb", float("nan")),
                      "wall_seconds": run.info.get("wall_seconds", float("nan")),
+                     "device": run.info.get("device", "?"),
+                     "matmul_precision": run.info.get("matmul_precision", "highest"),
+                     "step_mode": run.info.get("step_mode", "?"),
                      **timing(run)})
     return rows
 
@@ -66,8 +69,11 @@ def format_comparison(rows: list[dict]) -> str:
               ("compile/warm-up (s)", "compile_seconds", "{:.2f}"),
               ("steps per second", "steps_per_second", "{:.1f}"),
               ("training wall time (s)", "wall_seconds", "{:.1f}"),
-              ("peak memory (MiB)", "peak_memory_mb", "{:.0f}")]
+              ("peak memory (MiB)", "peak_memory_mb", "{:.0f}"),
+              ("device", "device", "{}"), ("matmul precision", "matmul_precision", "{}")]
     lines = [f"{'':<24}" + "".join(f"{r['backend']:>14}" for r in rows)]
     for label, key, fmt in fields:
         lines.append(f"{label:<24}" + "".join(f"{fmt.format(r[key]):>14}" for r in rows))
+    # How steps ran is a phrase, not a number: one line per backend.
+    lines += [f"steps ({r['backend']}): {r['step_mode']}" for r in rows]
     return "\n".join(lines)

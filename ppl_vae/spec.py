@@ -35,6 +35,7 @@ SCHEDULE_KINDS = ("constant", "linear", "cyclical")
 AUX_KINDS = ("infonce", "supervised")  # or a user function "package.module:function"
 ACTIVATIONS = ("relu", "tanh", "elu", "softplus", "gelu", "leaky_relu")
 DEVICES = ("auto", "cpu", "cuda")
+MATMUL_PRECISIONS = ("highest", "high")
 
 #: Image shapes of the built-in sources, known before loading (used by the conv checks).
 SOURCE_IMAGE_SHAPES = {"digits": (8, 8), "mnist": (28, 28), "dsprites": (64, 64)}
@@ -205,6 +206,13 @@ class TrainSpec:
     device: str = _choice("auto", DEVICES)
     init: str = ""  # start from these parameters: a params.npz or a run folder ("" = fresh)
     dtype: str = _choice("float32", ("float32", "float64"))
+    # float32 matrix products and convolutions on a GPU: "highest" = full float32 (the same
+    # numbers in both backends), "high" = TensorFloat-32 (faster on NVIDIA GPUs since Ampere,
+    # ~1e-3 relative error). A CPU computes in float32 either way.
+    matmul_precision: str = _choice("highest", MATMUL_PRECISIONS)
+    # Pyro backend on CUDA: capture the SVI step in a CUDA graph and replay it ("auto"), or run
+    # it eagerly ("off"). NumPyro compiles its windows with XLA and ignores the key.
+    cuda_graphs: str = _choice("auto", ("auto", "off"))
 
 
 @dataclass(frozen=True)

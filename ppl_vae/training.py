@@ -141,7 +141,8 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
     previous = runs.read_info(out) if resume else {}
     info = {"backend": backend, "data_dim": dataset.dim, "image_shape": dataset.image_shape,
             "data": dataset.name, "n_train": len(dataset.x_train), "n_test": len(dataset.x_test),
-            "device": str(trainer.device), "step": start,
+            "device": str(trainer.device), "matmul_precision": spec.train.matmul_precision,
+            "step": start,
             "wall_seconds": previous.get("wall_seconds", 0.0), "version": __version__}
     _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress)
     return runs.load_run(out)
@@ -160,6 +161,7 @@ def _save(trainer, out: Path, ckpt_path: Path, info: dict) -> None:
     runs.save_params(out / runs.PARAMS_FILE, trainer.model.export_params())
     runs.write_atomic(ckpt_path, trainer.save_checkpoint)
     runs.write_json_atomic(out / runs.INFO_FILE, info | {"step": trainer.step,
+                                                         "step_mode": trainer.step_mode,
                                                          "peak_memory_mb": _peak_memory_mb()})
 
 

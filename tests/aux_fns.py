@@ -23,3 +23,13 @@ def ctrl_c_at_15(*, y, z, loc, scale, labels, backend):
     if CALLS["n"] == 15:
         os.kill(os.getpid(), signal.SIGINT)
     return 0.0 * loc.sum()
+
+
+def reads_host(*, y, z, loc, scale, labels, backend):
+    """Reads a value on the host each call (``float(tensor)``): a CUDA graph cannot hold it."""
+    return 0.0 * loc.sum() + 0.0 * float(scale.detach().mean())
+
+
+def nan_on_device(*, y, z, loc, scale, labels, backend):
+    """NaN from the first step, computed on the device (a CUDA graph replays it)."""
+    return 0.0 * loc.sum() + float("nan")

@@ -98,9 +98,10 @@ def test_compare_prints_both_backends(tmp_path, capsys):
     more = [a for a in FAST if a != "--no-progress"]
     assert main(["compare", "vae_digits", "--out", str(tmp_path / "cmp"), *more]) == 0
     table = capsys.readouterr().out
-    for row in ("test ELBO", "steps per second", "peak memory", "compile"):
+    for row in ("test ELBO", "steps per second", "peak memory", "compile", "matmul precision"):
         assert row in table
     assert "pyro" in table and "numpyro" in table
+    assert "steps (pyro): " in table and "steps (numpyro): lax.scan" in table
 
 
 def test_eval_reports_iwae_psis_and_information(tmp_path, capsys):

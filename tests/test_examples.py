@@ -47,3 +47,32 @@ def test_examples_readme_shows_each_experiment(name):
     assert f"]({figure})" in readme and (ROOT / "examples" / figure).is_file()
     for text in (readme, (ROOT / "README.md").read_text()):
         assert "SUMMARY_" not in text and "DIS_" not in text
+
+
+def _load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_disentangle_summarises_seeds_and_calls_the_claim_against_their_spread():
+    dis = _load_example("disentangle")
+    scores = {key: 1.0 for key in dis.SCORES}
+    rows = [{**scores, "beta": beta, "seed": seed, "mig": mig}
+            for beta, seed, mig in [(1.0, 0, 0.10), (1.0, 1, 0.20), (4.0, 0, 0.30),
+                                    (4.0, 1, 0.50), (16.0, 0, 0.12), (16.0, 1, 0.14)]]
+    per_beta = dis.over_seeds(rows)
+    assert [r["beta"] for r in per_beta] == [1.0, 4.0, 16.0]
+    four = per_beta[1]
+    assert four["seeds"] == 2 and four["mig"] == pytest.approx(0.40)
+    assert four["mig_sd"] == pytest.approx(0.1414214, rel=1e-6)  # sample standard deviation
+    assert four["mig_text"] == "0.400 ± 0.141"
+    # 0.40 - 0.15 = 0.25 > 0.141 + 0.071: held; with a wider spread at β = 1 it is not
+    assert dis.claim(per_beta)["held"]
+    rows[1]["mig"] = 0.60
+    assert not dis.claim(dis.over_seeds(rows))["held"]
+    one_seed = dis.over_seeds([r for r in rows if r["seed"] == 0])
+    assert one_seed[0]["mig_sd"] == 0.0 and dis.claim(one_seed)["held"]  # 0.30 > 0.10

@@ -76,6 +76,8 @@ MISTAKES = [
     (["latent.dim=2.5"], "latent.dim", "integer"),
     (['latent.dim="8"'], "latent.dim", "integer"),
     (["latent.dim=0"], "latent.dim", ">= 1"),
+    (['train.matmul_precision="medium"'], "train.matmul_precision", "highest"),
+    (['train.cuda_graphs="on"'], "train.cuda_graphs", "auto"),
     (["objective.beta=true"], "objective.beta", "number"),
     (["objective.beta=-1"], "objective.beta", ">= 0"),
     (["objective.lam=0"], "objective.lam", "> 0"),

@@ -20,6 +20,7 @@ from ppl_vae.numpyro.latents import factorised_normal, marginal_std, site_log_pr
 from ppl_vae.numpyro.likelihood import ancestral_sample, likelihood_mean
 from ppl_vae.numpyro.model import build
 from ppl_vae.numpyro.params import export_params, import_params, init_params
+from ppl_vae.numpyro.precision import with_precision
 from ppl_vae.spec import Spec
 
 
@@ -76,9 +77,11 @@ class Model:
         self._jitted: dict[str, object] = {}
 
     def _jit(self, name: str, fn, **kwargs):
-        """`fn` jitted once per Model (and per shape, as JAX does)."""
+        """`fn` jitted once per Model (and per shape, as JAX does), its float32 products in
+        the spec's `train.matmul_precision`."""
         if name not in self._jitted:
-            self._jitted[name] = jax.jit(fn, **kwargs)
+            self._jitted[name] = jax.jit(
+                with_precision(fn, self.spec.train.matmul_precision), **kwargs)
         return self._jitted[name]
 
     def tensor(self, x):
@@ -177,6 +180,7 @@ class Model:
 
         fn = handlers.seed(handlers.substitute(draw, data=self.param_map),
                            jax.random.PRNGKey(seed))
+        fn = with_precision(fn, self.spec.train.matmul_precision)
         return {k: np.asarray(v) for k, v in fn(self._labels(labels)).items()}
 
     def prior_normal(self, site: str | None = None):

@@ -2,15 +2,21 @@
 
 * The dataset is placed on the device once; minibatch indices, dynamic binarisation and the
   ELBO's draws come from JAX keys on the device.
-* β and λ enter as traced arrays, so a schedule never recompiles; every window has the same
-  length (`train.log_every`; a shorter last window is padded with steps that are skipped), so a
-  whole run compiles the window function once (`Trainer.compilations` counts it).
+* β and λ enter as traced arrays, so a schedule never recompiles. The window function is compiled
+  once per window length (`Trainer.compilations` counts them): every window is `train.log_every`
+  steps but a run's last one when `train.steps` is not a multiple of it. Windows are not padded to
+  one length: a padding step needs a `lax.cond` (or a select over every parameter), and XLA on a
+  GPU runs a conditional by copying its predicate to the host and waiting for it, a host
+  synchronisation in every step. A scan's loop has a known trip count and needs none.
+* The parameters, Adam's state and the key are donated to the window function, so XLA updates
+  them in place instead of allocating a second copy each window.
 * The driver (`ppl_vae.training`) receives one array per window: the only host transfer.
 * Except for convolutional networks on a CPU: XLA runs a convolution inside a loop body many
-  times slower than outside one, and a conditional body is such a computation too
-  (jax-ml/jax#12868; ~40x for the dSprites networks here), so they take one step per compiled
-  call, without scan or cond (`Trainer.steps_per_call`), the terms still kept on the device
-  until the window ends.
+  times slower than outside one (jax-ml/jax#12868; ~40x for the dSprites networks here), so they
+  take one step per compiled call (`Trainer.steps_per_call`), the terms still kept on the device
+  until the window ends. On a GPU they run inside the scan like every other network.
+* Float32 products follow `train.matmul_precision` (`ppl_vae.numpyro.precision`), fixed when the
+  window function is traced.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import optax
 from ppl_vae.data import Dataset
 from ppl_vae.numpyro.elbo import ScaledELBO
 from ppl_vae.numpyro.hooks import Model
+from ppl_vae.numpyro.precision import with_precision
 from ppl_vae.objective import site_betas, step_term_keys
 from ppl_vae.spec import Spec
 
@@ -51,10 +58,13 @@ class Trainer:
         convolutional = "conv" in (spec.encoder.kind, spec.decoder.kind)
         self.steps_per_call = (1 if convolutional and self.device.platform == "cpu"
                                else tr.log_every)
-        self._window = jax.jit(self._window_fn)
+        self.step_mode = ("one step per call (convolutions on a CPU)" if self.steps_per_call == 1
+                          else f"lax.scan, {self.steps_per_call} steps per call")
+        self._window = jax.jit(with_precision(self._window_fn, tr.matmul_precision),
+                               donate_argnums=(0, 1, 2))
 
-    def _window_fn(self, params, opt_state, key, x, labels, betas, active, lam):
-        """`len(betas)` SVI steps (those with active=False leave the state as it is)."""
+    def _window_fn(self, params, opt_state, key, x, labels, betas, lam):
+        """`len(betas)` SVI steps; returns the new state and the (len(betas), F) terms."""
         self.compilations += 1  # runs only while JAX traces, i.e. once per compilation
         tr, built = self.spec.train, self.model.built
         dynamic = self.spec.data.binarize == "dynamic"
@@ -79,20 +89,10 @@ class Trainer:
             updates, opt_state = self.optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state, key), row
 
-        def skip(carry, beta):  # a padding step of a short last window: nothing happens
-            return carry, jnp.zeros(len(keys), x.dtype)
-
-        def step(carry, inputs):
-            beta, on = inputs
-            # lax.cond runs one branch, so padding steps cost nothing and full windows pay no
-            # select over the parameters.
-            return jax.lax.cond(on, sgd_step, skip, carry, beta)
-
-        if len(betas) == 1:  # one step per call: no loop and no conditional around it
+        if len(betas) == 1:  # one step per call: no loop around it
             (params, opt_state, key), row = sgd_step((params, opt_state, key), betas[0])
             return params, opt_state, key, row[None]
-        (params, opt_state, key), rows = jax.lax.scan(step, (params, opt_state, key),
-                                                      (betas, active))
+        (params, opt_state, key), rows = jax.lax.scan(sgd_step, (params, opt_state, key), betas)
         return params, opt_state, key, rows
 
     def run_steps(self, betas: np.ndarray, lam: float) -> np.ndarray:
@@ -102,15 +102,11 @@ class Trainer:
         calls = []
         for start in range(0, len(betas), self.steps_per_call):
             chunk = betas[start:start + self.steps_per_call]
-            length = max(self.steps_per_call, len(chunk))
-            padded = np.zeros(length)
-            padded[: len(chunk)] = chunk
-            active = np.arange(length) < len(chunk)
             params, self.opt_state, self.key, rows = self._window(
                 self.model.param_map, self.opt_state, self.key, self.x, self.labels,
-                jnp.asarray(padded, dtype), jnp.asarray(active), jnp.asarray(lam, dtype))
+                jnp.asarray(chunk, dtype), jnp.asarray(lam, dtype))
             self.model.param_map = params
-            calls.append(rows[: len(chunk)])  # stays on the device until the window ends
+            calls.append(rows)  # stays on the device until the window ends
         self.step += len(betas)
         return np.asarray(jnp.concatenate(calls), np.float64)
 

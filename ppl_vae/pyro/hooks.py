@@ -9,6 +9,7 @@ labels (N,) wherever they read them.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import numpy as np
@@ -24,6 +25,7 @@ from ppl_vae.pyro.latents import factorised_normal, marginal_std
 from ppl_vae.pyro.likelihood import ancestral_sample, likelihood_mean
 from ppl_vae.pyro.model import build
 from ppl_vae.pyro.params import export_params, import_params
+from ppl_vae.pyro.precision import matmul_precision
 from ppl_vae.spec import Spec
 
 
@@ -37,6 +39,17 @@ def resolve_device(device: str) -> torch.device:
             "GPU; use --device cpu (or auto), or install a CUDA build of torch."
         )
     return torch.device(device)
+
+
+def _inference(method):
+    """A hook that computes without gradients, in the spec's `train.matmul_precision`."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.no_grad(), matmul_precision(self.spec.train.matmul_precision):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def site_log_prob(site) -> torch.Tensor:
@@ -86,7 +99,7 @@ class Model:
         import_params(self.modules, params)  # in place: an optimizer's references stay valid
 
     # -- posteriors -----------------------------------------------------------------------------
-    @torch.no_grad()
+    @_inference
     def encode(self, x: np.ndarray, batch_size: int = 1000, labels=None,
                site: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean and coordinate standard deviations of the Gaussian posterior q(z_site|y), each
@@ -103,7 +116,7 @@ class Model:
             stds.append(marginal_std(q))
         return torch.cat(locs).cpu().numpy(), torch.cat(stds).cpu().numpy()
 
-    @torch.no_grad()
+    @_inference
     def posterior_draws(self, x: np.ndarray, labels=None, num_samples: int = 1, seed: int = 0,
                         batch_size: int = 1000) -> dict[str, np.ndarray]:
         """Draws from the joint posterior q(z_1, ..., z_S | y): {site: (N, num_samples, d)}."""
@@ -119,7 +132,7 @@ class Model:
         return {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
 
     # -- the model --------------------------------------------------------------------------
-    @torch.no_grad()
+    @_inference
     def decode_mean(self, code, seed: int = 0, labels=None) -> np.ndarray:
         """E[y|z], (N, D). `code`: {site: (N, d)}, or the array of a one-site model; sites the
         decoder needs and `code` lacks are set to their prior means given their parents (so a
@@ -141,7 +154,7 @@ class Model:
                                         log_scale)[1].cpu().numpy()
         return likelihood_mean(lik, decoder(code_tensor)).cpu().numpy()
 
-    @torch.no_grad()
+    @_inference
     def sample_prior(self, n: int, seed: int = 0, labels=None) -> dict[str, np.ndarray]:
         """n ancestral draws from P̂_Φ(z_1, ..., z_S) (given the labels (n,) of a
         label-conditional prior): {site: (n, d)}."""
@@ -172,7 +185,7 @@ class Model:
                                     ).get_trace(y, labels)
         return guide_trace, model_trace
 
-    @torch.no_grad()
+    @_inference
     def log_density_parts(self, x: np.ndarray, num_samples: int, seed: int = 0,
                           chunk: int = 500, labels=None) -> np.ndarray:
         """For K joint draws z_k ~ q(z|y): (N, K, 1 + 2S) float64, nats. Column 0 is
@@ -222,7 +235,7 @@ class Model:
             out[s.name] = per.expand(value.shape).reshape(-1, s.dim).sum(0)
         return out
 
-    @torch.no_grad()
+    @_inference
     def eval_terms(self, x: np.ndarray, labels: np.ndarray | None, beta, lam: float,
                    seed: int = 0, batch_size: int = 1000) -> dict[str, float]:
         """Sums over the examples of x (nats): objective, rate, distortion, aux and nll (the

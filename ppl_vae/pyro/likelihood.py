@@ -19,7 +19,9 @@ def likelihood_dist(spec: LikelihoodSpec, params: torch.Tensor, log_scale=None):
         scale = log_scale.exp() if log_scale is not None else torch.full_like(params, spec.scale)
         return dist.Normal(params, scale.expand_as(params)).to_event(1)
     if spec.kind == "binomial":
-        return dist.Binomial(total_count=spec.total_count, logits=params).to_event(1)
+        # the count as a device tensor: a Python number would be copied from the host each step
+        total_count = params.new_full((), float(spec.total_count))
+        return dist.Binomial(total_count=total_count, logits=params).to_event(1)
     return dist.Categorical(logits=params).to_event(1)
 
 

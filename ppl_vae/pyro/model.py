@@ -127,7 +127,7 @@ def build(spec: Spec, data_dim: int, image_shape=None, register: bool = True) ->
                     pyro.module(name, modules[name])
             onehot = label_input(labels)
             values = {}
-            with pyro.plate("data", y.shape[0]):
+            with pyro.plate("data", y.shape[0], device=y.device):
                 for name in model_order:
                     values[name] = pyro.sample(name, prior_of(name, values, onehot))
                 params = decoder(code(values, onehot), y)  # y: teacher forcing (MADE)
@@ -149,7 +149,7 @@ def build(spec: Spec, data_dim: int, image_shape=None, register: bool = True) ->
                     pyro.module(name, modules[name])
             onehot = label_input(labels)
             values, gaussians = {}, {}
-            with pyro.plate("data", y.shape[0]):
+            with pyro.plate("data", y.shape[0], device=y.device):
                 features = None if one_site else data_features(y)
                 for name in guide_order:
                     q, loc, scale = posterior_of(name, y, values, onehot, features)

@@ -25,7 +25,8 @@ GRAPH = ['latents=[{name="z1", dim=3, prior={kind="conditional", parents=["z2"]}
 
 
 @pytest.mark.parametrize("graph", [False, True])
-def test_a_run_with_a_changing_beta_compiles_the_step_once(tmp_path, monkeypatch, graph):
+def test_a_run_with_a_changing_beta_compiles_once_per_window_length(tmp_path, monkeypatch,
+                                                                    graph):
     made = []
     original = ntrain.Trainer.__init__
 
@@ -44,7 +45,8 @@ def test_a_run_with_a_changing_beta_compiles_the_step_once(tmp_path, monkeypatch
     else:
         run = tiny_fit(tmp_path, "c", overrides)
     (trainer,) = made
-    assert trainer.compilations == 1
+    assert trainer.compilations == 2  # windows of 10 steps and the last one of 5; β is traced
+    assert trainer.step_mode == "lax.scan, 10 steps per call"
     betas = [r["beta"] for r in run.records("train")]
     assert betas == pytest.approx([0.45, 0.95, 1.45, 1.95, 2.0])
     train = run.records("train")
@@ -128,3 +130,25 @@ def test_conv_networks_on_a_cpu_take_one_step_per_call_with_the_same_result(tmp_
                                                   "train.checkpoint_every=10"]),
                          load_data(load_spec("vae_digits")), "cpu")
     assert mlp.steps_per_call == 10
+
+
+@pytest.mark.parametrize("policy,hlo", [("highest", "HIGHEST"), ("high", "HIGH")])
+def test_window_and_eval_are_compiled_in_the_spec_precision(policy, hlo):
+    # JAX's default on NVIDIA GPUs is TF32 (DEFAULT) for float32 products; the spec decides.
+    import re
+
+    import jax.numpy as jnp
+
+    from ppl_vae.data import load_data
+    from ppl_vae.spec import load_spec
+
+    spec = load_spec("vae_digits", [*TINY, f'train.matmul_precision="{policy}"'])
+    trainer = ntrain.Trainer(spec, load_data(spec), "cpu")
+    model = trainer.model
+    window = trainer._window.lower(model.param_map, trainer.opt_state, trainer.key, trainer.x,
+                                   trainer.labels, jnp.ones(10), jnp.asarray(1.0)).as_text()
+    evaluate = model._jit("eval", model._eval_batch).lower(
+        model.param_map, trainer.key, trainer.x[:5], trainer.labels[:5], 1.0, 1.0).as_text()
+    for text in (window, evaluate):
+        found = set(re.findall(r"dot_general .*precision = \[(\w+), (\w+)\]", text))
+        assert found == {(hlo, hlo)}

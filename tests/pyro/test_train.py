@@ -1,8 +1,10 @@
 """Training with the Pyro backend: exact resume, NaN stop, Ctrl-C, devices, run folders."""
 
 import numpy as np
+import pyro
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ppl_vae.backends import BackendError
 from ppl_vae.runs import RunError, load_run
@@ -81,10 +83,15 @@ def test_resume_refuses_another_spec(tmp_path):
         tiny_fit(tmp_path, "a", ["train.steps=40", "objective.beta=2"], resume=True)
 
 
+# The aux functions of these two tests act on the host at each call (a counter, a signal); a
+# CUDA graph replays the step without calling Python, so on a GPU they run eagerly.
+EAGER = 'train.cuda_graphs="off"'
+
+
 def test_nan_stops_with_the_step_and_last_finite_metrics(tmp_path):
     aux_fns.CALLS["n"] = 0
     with pytest.raises(TrainingDiverged) as err:
-        tiny_fit(tmp_path, "nan", ["train.steps=40", "train.eval_every=40",
+        tiny_fit(tmp_path, "nan", [EAGER, "train.steps=40", "train.eval_every=40",
                                    "train.checkpoint_every=20",
                                    'objective.aux=[{kind="tests.aux_fns:nan_after_25"}]'])
     msg = str(err.value)
@@ -98,7 +105,7 @@ def test_nan_stops_with_the_step_and_last_finite_metrics(tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     aux_fns.CALLS["n"] = 0
-    extra = ["train.steps=40", 'objective.aux=[{kind="tests.aux_fns:ctrl_c_at_15"}]']
+    extra = [EAGER, "train.steps=40", 'objective.aux=[{kind="tests.aux_fns:ctrl_c_at_15"}]']
     with pytest.raises(TrainingInterrupted) as err:
         tiny_fit(tmp_path, "int", extra)
     assert err.value.step == 20  # stops at the end of the window that saw Ctrl-C
@@ -149,3 +156,107 @@ def test_load_run_roundtrip(tmp_path):
     x = np.random.default_rng(0).random((5, 64)).round()
     loc, scale = model.encode(x)
     assert loc.shape == (5, 4) and (scale > 0).all()
+
+
+# ---- the step is capturable: it never reads a device value on the host -------------------------
+class HostReads(TorchDispatchMode):
+    """Records the operators that make the host wait for the device on a GPU: reading a value
+    (``.item()``, ``bool(t)``, ``if t:``), a result whose shape depends on values, or a tensor
+    made from Python data (``torch.tensor(3.0)``: ``lift_fresh``, on a GPU a copy from the host).
+    A CUDA graph cannot capture them; on a CPU they are cheap, so this mode is how a CPU test
+    finds them."""
+
+    SYNCING = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal",
+               "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "allclose",
+               "repeat_interleave", "lift_fresh", "lift_fresh_copy"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        # Pyro's plates probe the default device with an empty torch.tensor(()): nothing to copy
+        empty = name.startswith("lift_fresh") and args[0].numel() == 0
+        if name in self.SYNCING and not empty:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_of_a_step(tmp_path, extra):
+    from ppl_vae.data import load_data
+    from ppl_vae.pyro.train import Trainer
+    from ppl_vae.spec import load_spec
+
+    graph = any(o.startswith("latents") for o in extra)
+    spec = load_spec("vae_digits", [*(o for o in TINY if not (graph and o.startswith("latent."))),
+                                    *extra])
+    trainer = Trainer(spec, load_data(spec), "cpu")
+    trainer._eager_step(validate=True)  # Adam's state exists, as after the warm-up steps
+    trainer.optimizer.step = lambda: None  # capturable=True keeps Adam sync-free (CUDA only)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    with pyro.validation_enabled(False), HostReads() as reads:
+        row = trainer._step()
+    assert row.shape == (len(trainer.term_keys),)
+    return reads.seen
+
+
+TWO_SITES = ['latents=[{name="z1", dim=3, prior={kind="conditional", parents=["z2"]}, '
+             'posterior={kind="iaf", flow_steps=2, flow_hidden=[8]}}, {name="z2", dim=2, '
+             'beta=2.0, posterior={kind="full", inputs=["z1"]}}]', 'decoder.reads=["z1"]']
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ['prior.kind="mixture"', "prior.components=3", "objective.analytic_kl=false"],
+    ['objective.aux=[{kind="supervised"}, {kind="infonce", weight=0.5}]',
+     "objective.num_particles=2", "train.clip_norm=5"],
+    ['data.binarize="none"', 'likelihood.kind="gaussian"', 'likelihood.scale="learned"'],
+    ['data.binarize="none"', 'likelihood.kind="binomial"', "likelihood.total_count=16"],
+    ['data.binarize="none"', 'likelihood.kind="categorical"', "likelihood.categories=17"],
+    TWO_SITES,
+    ['decoder.kind="autoregressive"'],
+], ids=["vae", "mixture-mc", "aux-particles-clip", "gaussian", "binomial", "categorical",
+        "graph-iaf-full", "made"])
+def test_the_training_step_never_waits_for_the_device(tmp_path, extra):
+    assert host_reads_of_a_step(tmp_path, extra) == []
+
+
+def test_the_host_read_detector_sees_an_item_call(tmp_path):
+    # the control: an aux function that reads a value on the host is seen (and on a GPU it
+    # makes capture fail, and training falls back to eager steps)
+    assert host_reads_of_a_step(tmp_path, ['objective.aux=[{kind="tests.aux_fns:reads_host"}]'])
+
+
+def test_step_mode_and_precision_are_recorded(tmp_path):
+    run = tiny_fit(tmp_path, "m", ["train.steps=10", 'train.matmul_precision="high"'],
+                   device="cpu")
+    assert run.info["step_mode"] == "eager" and run.info["matmul_precision"] == "high"
+
+
+@pytest.mark.parametrize("policy,tf32", [("highest", False), ("high", True)])
+def test_matmul_precision_sets_and_restores_the_tf32_switches(policy, tf32):
+    from ppl_vae.pyro.precision import matmul_precision
+
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = [f.allow_tf32 for f in flags]
+    with matmul_precision(policy):
+        assert [f.allow_tf32 for f in flags] == [tf32, tf32]
+    assert [f.allow_tf32 for f in flags] == before
+    with pytest.raises(ValueError, match="highest"):
+        with matmul_precision("medium"):
+            pass
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path):
+    # A GPU run's Adam is capturable (its step counts live on the device); the flag travels in
+    # the checkpoint, and a CPU resume must not inherit it (Adam refuses capturable on a CPU).
+    straight = tiny_fit(tmp_path, "straight", ["train.steps=40"])
+    tiny_fit(tmp_path, "resumed", ["train.steps=20"])
+    path = tmp_path / "resumed" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        group["capturable"] = True
+    torch.save(state, path)
+    resumed = tiny_fit(tmp_path, "resumed", ["train.steps=40"], resume=True)
+    _close_records(resumed.metrics, straight.metrics)
