@@ -105,8 +105,23 @@ def missing_guide_site(site: str, framework: str) -> ValueError:
 def not_reparameterised(site: str, distribution: str, framework: str) -> NotImplementedError:
     return NotImplementedError(
         f"ScaledELBO: the guide's site {site!r} ({distribution}) is not reparameterised; "
-        "ScaledELBO needs reparameterised latents. Use a reparameterised distribution (Normal, "
-        f"…), enumerate the discrete site out, or use {framework}'s TraceGraph_ELBO.")
+        "ScaledELBO needs reparameterised latents or discrete ones summed out. Use a "
+        "reparameterised distribution (Normal, …), or mark the discrete site for enumeration "
+        f"in the guide: {framework.lower()}.sample({site!r}, ..., infer={{\"enumerate\": "
+        "\"parallel\"}) with ScaledELBO(max_plate_nesting=N).")
+
+
+def sequential_enumeration(site: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"ScaledELBO: the guide's site {site!r} asks for sequential enumeration; ScaledELBO sums "
+        "discrete sites out in parallel only: infer={\"enumerate\": \"parallel\"}.")
+
+
+def enumeration_needs_plate_nesting(site: str) -> ValueError:
+    return ValueError(
+        f"ScaledELBO: the guide's site {site!r} is marked for enumeration, but ScaledELBO does "
+        "not know where the plates end: pass max_plate_nesting=N (the number of nested plates), "
+        "as for TraceEnum_ELBO.")
 
 
 def stray_guide_site(site: str) -> ValueError:

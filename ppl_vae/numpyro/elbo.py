@@ -14,6 +14,13 @@ Sign convention: the loss is minimised; at β = λ = 1 with no aux site it is �
 keys are split exactly as there. With β = b it equals the stock ELBO under
 ``handlers.scale(scale=b)`` on the latent sites of model and guide (Higgins et al. 2017).
 
+Discrete latents are summed out exactly, as in the Pyro twin: a guide site marked
+``infer={"enumerate": "parallel"}`` takes its whole support in a dimension left of the plates
+(``max_plate_nesting`` says where they end; done here without funsor), every term becomes an
+expectation under q of those values and the site's own rate is KL(q ‖ p) exactly;
+``infer={..., "observed": mask}`` marks examples whose value is known (the guide's mass is on it):
+their term is the distortion −ln p(value). At β = λ = 1 it equals NumPyro's `TraceEnum_ELBO`.
+
 β and λ may be traced: ``ScaledELBO(...).with_weights(beta, lam)`` inside a jitted function
 takes them as arguments, so a schedule never recompiles::
 
@@ -37,22 +44,68 @@ from numpyro.distributions import kl_divergence
 from numpyro.distributions.util import scale_and_mask
 from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer.elbo import ELBO
+from numpyro.primitives import Messenger
 
 from ppl_vae.objective import (
+    enumeration_needs_plate_nesting,
     missing_guide_site,
     not_reparameterised,
+    sequential_enumeration,
     stray_guide_site,
     weighted_terms,
 )
 
 
-def _log_prob_sum(site) -> jax.Array:
-    """Σ ln p of a site, scaled as the site says (plates, handlers.scale); masks are inside fn."""
+def _log_prob(site) -> jax.Array:
+    """ln p of a site per example, scaled as the site says (plates, handlers.scale); masks are
+    inside fn."""
     if site["intermediates"]:
         log_prob = site["fn"].log_prob(site["value"], site["intermediates"])
     else:
         log_prob = site["fn"].log_prob(site["value"])
-    return jnp.sum(scale_and_mask(log_prob, site["scale"]))
+    return scale_and_mask(log_prob, site["scale"])
+
+
+def _log_prob_sum(site) -> jax.Array:
+    return jnp.sum(_log_prob(site))
+
+
+class enumerate_parallel(Messenger):
+    """Parallel enumeration of the sample sites marked ``infer={"enumerate": "parallel"}``:
+    each takes its whole support (``enumerate_support(expand=False)``) in a dimension of its own
+    left of the plates, the first at `first_available_dim`, the next one left of it. What
+    `numpyro.contrib.funsor.enum` does for guide sites, without funsor."""
+
+    def __init__(self, fn=None, first_available_dim: int = -2):
+        self.next_dim = first_available_dim
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        enumerate_ = msg["infer"].get("enumerate") if msg["type"] == "sample" else None
+        if enumerate_ is None or msg["is_observed"]:
+            return
+        if enumerate_ != "parallel":
+            raise sequential_enumeration(msg["name"])
+        fn = msg["fn"]
+        support = fn.enumerate_support(expand=False)
+        event = support.shape[1 + len(fn.batch_shape):]
+        msg["value"] = support.reshape((support.shape[0],) + (1,) * (-self.next_dim - 1) + event)
+        msg["infer"] = {**msg["infer"], "_enumerate_dim": self.next_dim}
+        self.next_dim -= 1
+
+
+def _enumeration_weight(guide_trace):
+    """q of each joint value of the enumerated guide sites, broadcastable against the sites'
+    per-example log-densities; None when no site is enumerated."""
+    log_q = None
+    for name, site in guide_trace.items():
+        if site["type"] != "sample" or not site["infer"].get("enumerate"):
+            continue
+        if "_enumerate_dim" not in site["infer"]:
+            raise enumeration_needs_plate_nesting(name)
+        lq = site["fn"].log_prob(site["value"])  # the measure: unscaled
+        log_q = lq if log_q is None else log_q + lq
+    return None if log_q is None else jnp.exp(log_q)
 
 
 class ScaledELBO(ELBO):
@@ -64,12 +117,15 @@ class ScaledELBO(ELBO):
     :param analytic_kl: closed-form KL(q‖p) for the rate where registered, except at guide
         sites marked ``infer={"analytic_kl": False}`` (see the Pyro twin: bottom-up inference).
     :param vectorize_particles: as in `numpyro.infer.ELBO` (vmap by default).
+    :param max_plate_nesting: the number of nested plates; needed (only) to enumerate guide
+        sites marked ``infer={"enumerate": "parallel"}``.
     """
 
     def __init__(self, beta=1.0, lam=1.0, num_particles: int = 1, analytic_kl: bool = True,
-                 vectorize_particles=True):
+                 vectorize_particles=True, max_plate_nesting=None):
         super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
         self.beta, self.lam, self.analytic_kl = beta, lam, analytic_kl
+        self.max_plate_nesting = max_plate_nesting
 
     def with_weights(self, beta, lam) -> ScaledELBO:
         """The same estimator with other β and λ (numbers or traced arrays)."""
@@ -80,41 +136,61 @@ class ScaledELBO(ELBO):
     # -- one particle ----------------------------------------------------------------------------
     def _particle_terms(self, rng_key, param_map, model, guide, args, kwargs) -> dict:
         model_seed, guide_seed = random.split(rng_key)  # as the stock ELBOs split it
-        guide_trace = trace(substitute(seed(guide, guide_seed), data=param_map)).get_trace(
-            *args, **kwargs)
+        seeded_guide = seed(guide, guide_seed)
+        if self.max_plate_nesting is not None:
+            # outside the seed, as TraceEnum_ELBO wraps it: an enumerated site still takes its
+            # key, so the continuous draws are TraceEnum_ELBO's
+            seeded_guide = enumerate_parallel(seeded_guide, -1 - self.max_plate_nesting)
+        guide_trace = trace(substitute(seeded_guide, data=param_map)).get_trace(*args, **kwargs)
         model_trace = trace(substitute(replay(seed(model, model_seed), guide_trace),
                                        data=param_map)).get_trace(*args, **kwargs)
+        weight = _enumeration_weight(guide_trace)
+
+        def total(value):
+            """Σ of a per-example array under the enumeration weights."""
+            return jnp.sum(value if weight is None else weight * value)
+
         terms = {}
         for name, msite in model_trace.items():
             if msite["type"] != "sample":
                 continue
             if msite["is_observed"]:
-                terms[f"distortion/{name}"] = -_log_prob_sum(msite)
+                terms[f"distortion/{name}"] = -total(_log_prob(msite))
                 continue
             gsite = guide_trace.get(name)
             if gsite is None or gsite["type"] != "sample":
                 raise missing_guide_site(name, "numpyro")
+            if gsite["infer"].get("enumerate"):
+                difference = _log_prob(gsite) - _log_prob(msite)
+                observed = gsite["infer"].get("observed")
+                if observed is None:
+                    terms[f"rate/{name}"] = total(difference)
+                else:  # known values are data: −ln p; the rest carry the rate
+                    terms[f"rate/{name}"] = total(jnp.where(observed, 0.0, difference))
+                    terms[f"distortion/{name}"] = -total(
+                        jnp.where(observed, _log_prob(msite), 0.0))
+                continue
             if not gsite["fn"].has_rsample:
                 raise not_reparameterised(name, type(gsite["fn"]).__name__, "NumPyro")
-            terms[f"rate/{name}"] = self._rate(msite, gsite)
+            terms[f"rate/{name}"] = self._rate(msite, gsite, total)
         for name, gsite in guide_trace.items():
             if gsite["type"] != "sample" or name in model_trace:
                 continue
             if gsite["is_observed"] and gsite["infer"].get("is_auxiliary"):
-                terms[f"aux/{name}"] = _log_prob_sum(gsite)
+                terms[f"aux/{name}"] = total(_log_prob(gsite))
             else:
                 raise stray_guide_site(name)
         return terms
 
-    def _rate(self, msite, gsite) -> jax.Array:
+    def _rate(self, msite, gsite, total) -> jax.Array:
         if self.analytic_kl and gsite["infer"].get("analytic_kl", True):
             try:
                 kl = kl_divergence(gsite["fn"], msite["fn"])
             except NotImplementedError:
                 pass
             else:
-                return jnp.sum(scale_and_mask(kl, scale=gsite["scale"]))
-        return _log_prob_sum(gsite) - _log_prob_sum(msite)
+                return total(scale_and_mask(kl, scale=gsite["scale"]))
+        return total(_log_prob(gsite) - _log_prob(msite))
 
     # -- public API ---------------------------------------------------------------------------
     def terms(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:

@@ -15,6 +15,21 @@ aux            factor sites of the guide only                         + their va
 A guide site may opt out of the closed form with ``infer={"analytic_kl": False}`` (the spec
 builder does so where it would be biased, `ppl_vae.graph.closed_form_rate_valid`).
 
+**Discrete latents are summed out exactly.** A guide sample site marked
+``infer={"enumerate": "parallel"}`` (as `TraceEnum_ELBO` users mark it; ``max_plate_nesting``
+must be given) takes every value of its support at once, in a tensor dimension left of the
+plates, and every term becomes an expectation under the guide's probabilities of those values::
+
+    term = Σ_k q(k|·) · term(k)                 (each enumerated site multiplies its q in)
+    rate of the site itself = Σ_k q(k|·) (ln q(k|·) − ln p(k|·))  =  KL(q(k|·) ‖ p(k|·)), exact
+
+so β applies to a discrete site as to a continuous one. Where the value is known for some
+examples (labels), the guide puts all its mass on it and says which examples those are with
+``infer={"enumerate": "parallel", "observed": mask}`` (mask: bool, the batch's shape): there the
+site's term is the distortion −ln p(value) (it is data), elsewhere its rate. At β = λ = 1 the loss
+equals `TraceEnum_ELBO` for the same seed (`TraceEnum_ELBO` has no closed-form KL: compare with
+``analytic_kl=False``). Sites that are neither reparameterised nor enumerated are refused.
+
 Sign convention: the returned loss is minimised; at β = λ = 1 with no aux site it is −ELBO and
 equals `Trace_ELBO` (`TraceMeanField_ELBO` when ``analytic_kl=True``) for the same random seed.
 With β = b it equals the stock ELBO with ``poutine.scale(scale=b)`` on each latent site of both
@@ -32,11 +47,15 @@ from collections.abc import Mapping
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
+from pyro.infer.enum import get_importance_trace
+from pyro.poutine.enum_messenger import EnumMessenger
 from torch.distributions import kl_divergence
 
 from ppl_vae.objective import (
+    enumeration_needs_plate_nesting,
     missing_guide_site,
     not_reparameterised,
+    sequential_enumeration,
     stray_guide_site,
     weighted_terms,
 )
@@ -75,34 +94,81 @@ class ScaledELBO(Trace_ELBO):
         self.beta, self.lam, self.analytic_kl = beta, lam, analytic_kl
 
     # -- the per-particle terms -----------------------------------------------------------------
+    def _get_traces(self, model, guide, args, kwargs):
+        # Guide sites marked for parallel enumeration take their whole support in the dims left
+        # of the plates, as in TraceEnum_ELBO; other sites are untouched.
+        if self.max_plate_nesting != float("inf"):
+            guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
+        yield from super()._get_traces(model, guide, args, kwargs)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        # Trace_ELBO's, without its warning that enumerated sites need TraceEnum_ELBO
+        return get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+
+    @staticmethod
+    def _enumeration_weight(guide_trace) -> torch.Tensor | None:
+        """q of each joint value of the enumerated guide sites, broadcastable against the
+        sites' per-example log-densities; None when no site is enumerated."""
+        log_q = None
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or not site["infer"].get("enumerate"):
+                continue
+            if site["infer"]["enumerate"] != "parallel":
+                raise sequential_enumeration(name)
+            if "_enumerate_dim" not in site["infer"]:
+                raise enumeration_needs_plate_nesting(name)
+            lq = site["fn"].log_prob(site["value"])  # the measure: unscaled
+            log_q = lq if log_q is None else log_q + lq
+        return None if log_q is None else log_q.exp()
+
     def _particle_terms(self, model_trace, guide_trace) -> dict[str, torch.Tensor]:
         """Unweighted per-site terms of one particle, summed over the batch (scaled as the sites
-        say): {"rate/<site>", "distortion/<site>", "aux/<site>"}."""
+        say) and, where guide sites are enumerated, averaged over their values under q:
+        {"rate/<site>", "distortion/<site>", "aux/<site>"}."""
+        weight = self._enumeration_weight(guide_trace)
+
+        def total(site_or_value, key="log_prob"):
+            """Σ of a per-example tensor (or a site's log-density) under the weights."""
+            value = site_or_value[key] if isinstance(site_or_value, dict) else site_or_value
+            if weight is None:
+                return (site_or_value[f"{key}_sum"] if isinstance(site_or_value, dict)
+                        else value.sum())
+            return (weight * value).sum()
+
         terms: dict[str, torch.Tensor] = {}
         for name, msite in model_trace.nodes.items():
             if msite["type"] != "sample":
                 continue
             kind = _site_kind(msite)
             if kind in ("observed", "factor"):
-                terms[f"distortion/{name}"] = -msite["log_prob_sum"]
+                terms[f"distortion/{name}"] = -total(msite)
             elif kind == "latent":
                 gsite = guide_trace.nodes.get(name)
                 if gsite is None or gsite["type"] != "sample":
                     raise missing_guide_site(name, "pyro")
+                if gsite["infer"].get("enumerate"):
+                    observed = gsite["infer"].get("observed")
+                    if observed is None:
+                        terms[f"rate/{name}"] = total(gsite["log_prob"] - msite["log_prob"])
+                    else:  # known values are data: −ln p; the rest carry the rate
+                        terms[f"rate/{name}"] = total(
+                            (gsite["log_prob"] - msite["log_prob"]) * ~observed)
+                        terms[f"distortion/{name}"] = -total(msite["log_prob"] * observed)
+                    continue
                 if not gsite["fn"].has_rsample:
                     raise not_reparameterised(name, type(gsite["fn"]).__name__, "Pyro")
-                terms[f"rate/{name}"] = self._rate(msite, gsite)
+                terms[f"rate/{name}"] = self._rate(msite, gsite, total)
         for name, gsite in guide_trace.nodes.items():
             if gsite["type"] != "sample" or name in model_trace.nodes:
                 continue
             kind = _site_kind(gsite)
             if kind == "factor":
-                terms[f"aux/{name}"] = gsite["log_prob_sum"]
+                terms[f"aux/{name}"] = total(gsite)
             elif kind != "deterministic":
                 raise stray_guide_site(name)
         return terms
 
-    def _rate(self, msite, gsite) -> torch.Tensor:
+    def _rate(self, msite, gsite, total) -> torch.Tensor:
         if self.analytic_kl and gsite["infer"].get("analytic_kl", True):
             try:
                 kl = kl_divergence(gsite["fn"], msite["fn"])
@@ -111,9 +177,9 @@ class ScaledELBO(Trace_ELBO):
             else:
                 kl = scale_and_mask(kl, scale=gsite["scale"], mask=gsite["mask"])
                 if torch.is_tensor(kl):
-                    return kl.sum()
+                    return total(kl)
                 return kl * torch.Size(gsite["fn"].batch_shape).numel()
-        return gsite["log_prob_sum"] - msite["log_prob_sum"]
+        return total(gsite) - total(msite)
 
     # -- public API ---------------------------------------------------------------------------
     def differentiable_terms(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from torch.distributions import constraints
 
 from ppl_vae.pyro.elbo import ScaledELBO
@@ -16,12 +16,12 @@ from ppl_vae.spec import Spec, load_spec
 RTOL = 1e-6
 
 
-def scaled(b, fn, *args):
+def scaled(b, fn, *args, **kwargs):
     """Run fn under poutine.scale(b) unless b is None (the stock β idiom)."""
     if b is None:
-        return fn(*args)
+        return fn(*args, **kwargs)
     with poutine.scale(scale=b):
-        return fn(*args)
+        return fn(*args, **kwargs)
 
 
 def two_latent_model(data, beta_latent=None, lam_obs=None):
@@ -174,7 +174,7 @@ def test_non_reparameterised_latent_is_a_clear_error():
         p = pyro.param("p", torch.tensor(0.3), constraint=constraints.unit_interval)
         pyro.sample("coin", dist.Bernoulli(p))
 
-    with pytest.raises(NotImplementedError, match="'coin'.*not reparameterised"):
+    with pytest.raises(NotImplementedError, match="'coin'.*not reparameterised.*enumerate"):
         ScaledELBO().loss(model, guide)
 
 
@@ -185,6 +185,108 @@ def test_model_latent_without_guide_site_is_a_clear_error():
     # (Pyro's own validation would warn first; the error must come without it too.)
     with pyro.validation_enabled(False), pytest.raises(ValueError, match="'z' has no sample"):
         ScaledELBO().loss(model, lambda: None)
+
+
+# ---- discrete latents summed out: against TraceEnum_ELBO --------------------------------------
+K = 3
+LABELS = torch.tensor([0, 2, -1, 1, -1])  # -1: unknown
+
+
+def enum_model(data, with_z=True, beta_latent=None, lam_obs=None, labels=None):
+    """c ~ Cat(π); z | c ~ N(μ_c, 1) (when with_z); y | c, z ~ N(z + ν_c, 0.7)."""
+    logits = pyro.param("pi_logits", torch.tensor([0.2, -0.4, 0.1]))
+    mu = pyro.param("mu", torch.tensor([-1.0, 0.5, 2.0])) if with_z else None
+    nu = pyro.param("nu", torch.tensor([0.3, -0.2, 0.6]))
+    with pyro.plate("N", len(data)):
+        c = scaled(beta_latent, pyro.sample, "c", dist.Categorical(logits=logits))
+        z = scaled(beta_latent, pyro.sample, "z", dist.Normal(mu[c], 1.0)) if with_z else 0.0
+        scaled(lam_obs, lambda: pyro.sample("y", dist.Normal(z + nu[c], 0.7), obs=data))
+
+
+def enum_guide(data, with_z=True, beta_latent=None, lam_obs=None, labels=None):
+    n = len(data)
+    w = pyro.param("w", torch.linspace(-0.3, 0.4, K))
+    if with_z:
+        a = pyro.param("a", torch.linspace(-0.5, 0.5, K))
+        s = pyro.param("s", torch.full((K,), 0.8), constraint=constraints.positive)
+    with pyro.plate("N", n):
+        probs = torch.softmax(data[:, None] * w, -1)
+        infer = {"enumerate": "parallel"}
+        if labels is not None:  # known labels: all the mass on them
+            known = labels >= 0
+            probs = torch.where(known[:, None], torch.nn.functional.one_hot(
+                labels.clamp(min=0), K).to(probs), probs)
+            infer["observed"] = known
+        c = scaled(beta_latent, pyro.sample, "c", dist.Categorical(probs), infer=infer)
+        if with_z:
+            scaled(beta_latent, pyro.sample, "z", dist.Normal(a[c] + 0.1 * data, s[c]))
+
+
+@pytest.mark.parametrize("with_z", [True, False])
+def test_enumerated_site_equals_traceenum_elbo(float64, with_z):
+    ours = loss_and_grads(ScaledELBO(analytic_kl=False, max_plate_nesting=1), enum_model,
+                          enum_guide, DATA, with_z)
+    stock = loss_and_grads(TraceEnum_ELBO(max_plate_nesting=1), enum_model, enum_guide, DATA,
+                           with_z)
+    assert_same(ours, stock)
+
+
+@pytest.mark.parametrize("b", [0.25, 4.0])
+def test_enumerated_beta_equals_traceenum_under_scale(float64, b):
+    ours = loss_and_grads(ScaledELBO(beta=b, analytic_kl=False, max_plate_nesting=1),
+                          enum_model, enum_guide, DATA)
+    stock = loss_and_grads(TraceEnum_ELBO(max_plate_nesting=1), enum_model, enum_guide, DATA,
+                           True, b)
+    assert_same(ours, stock)
+
+
+def test_enumerated_terms_are_exact_expectations(float64):
+    """rate/c = KL(q(c|y) ‖ π) in closed form; rate/z = Σ_k q(k) KL(q(z|y,k) ‖ p(z|k))."""
+    pyro.set_rng_seed(0)
+    terms = ScaledELBO(analytic_kl=True, max_plate_nesting=1).terms(enum_model, enum_guide, DATA)
+    q = torch.softmax(DATA[:, None] * pyro.param("w"), -1)
+    log_pi = torch.log_softmax(pyro.param("pi_logits"), -1)
+    kl_c = (q * (q.log() - log_pi)).sum()
+    mu, a, s = pyro.param("mu"), pyro.param("a"), pyro.param("s")
+    qz = dist.Normal(a + 0.1 * DATA[:, None], s)
+    kl_z = (q * torch.distributions.kl_divergence(qz, dist.Normal(mu, 1.0))).sum()
+    torch.testing.assert_close(terms["rate/c"], kl_c.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(terms["rate/z"], kl_z.detach(), rtol=1e-12, atol=0)
+
+
+def test_observed_values_are_data_not_rate(float64):
+    """Examples with a known label: the guide's point mass makes the terms those of the
+    observed model (−ln p(label) as distortion); the unknown ones carry the rate."""
+    elbo = ScaledELBO(analytic_kl=True, max_plate_nesting=1)
+    pyro.set_rng_seed(0)
+    mixed = elbo.terms(enum_model, enum_guide, DATA, False, None, None, LABELS)
+    known = LABELS >= 0
+    log_pi = torch.log_softmax(pyro.param("pi_logits"), -1)
+    nu = pyro.param("nu")
+    q = torch.softmax(DATA[:, None] * pyro.param("w"), -1)[~known]
+    kl_unknown = (q * (q.log() - log_pi)).sum()
+    torch.testing.assert_close(mixed["rate/c"], kl_unknown.detach(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(mixed["distortion/c"], -log_pi[LABELS[known]].sum().detach(),
+                               rtol=1e-9, atol=0)
+    # the data term of a labelled example is at its label
+    lik = dist.Normal(nu[LABELS[known]], 0.7).log_prob(DATA[known]).sum()
+    lik_unknown = (q * dist.Normal(nu, 0.7).log_prob(DATA[~known][:, None])).sum()
+    torch.testing.assert_close(mixed["distortion/y"], -(lik + lik_unknown).detach(),
+                               rtol=1e-9, atol=0)
+
+
+def test_enumeration_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="max_plate_nesting"):
+        ScaledELBO().loss(enum_model, enum_guide, DATA)
+
+    def sequential(data, with_z=True):
+        with pyro.plate("N", len(data)):
+            pyro.sample("c", dist.Categorical(torch.ones(K) / K),
+                        infer={"enumerate": "sequential"})
+            pyro.sample("z", dist.Normal(torch.zeros(()), 1.0))
+
+    with pytest.raises(NotImplementedError, match="parallel"):
+        ScaledELBO(max_plate_nesting=1).loss(enum_model, sequential, DATA)
 
 
 # ---- on models built from a spec ----------------------------------------------------------
