@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ppl_vae.spec import ObjectiveSpec, Spec
+from ppl_vae.spec import LABEL_SITE, ObjectiveSpec, Spec
 
 
 def beta_schedule(objective: ObjectiveSpec, steps: np.ndarray) -> np.ndarray:
@@ -35,17 +35,25 @@ def site_betas(spec: Spec, beta):
     ``objective.beta`` schedules it, ``[[latents]] beta`` multiplies it per site. A plain
     `beta` when every site's multiplier is 1, else {site: β · multiplier} (`ScaledELBO`'s
     per-site form)."""
-    weights = {s.name: s.beta for s in spec.sites}
+    weights = {s.name: s.beta for s in spec.sites} | (
+        {LABEL_SITE: 1.0} if spec.label.latent else {})
     if all(w == 1.0 for w in weights.values()):
         return beta
     return {name: beta * w for name, w in weights.items()}
 
 
+def rate_sites(spec: Spec) -> tuple[str, ...]:
+    """Every latent site with a rate: `Spec.sites`, then ``label`` when the label is latent."""
+    return (*(s.name for s in spec.sites), *((LABEL_SITE,) if spec.label.latent else ()))
+
+
 def step_term_keys(spec: Spec) -> tuple[str, ...]:
     """The `ScaledELBO` terms each training step reports, in the order of the trainers' rows:
-    loss, rate, distortion, aux, then rate/<site> for each site of a latent graph."""
+    loss, rate, distortion, aux, then rate/<site> for each site of a latent graph, and the
+    label's rate (its KL where unknown) when the label is latent."""
     per_site = tuple(f"rate/{s.name}" for s in spec.sites) if spec.latents else ()
-    return ("loss", "rate", "distortion", "aux", *per_site)
+    label = (f"rate/{LABEL_SITE}",) if spec.label.latent else ()
+    return ("loss", "rate", "distortion", "aux", *per_site, *label)
 
 
 def step_fields(spec: Spec) -> tuple[str, ...]:

@@ -46,6 +46,7 @@ _USER_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _SITE_NAME = re.compile(r"^[A-Za-z_]\w*$")
 #: Names a latent site may not take: the observed site, the plate, what posteriors read.
 RESERVED_SITE_NAMES = ("y", "data", "label")
+LABEL_SITE = "label"  # the site of a latent label (label.latent): p(label) and q(label|y)
 
 
 class SpecError(ValueError):
@@ -125,13 +126,22 @@ class SiteSpec:
 
 @dataclass(frozen=True)
 class LabelSpec:
-    """Conditioning on observed labels (a conditional VAE): with `condition`, the one-hot label
-    of `classes` classes is an input of every posterior and of the decoder, and with `prior`
-    also of every `conditional` prior (p(z|label) when it has no parents)."""
+    """Conditioning on labels (a conditional VAE): with `condition`, the one-hot label of
+    `classes` classes is an input of every posterior and of the decoder, and with `prior` also
+    of every `conditional` prior (p(z|label) when it has no parents).
+
+    With `latent` the label is a latent variable where it is unknown (label −1; keep N labels
+    with ``data.labelled = N``): the semi-supervised M2 model of Kingma et al. (2014). The model
+    draws it from p(label) = Cat(π) (`class_prior`: uniform, or π learned), the guide from a
+    classifier q(label|y) (an MLP with `hidden` widths and the encoder's activation), and
+    `ScaledELBO` sums it out exactly; where the label is known it is data (−ln π_label)."""
 
     condition: bool = False
     prior: bool = False
     classes: int = 10
+    latent: bool = False
+    class_prior: str = _choice("uniform", ("uniform", "learned"))
+    hidden: tuple[int, ...] = (256,)
 
 
 @dataclass(frozen=True)
@@ -405,6 +415,13 @@ def validate(spec: Spec) -> None:
     site_names = [s.name for s in spec.sites]
     for i, aux in enumerate(obj.aux):
         key = f"objective.aux[{i}]"
+        if aux.site == LABEL_SITE or spec.label.latent:
+            need(spec.label.latent and aux.kind == "supervised" and aux.site == LABEL_SITE,
+                 f"{key}.site", aux.site or "(none)",
+                 "'label' with kind 'supervised' (the classifier q(label|y) of a model with "
+                 "label.latent = true; that model takes no other aux term)")
+            need(aux.weight >= 0, f"{key}.weight", aux.weight, "a number >= 0")
+            continue
         if aux.site:
             need(aux.site in site_names, f"{key}.site", aux.site,
                  "one of the latent sites " + ", ".join(repr(n) for n in site_names))
@@ -532,9 +549,14 @@ def _validate_graph(spec: Spec, need) -> None:
         need(any(s.prior.kind == "conditional" for s in spec.sites), "label.prior", lab.prior,
              "false, or a site with prior.kind = 'conditional' (parents may be [] for "
              "p(z|label))")
-    if lab.condition:
+    need(not lab.latent or lab.condition, "label.latent", lab.latent,
+         "false unless label.condition = true (the decoder and posteriors read the label)")
+    need(all(h >= 1 for h in lab.hidden), "label.hidden", list(lab.hidden),
+         "positive widths of the classifier's hidden layers")
+    if lab.condition and not lab.latent:
         need(spec.data.labelled == 0, "data.labelled", spec.data.labelled,
-             "0 with label.condition = true (a conditional VAE reads every example's label)")
+             "0 with label.condition = true (a conditional VAE reads every example's label); "
+             "set label.latent = true to infer the missing ones (M2)")
 
 
 def _max_halvings(side: int) -> int:

@@ -22,7 +22,7 @@ from ppl_vae import __version__, graph, runs
 from ppl_vae.backends import backend_module
 from ppl_vae.data import Dataset, binarize, load_data
 from ppl_vae.objective import beta_schedule, site_betas, step_fields
-from ppl_vae.spec import Spec, load_spec
+from ppl_vae.spec import LABEL_SITE, Spec, load_spec
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,7 +82,7 @@ def evaluate(model, spec: Spec, x: np.ndarray, labels: np.ndarray, beta: float,
         parts = key.split("/")
         if len(parts) == 3:  # rate/<site>/dim_<i>
             key = graph.rate_dim_key(spec, parts[1], int(parts[2][len("dim_"):]))
-        elif len(parts) == 2 and not graph.is_graph(spec):
+        elif len(parts) == 2 and not graph.is_graph(spec) and parts[1] != LABEL_SITE:
             continue  # rate/z of a one-site spec is the rate
         out[key] = value / n
     out["elbo"] = -(out["rate"] + out["nll"])

@@ -30,7 +30,14 @@ def supervised_loss(head: nn.Module, loc: torch.Tensor, labels) -> torch.Tensor:
     (labels ≥ 0); 0 where no label is known."""
     if labels is None:
         return loc.new_zeros(())
-    logits = head(loc)
+    return label_cross_entropy(head(loc), labels)
+
+
+def label_cross_entropy(logits: torch.Tensor, labels) -> torch.Tensor:
+    """−Σ ln softmax(logits)[label] over the examples whose label is known (labels ≥ 0), nats;
+    logits (B, classes). Kingma et al.'s (2014) α-term when logits are q(label|y)'s."""
+    if labels is None:
+        return logits.new_zeros(())
     known = labels >= 0
     nll = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
     return torch.where(known, nll, torch.zeros_like(nll)).sum()

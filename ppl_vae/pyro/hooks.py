@@ -16,11 +16,14 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.enum_messenger import EnumMessenger
 from torch.distributions import kl_divergence
 
 from ppl_vae import graph
 from ppl_vae.backends import BackendError
 from ppl_vae.diagnostics import log_weights_from_parts
+from ppl_vae.objective import rate_sites
+from ppl_vae.pyro.elbo import ScaledELBO
 from ppl_vae.pyro.latents import factorised_normal, marginal_std
 from ppl_vae.pyro.likelihood import ancestral_sample, likelihood_mean
 from ppl_vae.pyro.model import build
@@ -178,9 +181,13 @@ class Model:
         return None
 
     # -- log-densities and the ELBO's terms -------------------------------------------------------
-    def _traces(self, y, labels):
-        """The posterior guide's trace and the nll model replayed on it."""
-        guide_trace = poutine.trace(self.built.posterior_guide).get_trace(y, labels)
+    def _traces(self, y, labels, enumerate_label: bool = False):
+        """The posterior guide's trace and the nll model replayed on it; with
+        `enumerate_label`, a latent label takes all its values (`ScaledELBO`'s enumeration)."""
+        guide = self.built.posterior_guide
+        if enumerate_label:
+            guide = EnumMessenger(first_available_dim=-2)(guide)
+        guide_trace = poutine.trace(guide).get_trace(y, labels)
         model_trace = poutine.trace(poutine.replay(self.built.elbo_model, trace=guide_trace)
                                     ).get_trace(y, labels)
         return guide_trace, model_trace
@@ -221,7 +228,8 @@ class Model:
         """{site: (d,)} the rate of each coordinate summed over the batch, for sites whose
         posterior and prior both factorise into normals: the closed form KL where it is valid
         (`graph.closed_form_rate_valid`), else ln q − ln p̂ of one draw."""
-        guide_trace, model_trace = self._traces(y, labels)
+        guide_trace, model_trace = self._traces(y, labels, enumerate_label=True)
+        weight = ScaledELBO._enumeration_weight(guide_trace)  # a latent label: q(label|y)
         closed_form = graph.closed_form_rate_valid(self.spec)
         out = {}
         for s in self.spec.sites:
@@ -232,7 +240,10 @@ class Model:
             value = gsite["value"]
             per = kl_divergence(q, p) if closed_form[s.name] else q.log_prob(value) - p.log_prob(
                 value)
-            out[s.name] = per.expand(value.shape).reshape(-1, s.dim).sum(0)
+            per = per.expand(value.shape)
+            if weight is not None:
+                per = weight[..., None] * per
+            out[s.name] = per.reshape(-1, s.dim).sum(0)
         return out
 
     @_inference
@@ -241,22 +252,32 @@ class Model:
         """Sums over the examples of x (nats): objective, rate, distortion, aux and nll (the
         distortion of the ELBO model); rate/<site> for each site, and rate/<site>/dim_<i> where
         the site's posterior and prior factorise (`_rate_per_dim`). One draw of z per example
-        (num_particles from the spec); `beta` a number or {site: β}."""
-        from ppl_vae.pyro.elbo import ScaledELBO
-
+        (num_particles from the spec); `beta` a number or {site: β}. With a latent label (M2)
+        the terms sum the label out (the labels are not shown to the model: the test ELBO is
+        that of ln p̂(y)), rate/label is its KL, and ``accuracy`` counts the examples whose
+        known label is the classifier's most probable class."""
         obj = self.spec.objective
         elbo = ScaledELBO(beta=beta, lam=lam, num_particles=obj.num_particles,
                           analytic_kl=obj.analytic_kl, vectorize_particles=obj.num_particles > 1,
                           max_plate_nesting=1)
         nll_elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl,
                               vectorize_particles=obj.num_particles > 1, max_plate_nesting=1)
-        keys = ("loss", "rate", "distortion", "aux", *(f"rate/{s.name}" for s in self.spec.sites))
-        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in (*keys, "nll")}
+        latent_label = self.spec.label.latent
+        keys = ("loss", "rate", "distortion", "aux",
+                *(f"rate/{name}" for name in rate_sites(self.spec)))
+        extra = ("nll", "accuracy") if latent_label else ("nll",)
+        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device)
+                for k in (*keys, *extra)}
         dims: dict[str, torch.Tensor] = {}
         with self._seeded(seed):
             for i in range(0, len(x), batch_size):
                 y = self.tensor(x[i:i + batch_size])
                 lab = self._labels(None if labels is None else labels[i:i + batch_size])
+                if latent_label:  # the test ELBO sums the label out; the classifier is scored
+                    if lab is not None:
+                        hit = self.built.label_logits(y).argmax(-1) == lab
+                        sums["accuracy"] += (hit & (lab >= 0)).sum()
+                    lab = None
                 t = elbo.terms(self.built.model, self.built.guide, y, lab)
                 for k in keys:
                     sums[k] += t[k]

@@ -11,6 +11,10 @@ Sites, the same in both backends, all in the plate ``data``:
   label) (``distortion = "nll"``), or a factor −Dist_Φ(y|z) (``"mse"``, ``"l1"``: a
   rate–distortion autoencoder).
 * ``<aux name>`` factor sites of the guide: weight · aux loss, on the encoder alone.
+* ``label`` (``label.latent``, the M2 model): Cat(π) in the model, the classifier q(label|y) in
+  the guide, marked ``infer={"enumerate": "parallel", "observed": known}``: `ScaledELBO` sums it
+  out where the label is unknown and takes the known ones as data. Its value is the class index;
+  under enumeration it has shape (classes, 1) and every site after it one more leading axis.
 
 Model and guide take ``(y, labels=None)``: y (B, D) in the data's units, labels (B,) int64 with
 −1 for unknown (read by the ``supervised`` aux term, and as a one-hot input when
@@ -23,11 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro
+import pyro.distributions as dist
+import torch
 from torch import nn
 
 from ppl_vae import graph
 from ppl_vae.objective import aux_site_names
-from ppl_vae.pyro.aux import infonce_loss, supervised_loss
+from ppl_vae.pyro.aux import infonce_loss, label_cross_entropy, supervised_loss
 from ppl_vae.pyro.latents import one_hot, posterior_dist, prior_dist
 from ppl_vae.pyro.likelihood import (
     distortion_value,
@@ -36,7 +42,7 @@ from ppl_vae.pyro.likelihood import (
     observation,
 )
 from ppl_vae.pyro.networks import build_networks, concat
-from ppl_vae.spec import Spec, resolve_user_function
+from ppl_vae.spec import LABEL_SITE, Spec, resolve_user_function
 
 
 @dataclass
@@ -49,7 +55,9 @@ class Built:
     * ``label_input(labels)`` -> the one-hot label (B, K), or None without conditioning;
     * ``prior_of(site, values, onehot)`` -> P̂_Φ(z_site | parents' values, label);
     * ``posterior_of(site, y, values, onehot)`` -> (q, loc, scale) of P_Ψ(z_site | inputs);
-    * ``code(values, onehot)`` -> what the decoder reads: its sites' values, then the label.
+    * ``code(values, onehot)`` -> what the decoder reads: its sites' values, then the label;
+    * ``label_logits(y)`` -> the classifier's logits (B, classes) of a latent label, and
+      ``class_prior()`` -> p(label) (`Categorical`); None without a latent label.
     """
 
     spec: Spec
@@ -62,6 +70,8 @@ class Built:
     prior_of: Callable
     posterior_of: Callable
     code: Callable
+    label_logits: Callable | None = None
+    class_prior: Callable | None = None
 
 
 def build(spec: Spec, data_dim: int, image_shape=None, register: bool = True) -> Built:
@@ -116,6 +126,33 @@ def build(spec: Spec, data_dim: int, image_shape=None, register: bool = True) ->
                                                                    else [])))
         return posterior_dist(encoder, loc, scale, below, h), loc, scale
 
+    dtype = next(iter(modules.parameters())).dtype
+
+    def label_logits(y):
+        return modules[f"encoder_{LABEL_SITE}"](y)
+
+    def class_prior():
+        return dist.Categorical(logits=modules[f"prior_{LABEL_SITE}"].logits)
+
+    def model_label(labels):
+        """The one-hot label in the model: a latent site when the label is latent."""
+        if not lab.latent:
+            return label_input(labels)
+        return one_hot(pyro.sample(LABEL_SITE, class_prior()), lab.classes, dtype)
+
+    def guide_label(y, labels):
+        """The one-hot label in the guide: q(label|y) where unknown, its value where known."""
+        if not lab.latent:
+            return label_input(labels), None
+        logits = label_logits(y)
+        known = (labels >= 0 if labels is not None
+                 else torch.zeros(y.shape[:-1], dtype=torch.bool, device=y.device))
+        probs = torch.where(known[..., None], one_hot(labels.clamp(min=0), lab.classes, dtype)
+                            if labels is not None else 0.0, torch.softmax(logits, -1))
+        value = pyro.sample(LABEL_SITE, dist.Categorical(probs),
+                            infer={"enumerate": "parallel", "observed": known})
+        return one_hot(value, lab.classes, dtype), logits
+
     def code(values: dict, onehot):
         return concat([values[r] for r in spec.decoder.reads]
                       + ([onehot] if lab.condition else []))
@@ -125,9 +162,9 @@ def build(spec: Spec, data_dim: int, image_shape=None, register: bool = True) ->
             if register:
                 for name in model_names:
                     pyro.module(name, modules[name])
-            onehot = label_input(labels)
             values = {}
             with pyro.plate("data", y.shape[0], device=y.device):
+                onehot = model_label(labels)
                 for name in model_order:
                     values[name] = pyro.sample(name, prior_of(name, values, onehot))
                 params = decoder(code(values, onehot), y)  # y: teacher forcing (MADE)
@@ -147,9 +184,9 @@ def build(spec: Spec, data_dim: int, image_shape=None, register: bool = True) ->
             if register:
                 for name in guide_names:
                     pyro.module(name, modules[name])
-            onehot = label_input(labels)
             values, gaussians = {}, {}
             with pyro.plate("data", y.shape[0], device=y.device):
+                onehot, logits = guide_label(y, labels)
                 features = None if one_site else data_features(y)
                 for name in guide_order:
                     q, loc, scale = posterior_of(name, y, values, onehot, features)
@@ -158,6 +195,10 @@ def build(spec: Spec, data_dim: int, image_shape=None, register: bool = True) ->
                     gaussians[name] = (loc, scale)
             for name, aux in aux_terms if with_aux else ():
                 site = graph.aux_site(spec, aux)
+                if site == LABEL_SITE:  # cross-entropy of q(label|y) on the known labels
+                    pyro.factor(name, aux.weight * label_cross_entropy(logits, labels),
+                                has_rsample=True)
+                    continue
                 z, (loc, scale) = values[site], gaussians[site]
                 if aux.kind == "infonce":
                     value = infonce_loss(z, loc, scale)
@@ -178,4 +219,5 @@ def build(spec: Spec, data_dim: int, image_shape=None, register: bool = True) ->
     guide = make_guide(True)
     posterior_guide = make_guide(False) if aux_terms else guide
     return Built(spec, model, guide, elbo_model, posterior_guide, modules, label_input,
-                 prior_of, posterior_of, code)
+                 prior_of, posterior_of, code, label_logits if lab.latent else None,
+                 class_prior if lab.latent else None)

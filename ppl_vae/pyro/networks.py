@@ -20,7 +20,15 @@ from torch.nn import functional as F
 
 from ppl_vae import autoregressive, graph
 from ppl_vae.objective import aux_site_names
-from ppl_vae.spec import AuxSpec, DecoderSpec, LikelihoodSpec, PosteriorSpec, PriorSpec, Spec
+from ppl_vae.spec import (
+    LABEL_SITE,
+    AuxSpec,
+    DecoderSpec,
+    LikelihoodSpec,
+    PosteriorSpec,
+    PriorSpec,
+    Spec,
+)
 
 #: The smallest posterior/likelihood standard deviation; keeps ln q finite when softplus -> 0.
 MIN_SCALE = 1e-4
@@ -284,6 +292,30 @@ class SupervisedHead(nn.Module):
         return self.out(self.body(loc))
 
 
+class Classifier(Features):
+    """q(label|y) of a latent label (M2): `Features` of y, then `out`: logits (..., classes)."""
+
+    def __init__(self, data_dim: int, image_shape, hidden, activation: str, classes: int,
+                 channels=None):
+        super().__init__(data_dim, image_shape, 0, hidden, activation, channels)
+        self.out = nn.Linear(self.width, classes)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.out(super().forward(y))
+
+
+class ClassPrior(nn.Module):
+    """p(label) = Cat(softmax(logits)): `logits` learned (zeros at first), or uniform (a
+    buffer, no parameter)."""
+
+    def __init__(self, classes: int, learned: bool):
+        super().__init__()
+        if learned:
+            self.logits = nn.Parameter(torch.zeros(classes))
+        else:
+            self.register_buffer("logits", torch.zeros(classes), persistent=False)
+
+
 def build_networks(spec: Spec, data_dim: int, image_shape) -> dict[str, nn.Module]:
     """All modules of a spec, by canonical module name. The prefix decides the role: `encoder*`
     and `aux_*` belong to the guide (Ψ); `decoder`, `prior*`, `likelihood` to the model (Φ)."""
@@ -315,6 +347,11 @@ def build_networks(spec: Spec, data_dim: int, image_shape) -> dict[str, nn.Modul
     modules["likelihood"] = Likelihood(spec.likelihood, data_dim)
     dims = {s.name: s.dim for s in spec.sites}
     for name, aux in zip(aux_site_names(spec), spec.objective.aux):
-        if aux.kind == "supervised":
+        if aux.kind == "supervised" and aux.site != LABEL_SITE:
             modules[f"aux_{name}"] = SupervisedHead(aux, dims[graph.aux_site(spec, aux)])
+    if spec.label.latent:  # made last: the other modules' initial weights stay as they were
+        lab = spec.label
+        modules[f"encoder_{LABEL_SITE}"] = Classifier(data_dim, image_shape, lab.hidden,
+                                                      enc.activation, lab.classes, channels)
+        modules[f"prior_{LABEL_SITE}"] = ClassPrior(lab.classes, lab.class_prior == "learned")
     return modules

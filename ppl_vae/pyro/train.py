@@ -27,7 +27,7 @@ import pyro
 import torch
 
 from ppl_vae.data import Dataset
-from ppl_vae.objective import site_betas, step_term_keys, weight_for
+from ppl_vae.objective import rate_sites, site_betas, step_term_keys, weight_for
 from ppl_vae.pyro.elbo import ScaledELBO
 from ppl_vae.pyro.hooks import Model
 from ppl_vae.pyro.precision import matmul_precision
@@ -58,7 +58,7 @@ class Trainer:
         # β of each latent site and λ: device tensors the step reads and `run_steps` fills, so a
         # schedule changes them without rebuilding anything (or recapturing a graph).
         scalar = dict(device=self.device, dtype=self.model.dtype)
-        self.beta = {s.name: torch.ones((), **scalar) for s in spec.sites}
+        self.beta = {name: torch.ones((), **scalar) for name in rate_sites(spec)}
         self.lam = torch.ones((), **scalar)
         obj = spec.objective
         self.elbo = ScaledELBO(beta=self.beta, lam=self.lam, num_particles=obj.num_particles,
