@@ -20,6 +20,8 @@ from ppl_vae.diagnostics import (
     psis_khat,
     psis_summary,
 )
+from ppl_vae.objective import rate_sites
+from ppl_vae.spec import LABEL_SITE
 from ppl_vae.training import evaluate, evaluation_data
 
 KHAT_FILE = "khat.npy"  # PSIS k̂ per test example, written by eval for the histogram
@@ -95,8 +97,8 @@ def per_example_stderrs(model, spec, x: np.ndarray, labels=None,
     ln q − ln p̂): they cover the sampling of both the examples and z, and are what a
     difference of two test means should be compared with."""
     parts = model.log_density_parts(x, 1, seed=seed, labels=labels)[:, 0]  # (N, 1 + 2S)
-    site_rates = {f"rate/{s.name}": parts[:, 2 + 2 * i] - parts[:, 1 + 2 * i]
-                  for i, s in enumerate(spec.sites)}
+    site_rates = {f"rate/{name}": parts[:, 2 + 2 * i] - parts[:, 1 + 2 * i]
+                  for i, name in enumerate(rate_sites(spec))}
     draws = {"elbo": log_weights_from_parts(parts[:, None])[:, 0],
              "rate": sum(site_rates.values()), "nll": -parts[:, 0], **site_rates}
     n = len(x)
@@ -128,7 +130,8 @@ def site_reports(model, spec, x: np.ndarray, labels, metrics: dict, stderr: dict
     means = posterior_means(model, spec, x, labels, seed, spec.train.eval_batch_size)
     out = {}
     for s in spec.sites:
-        rate = metrics[f"rate/{s.name}"] if graph.is_graph(spec) else metrics["rate"]
+        rate = (metrics[f"rate/{s.name}"] if graph.is_graph(spec)
+                else metrics["rate"] - metrics.get(f"rate/{LABEL_SITE}", 0.0))
         keys = [graph.rate_dim_key(spec, s.name, i) for i in range(s.dim)]
         mean, draws = means[s.name]
         n_active, variance = (active_units(mean) if draws is None else
@@ -141,7 +144,9 @@ def site_reports(model, spec, x: np.ndarray, labels, metrics: dict, stderr: dict
                 "mutual_information": None}
         if s.posterior.kind == "diagonal" and not graph.posterior_sites(s):
             loc, scale = model.encode(x, spec.train.eval_batch_size, labels=labels, site=s.name)
-            by_label = spec.label.prior and s.prior.kind == "conditional"
+            # given the label where the prior reads it, and for a latent label (M2: the style
+            # information z holds beside the class; the true test labels condition q)
+            by_label = (spec.label.prior and s.prior.kind == "conditional") or spec.label.latent
             mi, ceiling = site_information(loc, scale, labels if by_label else None, seed)
             site |= {
                 "mutual_information": mi.value, "mutual_information_stderr": mi.stderr,
@@ -149,7 +154,7 @@ def site_reports(model, spec, x: np.ndarray, labels, metrics: dict, stderr: dict
                 # over N examples the aggregate posterior has N components: I_q ≤ ln N
                 "mutual_information_ceiling": ceiling,
             }
-            if not graph.prior_parents(s):
+            if not graph.prior_parents(s) and not spec.label.latent:
                 # Hoffman & Johnson 2016: rate = I_q + KL(q(z) ‖ p̂(z)), Î − I in the lecture
                 # (given the label, per class, for a label-conditional prior). A prior that
                 # reads other sites splits the rate otherwise: no marginal KL is printed.
@@ -226,6 +231,10 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
         "nll_distortion_stderr": stderr["nll"], "data": dataset.name,
         "sites": sites,
     }
+    if spec.label.latent:  # M2: the label summed out of every number above but these
+        report |= {"label_rate": metrics[f"rate/{LABEL_SITE}"],
+                   "label_rate_stderr": stderr[f"rate/{LABEL_SITE}"],
+                   "accuracy": metrics["accuracy"]}
     if not graph.is_graph(spec):  # the one site's lines at the top level, as always
         (site,) = sites.values()
         report |= {k: site[k] for k in ("posterior_mean_variance", "rate_per_dim",
@@ -297,6 +306,11 @@ def format_report(report: dict, bits: bool = False) -> str:
         f"  {objective_label:<24}{report['objective']:>16.3f}",
         f"  {'aux':<24}{report['aux']:>16.3f}",
     ]
+    if "accuracy" in report:
+        lines += [f"  {'rate of the label':<24}{report['label_rate']:>16.3f}"
+                  f"  ± {report['label_rate_stderr']:.3f}   KL(q(label|y) ‖ p̂(label)), in the rate",
+                  f"  {'classifier accuracy':<24}{report['accuracy']:>16.3f}   q(label|y), "
+                  "most probable class against the test labels"]
     if one_site:
         lines += _site_lines(None, next(iter(sites.values())))
     if "log_likelihood" in report:

@@ -69,6 +69,11 @@ CASES = {
                       '["y", "top"], hidden=[5]}}]', 'decoder.reads=["low", "top"]'],
     "cvae": ["label.condition=true", "label.prior=true", 'prior.kind="conditional"',
              "prior.hidden=[4]", "label.classes=10"],
+    # M2: a latent label summed out where unknown (-1), data where known, with the aux term on
+    # the classifier q(label|y) and a learned p(label)
+    "m2": ["label.condition=true", "label.latent=true", "label.classes=10", "label.hidden=[5]",
+           'label.class_prior="learned"',
+           'objective.aux=[{kind="supervised", site="label", weight=3.0}]'],
     "full": ['posterior.kind="full"'],
     "iaf": ['posterior.kind="iaf"', "posterior.flow_steps=3", "posterior.flow_hidden=[6]"],
     "iaf-linear-graph": ['latents=[{name="a", dim=2, posterior={kind="iaf", flow_steps=1, '
@@ -100,10 +105,13 @@ def _inputs(spec, n=6, seed=0):
         y = rng.integers(0, lik.categories, (n, 64)) / (lik.categories - 1)
     else:
         y = rng.integers(0, 2, (n, 64)).astype(float)
-    z = {s.name: rng.normal(size=(n, s.dim)) for s in spec.sites}
-    # -1 (unknown) for the supervised aux term; a conditional VAE reads every label
-    labels = np.array([0, 3, 2, 9, 1, 5][:n] if spec.label.condition else
-                      [0, 3, -1, 9, 1, -1][:n])
+    # a latent label is enumerated: every site after it has one draw per class
+    lead = (spec.label.classes, n) if spec.label.latent else (n,)
+    z = {s.name: rng.normal(size=(*lead, s.dim)) for s in spec.sites}
+    # -1 (unknown) for the supervised aux term and a latent label; a conditional VAE reads
+    # every label
+    labels = np.array([0, 3, 2, 9, 1, 5][:n] if spec.label.condition and not spec.label.latent
+                      else [0, 3, -1, 9, 1, -1][:n])
     return y, z, labels
 
 
@@ -129,9 +137,11 @@ def compare(case: str, dtype: str) -> dict:
     trace = poutine.trace(pm.built.guide).get_trace(yt, lt)
     for name, value in z.items():
         trace.nodes[name]["value"] = torch.as_tensor(value, dtype=tdtype)
+    if spec.label.latent:
+        trace.remove_node("label")  # enumerated by the ELBO, not replayed
     guide = poutine.replay(pm.built.guide, trace=trace)
     beta = site_betas(spec, obj.beta)
-    pelbo = PyroELBO(beta=beta, lam=obj.lam, analytic_kl=obj.analytic_kl)
+    pelbo = PyroELBO(beta=beta, lam=obj.lam, analytic_kl=obj.analytic_kl, max_plate_nesting=1)
     with pyro.validation_enabled(False):
         pterms = pelbo.differentiable_terms(pm.built.model, guide, yt, lt)
     named = dict(pm.modules.named_parameters())
@@ -142,7 +152,8 @@ def compare(case: str, dtype: str) -> dict:
     # NumPyro: substitute z in the guide.
     nguide = handlers.substitute(nm.built.guide,
                                  data={k: jnp.asarray(v, nm.dtype) for k, v in z.items()})
-    nelbo = NumPyroELBO(beta=beta, lam=obj.lam, analytic_kl=obj.analytic_kl)
+    nelbo = NumPyroELBO(beta=beta, lam=obj.lam, analytic_kl=obj.analytic_kl,
+                        max_plate_nesting=1)
     args = (jnp.asarray(y, nm.dtype), jnp.asarray(labels, jnp.int32))
     key = jax.random.PRNGKey(0)
 

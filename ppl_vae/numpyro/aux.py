@@ -22,7 +22,14 @@ def infonce_loss(z, loc, scale):
 def supervised_loss(head, loc, labels):
     if labels is None:
         return jnp.zeros((), loc.dtype)
-    logits = head(loc)
+    return label_cross_entropy(head(loc), labels)
+
+
+def label_cross_entropy(logits, labels):
+    """−Σ ln softmax(logits)[label] over the examples whose label is known (labels ≥ 0), nats
+    (see the Pyro twin)."""
+    if labels is None:
+        return jnp.zeros((), logits.dtype)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1),
                                jnp.clip(labels, 0)[..., None], -1)[..., 0]
     return jnp.where(labels >= 0, nll, 0.0).sum()

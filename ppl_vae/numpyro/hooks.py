@@ -16,12 +16,14 @@ from numpyro.distributions import kl_divergence
 from ppl_vae import graph
 from ppl_vae.backends import BackendError
 from ppl_vae.diagnostics import log_weights_from_parts
+from ppl_vae.numpyro.elbo import ScaledELBO, _enumeration_weight, enumerate_parallel
 from ppl_vae.numpyro.latents import factorised_normal, marginal_std, site_log_prob
 from ppl_vae.numpyro.likelihood import ancestral_sample, likelihood_mean
 from ppl_vae.numpyro.model import build
 from ppl_vae.numpyro.params import export_params, import_params, init_params
 from ppl_vae.numpyro.precision import with_precision
-from ppl_vae.spec import Spec
+from ppl_vae.objective import rate_sites
+from ppl_vae.spec import LABEL_SITE, Spec
 
 
 def resolve_device(device: str):
@@ -44,12 +46,15 @@ def check_dtype(spec: Spec):
     return jnp.float64 if spec.train.dtype == "float64" else jnp.float32
 
 
-def _traces(built, param_map, key, y, labels):
+def _traces(built, param_map, key, y, labels, enumerate_label: bool = False):
     """The posterior guide's trace and the nll model replayed on it (the key split as the
-    ELBOs split it)."""
+    ELBOs split it); with `enumerate_label`, a latent label takes all its values."""
     model_key, guide_key = jax.random.split(key)
-    guide_trace = handlers.trace(handlers.substitute(handlers.seed(
-        built.posterior_guide, guide_key), data=param_map)).get_trace(y, labels)
+    guide = handlers.seed(built.posterior_guide, guide_key)
+    if enumerate_label:
+        guide = enumerate_parallel(guide, -2)
+    guide_trace = handlers.trace(handlers.substitute(guide, data=param_map)).get_trace(
+        y, labels)
     model_trace = handlers.trace(handlers.substitute(handlers.replay(handlers.seed(
         built.elbo_model, model_key), guide_trace), data=param_map)).get_trace(y, labels)
     return guide_trace, model_trace
@@ -209,25 +214,63 @@ class Model:
         return np.concatenate(out).transpose(1, 0, 2).copy()
 
     def _parts_chunk(self, param_map, key, y, labels, k):
+        latent_label = self.spec.label.latent
+
         def one(key):
-            guide_trace, model_trace = _traces(self.built, param_map, key, y, labels)
-            columns = [site_log_prob(model_trace["y"])]
-            for s in self.spec.sites:
-                columns += [site_log_prob(model_trace[s.name]), site_log_prob(guide_trace[s.name])]
-            return jnp.stack(columns, -1)
+            guide_trace, model_trace = _traces(self.built, param_map, key, y,
+                                               None if latent_label else labels,
+                                               enumerate_label=latent_label)
+            weight = _enumeration_weight(guide_trace)
+
+            def expected(site):  # under q(label|y) where the label is summed out (dim 0)
+                log_prob = site_log_prob(site)
+                return log_prob if weight is None else jnp.sum(weight * log_prob, 0)
+
+            columns = [expected(model_trace["y"])]
+            for name in rate_sites(self.spec):
+                columns += [expected(model_trace[name]), expected(guide_trace[name])]
+            return jnp.stack(jnp.broadcast_arrays(*columns), -1)
 
         return jax.vmap(one)(jax.random.split(key, k))
 
     def log_weights(self, x: np.ndarray, num_samples: int, seed: int = 0,
                     chunk: int = 500, labels=None) -> np.ndarray:
         """Importance log-weights ln p̂(y, z_k) − ln q(z_k|y), z_k ~ q(z|y) jointly over the
-        sites, (N, K) float64."""
-        return log_weights_from_parts(self.log_density_parts(x, num_samples, seed, chunk,
-                                                             labels))
+        sites, (N, K) float64; a latent label summed out of both (see the Pyro twin)."""
+        if not self.spec.label.latent:
+            return log_weights_from_parts(self.log_density_parts(x, num_samples, seed, chunk,
+                                                                 labels))
+        fn = self._jit("label_weights", self._label_summed_chunk, static_argnums=3)
+        y, key = self.tensor(x), jax.random.PRNGKey(seed)
+        out = [np.asarray(fn(self.param_map, jax.random.fold_in(key, i), y,
+                             min(chunk, num_samples - k)), np.float64)
+               for i, k in enumerate(range(0, num_samples, chunk))]
+        return np.concatenate(out).T.copy()
+
+    def _label_summed_chunk(self, param_map, key, y, k):
+        names = [s.name for s in self.spec.sites]
+
+        def one(key):
+            drawn, _ = _traces(self.built, param_map, key, y, None)
+            z = {n: drawn[n]["value"] for n in names}
+            guide = enumerate_parallel(handlers.condition(self.built.posterior_guide, data=z),
+                                       -2)
+            g = handlers.trace(handlers.substitute(guide, data=param_map)).get_trace(y, None)
+            every = {**z, LABEL_SITE: g[LABEL_SITE]["value"]}
+            m = handlers.trace(handlers.substitute(handlers.condition(
+                self.built.elbo_model, data=every), data=param_map)).get_trace(y, None)
+            log_q = sum(site_log_prob(g[n]) for n in [LABEL_SITE, *names])
+            log_p = sum(site_log_prob(m[n]) for n in [LABEL_SITE, *names, "y"])
+            return (jax.scipy.special.logsumexp(log_p, 0)
+                    - jax.scipy.special.logsumexp(log_q, 0))
+
+        return jax.vmap(one)(jax.random.split(key, k))
 
     def _rate_per_dim(self, param_map, key, y, labels) -> dict:
         """{site: (d,)} per-coordinate rates summed over the batch (see the Pyro twin)."""
-        guide_trace, model_trace = _traces(self.built, param_map, key, y, labels)
+        guide_trace, model_trace = _traces(self.built, param_map, key, y, labels,
+                                           enumerate_label=True)
+        weight = _enumeration_weight(guide_trace)  # a latent label: q(label|y)
         closed_form = graph.closed_form_rate_valid(self.spec)
         out = {}
         for s in self.spec.sites:
@@ -238,7 +281,10 @@ class Model:
             value = gsite["value"]
             per = kl_divergence(q, p) if closed_form[s.name] else q.log_prob(value) - p.log_prob(
                 value)
-            out[s.name] = jnp.broadcast_to(per, value.shape).reshape(-1, s.dim).sum(0)
+            per = jnp.broadcast_to(per, value.shape)
+            if weight is not None:
+                per = weight[..., None] * per
+            out[s.name] = per.reshape(-1, s.dim).sum(0)
         return out
 
     def eval_terms(self, x: np.ndarray, labels, beta, lam: float, seed: int = 0,
@@ -261,10 +307,15 @@ class Model:
         return out
 
     def _eval_batch(self, param_map, key, y, labels, beta, lam):
-        from ppl_vae.numpyro.elbo import ScaledELBO
-
         obj = self.spec.objective
-        elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl)
+        elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl,
+                          max_plate_nesting=1)
+        extra = {}
+        if self.spec.label.latent:  # the label summed out; the classifier scored (Pyro twin)
+            if labels is not None:
+                hit = jnp.argmax(self.built_call(param_map, self.built.label_logits, y), -1)
+                extra["accuracy"] = jnp.sum((hit == labels) & (labels >= 0))
+            labels = None
         k1, k2 = jax.random.split(key)
         k3 = jax.random.fold_in(key, 2)
         t = elbo.with_weights(beta, lam).terms(k1, param_map, self.built.model, self.built.guide,
@@ -276,6 +327,11 @@ class Model:
                              labels)["distortion"]
         out = {"objective": t["loss"], "rate": t["rate"], "distortion": t["distortion"],
                "aux": t["aux"], "nll": nll}
-        out |= {f"rate/{s.name}": t[f"rate/{s.name}"] for s in self.spec.sites}
+        out |= {f"rate/{name}": t[f"rate/{name}"] for name in rate_sites(self.spec)}
         out |= {f"dims/{k}": v for k, v in self._rate_per_dim(param_map, k3, y, labels).items()}
-        return out
+        return out | extra
+
+    @staticmethod
+    def built_call(param_map, fn, *args):
+        """A piece of the built model (`Built.label_logits`, …) run with the param map."""
+        return handlers.substitute(fn, data=param_map)(*args)

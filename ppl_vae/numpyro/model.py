@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpyro
+import numpyro.distributions as dist
 from numpyro.contrib.module import flax_module
 
 from ppl_vae import graph
-from ppl_vae.numpyro.aux import infonce_loss, supervised_loss
+from ppl_vae.numpyro.aux import infonce_loss, label_cross_entropy, supervised_loss
 from ppl_vae.numpyro.latents import one_hot, posterior_dist, prior_dist
 from ppl_vae.numpyro.likelihood import (
     distortion_value,
@@ -28,6 +30,7 @@ from ppl_vae.numpyro.likelihood import (
 )
 from ppl_vae.numpyro.networks import (
     MADE,
+    Classifier,
     Decoder,
     Encoder,
     Features,
@@ -35,7 +38,7 @@ from ppl_vae.numpyro.networks import (
     concat,
 )
 from ppl_vae.objective import aux_site_names
-from ppl_vae.spec import Spec, resolve_user_function
+from ppl_vae.spec import LABEL_SITE, Spec, resolve_user_function
 
 
 @dataclass
@@ -56,6 +59,8 @@ class Built:
     code: Callable
     decoder: Callable
     decoder_module: object
+    label_logits: Callable | None = None
+    class_prior: Callable | None = None
 
 
 def build(spec: Spec, data_dim: int, image_shape=None) -> Built:
@@ -85,7 +90,10 @@ def build(spec: Spec, data_dim: int, image_shape=None) -> Built:
             extra_widths[s.name] = graph.posterior_extra_width(spec, s, data_dim, image_shape)
     features_module = Features(tuple(enc.hidden), enc.activation, image_shape, channels)
     aux_terms = list(zip(aux_site_names(spec), objective.aux))
-    heads = {name: SupervisedHead(a) for name, a in aux_terms if a.kind == "supervised"}
+    heads = {name: SupervisedHead(a) for name, a in aux_terms
+             if a.kind == "supervised" and a.site != LABEL_SITE}
+    classifier = Classifier(tuple(lab.hidden), enc.activation, image_shape, channels,
+                            classes=lab.classes)
     dims = {s.name: s.dim for s in spec.sites}
     user_fns = {name: resolve_user_function(a.kind) for name, a in aux_terms
                 if a.kind not in ("infonce", "supervised")}
@@ -134,6 +142,39 @@ def build(spec: Spec, data_dim: int, image_shape=None) -> Built:
                            s.posterior.flow_steps)
         return q, loc, scale
 
+    def label_logits(y):
+        return flax_module(f"encoder_{LABEL_SITE}", classifier, jnp.ones((1, data_dim)))(y)
+
+    def class_prior():
+        if lab.class_prior == "learned":
+            logits = numpyro.param(f"prior_{LABEL_SITE}.logits", jnp.zeros(lab.classes))
+        else:
+            logits = jnp.zeros(lab.classes)
+        return dist.Categorical(logits=logits)
+
+    def model_label(labels):
+        """The one-hot label in the model: a latent site when the label is latent."""
+        if not lab.latent:
+            return label_input(labels)
+        value = numpyro.sample(LABEL_SITE, class_prior())
+        return one_hot(value, lab.classes, jnp.result_type(float))
+
+    def guide_label(y, labels):
+        """The one-hot label in the guide: q(label|y) where unknown, its value where known."""
+        if not lab.latent:
+            return label_input(labels), None
+        logits = label_logits(y)
+        probs = jax.nn.softmax(logits, -1)
+        if labels is None:
+            known = jnp.zeros(y.shape[:-1], bool)
+        else:
+            known = labels >= 0
+            probs = jnp.where(known[..., None], one_hot(jnp.maximum(labels, 0), lab.classes,
+                                                        probs.dtype), probs)
+        value = numpyro.sample(LABEL_SITE, dist.Categorical(probs),
+                               infer={"enumerate": "parallel", "observed": known})
+        return one_hot(value, lab.classes, jnp.result_type(float)), logits
+
     def code(values: dict, onehot):
         return concat([values[r] for r in spec.decoder.reads]
                       + ([onehot] if lab.condition else []))
@@ -147,9 +188,9 @@ def build(spec: Spec, data_dim: int, image_shape=None) -> Built:
             net = decoder()
             log_scale = (numpyro.param("likelihood.log_scale", jnp.zeros(data_dim))
                          if learned_scale else None)
-            onehot = label_input(labels)
             values = {}
             with numpyro.plate("data", y.shape[0]):
+                onehot = model_label(labels)
                 for name in model_order:
                     values[name] = numpyro.sample(name, prior_of(name, values, onehot))
                 params = net(code(values, onehot), y)  # y: teacher forcing (MADE)
@@ -165,9 +206,9 @@ def build(spec: Spec, data_dim: int, image_shape=None) -> Built:
 
     def make_guide(with_aux: bool):
         def guide(y, labels=None):
-            onehot = label_input(labels)
             values, gaussians = {}, {}
             with numpyro.plate("data", y.shape[0]):
+                onehot, logits = guide_label(y, labels)
                 features = None if one_site else data_features(y)
                 for name in guide_order:
                     q, loc, scale = posterior_of(name, y, values, onehot, features)
@@ -176,6 +217,9 @@ def build(spec: Spec, data_dim: int, image_shape=None) -> Built:
                     gaussians[name] = (loc, scale)
             for name, aux in aux_terms if with_aux else ():
                 site = graph.aux_site(spec, aux)
+                if site == LABEL_SITE:  # cross-entropy of q(label|y) on the known labels
+                    numpyro.factor(name, aux.weight * label_cross_entropy(logits, labels))
+                    continue
                 z, (loc, scale) = values[site], gaussians[site]
                 if aux.kind == "infonce":
                     value = infonce_loss(z, loc, scale)
@@ -195,4 +239,5 @@ def build(spec: Spec, data_dim: int, image_shape=None) -> Built:
     guide = make_guide(True)
     posterior_guide = make_guide(False) if aux_terms else guide
     return Built(spec, model, guide, elbo_model, posterior_guide, label_input, prior_of,
-                 posterior_of, code, decoder, decoder_module)
+                 posterior_of, code, decoder, decoder_module,
+                 label_logits if lab.latent else None, class_prior if lab.latent else None)

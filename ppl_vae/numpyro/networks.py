@@ -256,6 +256,20 @@ class ConditionalPrior(nn.Module):
         return self.loc(h), scale_from_raw(self.scale(h))
 
 
+class Classifier(Features):
+    """q(label|y) of a latent label (M2): `Features` of y, then `out`: logits (..., classes);
+    the twin of the Pyro backend's."""
+
+    classes: int = 10
+
+    def setup(self):
+        super().setup()
+        self.out = nn.Dense(self.classes)
+
+    def __call__(self, y, extra=None):
+        return self.out(self.features(y, extra))
+
+
 class SupervisedHead(nn.Module):
     """Classifier on the posterior mean: loc (..., d) -> logits (..., classes)."""
 

@@ -52,7 +52,8 @@ class Trainer:
         parts = [optax.clip_by_global_norm(tr.clip_norm)] if tr.clip_norm > 0 else []
         self.optimizer = optax.chain(*parts, optax.adam(tr.lr))
         self.opt_state = self.optimizer.init(self.model.param_map)
-        self.elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl)
+        self.elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl,
+                               max_plate_nesting=1)
         self.step = 0
         self.compilations = 0
         convolutional = "conv" in (spec.encoder.kind, spec.decoder.kind)

@@ -29,7 +29,7 @@ from ppl_vae.pyro.likelihood import ancestral_sample, likelihood_mean
 from ppl_vae.pyro.model import build
 from ppl_vae.pyro.params import export_params, import_params
 from ppl_vae.pyro.precision import matmul_precision
-from ppl_vae.spec import Spec
+from ppl_vae.spec import LABEL_SITE, Spec
 
 
 def resolve_device(device: str) -> torch.device:
@@ -58,6 +58,12 @@ def _inference(method):
 def site_log_prob(site) -> torch.Tensor:
     """ln p of a trace site's value, per example (not summed over the batch)."""
     return site["fn"].log_prob(site["value"])
+
+
+def _expected(site, weight) -> torch.Tensor:
+    """`site_log_prob`, averaged over an enumerated label (dim 0) under its weights q(c|y)."""
+    log_prob = site_log_prob(site)
+    return log_prob if weight is None else (weight * log_prob).sum(0)
 
 
 class Model:
@@ -181,12 +187,13 @@ class Model:
         return None
 
     # -- log-densities and the ELBO's terms -------------------------------------------------------
-    def _traces(self, y, labels, enumerate_label: bool = False):
+    def _traces(self, y, labels, enumerate_label: bool = False, enum_dim: int = -2):
         """The posterior guide's trace and the nll model replayed on it; with
-        `enumerate_label`, a latent label takes all its values (`ScaledELBO`'s enumeration)."""
+        `enumerate_label`, a latent label takes all its values in dim `enum_dim`
+        (`ScaledELBO`'s enumeration)."""
         guide = self.built.posterior_guide
         if enumerate_label:
-            guide = EnumMessenger(first_available_dim=-2)(guide)
+            guide = EnumMessenger(first_available_dim=enum_dim)(guide)
         guide_trace = poutine.trace(guide).get_trace(y, labels)
         model_trace = poutine.trace(poutine.replay(self.built.elbo_model, trace=guide_trace)
                                     ).get_trace(y, labels)
@@ -197,7 +204,10 @@ class Model:
                           chunk: int = 500, labels=None) -> np.ndarray:
         """For K joint draws z_k ~ q(z|y): (N, K, 1 + 2S) float64, nats. Column 0 is
         ln p̂(y|z_k) (the likelihood, whatever distortion was trained); then, for each site s
-        of `Spec.sites` in order, ln p̂(z_s,k | parents) and ln q(z_s,k | inputs).
+        of `Spec.sites` in order, ln p̂(z_s,k | parents) and ln q(z_s,k | inputs). A latent
+        label adds its pair (ln p̂(c), ln q(c|y)) last, and every column is then the
+        expectation over the label under q(c|y) (z drawn for each class; `labels` unused):
+        their sum is a draw of the ELBO with the label summed out.
 
         The importance log-weight is column 0 + the prior columns − the posterior columns
         (`log_weights_from_parts`); with K = 1, −column 0 is a per-example draw of the
@@ -205,24 +215,55 @@ class Model:
         `chunk`, so that K in the thousands fits in memory.
         """
         y, lab = self.tensor(x), self._labels(labels)
+        latent_label = self.spec.label.latent
         out = []
         with self._seeded(seed):
             for k in range(0, num_samples, chunk):
                 with pyro.plate("particles", min(chunk, num_samples - k), dim=-2):
-                    guide_trace, model_trace = self._traces(y, lab)
-                columns = [site_log_prob(model_trace.nodes["y"])]
-                for s in self.spec.sites:
-                    columns += [site_log_prob(model_trace.nodes[s.name]),
-                                site_log_prob(guide_trace.nodes[s.name])]
-                out.append(torch.stack(columns, -1).double().cpu())
+                    guide_trace, model_trace = self._traces(
+                        y, None if latent_label else lab, enumerate_label=latent_label,
+                        enum_dim=-3)
+                weight = ScaledELBO._enumeration_weight(guide_trace)
+                columns = [_expected(model_trace.nodes["y"], weight)]
+                for name in rate_sites(self.spec):
+                    columns += [_expected(model_trace.nodes[name], weight),
+                                _expected(guide_trace.nodes[name], weight)]
+                # the label's terms are exact: the same for every particle
+                out.append(torch.stack(torch.broadcast_tensors(*columns), -1).double().cpu())
         return torch.cat(out).transpose(0, 1).contiguous().numpy()
 
     def log_weights(self, x: np.ndarray, num_samples: int, seed: int = 0,
                     chunk: int = 500, labels=None) -> np.ndarray:
         """Importance log-weights ln p̂(y, z_k) − ln q(z_k|y), z_k ~ q(z|y) jointly over the
-        sites, (N, K) float64."""
-        return log_weights_from_parts(self.log_density_parts(x, num_samples, seed, chunk,
-                                                             labels))
+        sites, (N, K) float64. With a latent label the label is summed out of both (the
+        labels are not used): ln Σ_c p̂(c) p̂(z_k|c) p̂(y|c, z_k) − ln Σ_c q(c|y) q(z_k|y, c),
+        (c_k, z_k) drawn from q, so that the IWAE bound is one of ln p̂(y)."""
+        if not self.spec.label.latent:
+            return log_weights_from_parts(self.log_density_parts(x, num_samples, seed, chunk,
+                                                                 labels))
+        return self._label_summed_log_weights(x, num_samples, seed, chunk)
+
+    @_inference
+    def _label_summed_log_weights(self, x, num_samples, seed, chunk) -> np.ndarray:
+        y, names = self.tensor(x), [s.name for s in self.spec.sites]
+        out = []
+        with self._seeded(seed):
+            for k in range(0, num_samples, chunk):
+                with pyro.plate("particles", min(chunk, num_samples - k), dim=-2):
+                    drawn = poutine.trace(self.built.posterior_guide).get_trace(y, None)
+                    z = {n: drawn.nodes[n]["value"] for n in names}
+                    # every class at the drawn z: the label in its own dim left of the plates
+                    guide = EnumMessenger(first_available_dim=-3)(
+                        poutine.condition(self.built.posterior_guide, data=z))
+                    g = poutine.trace(guide).get_trace(y, None)
+                    every = {**z, LABEL_SITE: g.nodes[LABEL_SITE]["value"]}
+                    m = poutine.trace(poutine.condition(self.built.elbo_model, data=every)
+                                      ).get_trace(y, None)
+                log_q = sum(site_log_prob(g.nodes[n]) for n in [LABEL_SITE, *names])
+                log_p = sum(site_log_prob(m.nodes[n]) for n in [LABEL_SITE, *names, "y"])
+                log_w = log_p.logsumexp(0) - log_q.logsumexp(0)  # (particles, batch)
+                out.append(log_w.double().cpu())
+        return torch.cat(out).transpose(0, 1).contiguous().numpy()
 
     def _rate_per_dim(self, y, labels) -> dict[str, torch.Tensor]:
         """{site: (d,)} the rate of each coordinate summed over the batch, for sites whose
