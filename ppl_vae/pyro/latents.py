@@ -14,8 +14,9 @@ from ppl_vae.pyro.networks import scale_from_raw
 
 
 def one_hot(labels: torch.Tensor, classes: int, dtype) -> torch.Tensor:
-    """(B,) int labels in 0..classes−1 -> (B, classes) one-hot rows."""
-    return F.one_hot(labels.long(), classes).to(dtype)
+    """(B,) int labels in 0..classes−1 -> (B, classes) one-hot rows. A comparison, not
+    `F.one_hot`: that one checks the labels' range on the host (a device sync every step)."""
+    return (labels[..., None] == torch.arange(classes, device=labels.device)).to(dtype)
 
 
 def prior_dist(prior, inputs: torch.Tensor | None = None):

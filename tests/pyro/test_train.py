@@ -216,8 +216,10 @@ TWO_SITES = ['latents=[{name="z1", dim=3, prior={kind="conditional", parents=["z
     ['data.binarize="none"', 'likelihood.kind="categorical"', "likelihood.categories=17"],
     TWO_SITES,
     ['decoder.kind="autoregressive"'],
+    ["label.condition=true", "label.latent=true", "data.labelled=100", "label.hidden=[8]",
+     'objective.aux=[{kind="supervised", site="label", weight=5.0}]'],
 ], ids=["vae", "mixture-mc", "aux-particles-clip", "gaussian", "binomial", "categorical",
-        "graph-iaf-full", "made"])
+        "graph-iaf-full", "made", "m2-enumerated-label"])
 def test_the_training_step_never_waits_for_the_device(tmp_path, extra):
     assert host_reads_of_a_step(tmp_path, extra) == []
 
