@@ -313,7 +313,7 @@ class Model:
         extra = {}
         if self.spec.label.latent:  # the label summed out; the classifier scored (Pyro twin)
             if labels is not None:
-                hit = jnp.argmax(self.built_call(param_map, self.built.label_logits, y), -1)
+                hit = jnp.argmax(self._call(param_map, self.built.label_logits, y), -1)
                 extra["accuracy"] = jnp.sum((hit == labels) & (labels >= 0))
             labels = None
         k1, k2 = jax.random.split(key)
@@ -332,6 +332,6 @@ class Model:
         return out | extra
 
     @staticmethod
-    def built_call(param_map, fn, *args):
+    def _call(param_map, fn, *args):
         """A piece of the built model (`Built.label_logits`, …) run with the param map."""
         return handlers.substitute(fn, data=param_map)(*args)
