@@ -28,10 +28,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_psis.py
 	$(BIN)/python benchmarks/precision_check.py
 
-# The lecture's five experiments and the latent-graph comparison (examples/README.md): about 18
+# The lecture's five experiments, the latent-graph comparison and M2 (examples/README.md): about 26
 # minutes on 2 CPU cores, then about an hour for the dSprites sweep.
 experiments: $(STAMP)
-	for e in posterior_collapse rate_distortion universality encoder_autonomy latent_graphs; do \
+	for e in posterior_collapse rate_distortion universality encoder_autonomy latent_graphs \
+			semi_supervised; do \
 		$(BIN)/python examples/$$e.py --backend numpyro || exit 1; done
 	$(BIN)/python examples/disentangle.py --backend pyro
 

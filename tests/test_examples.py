@@ -16,7 +16,8 @@ SCRIPTS = sorted([*(ROOT / "examples").glob("*.py"), *(ROOT / "benchmarks").glob
 #: experiment -> its figure
 EXPERIMENTS = {"posterior_collapse": "collapse.png", "rate_distortion": "rate_distortion.png",
            "universality": "universality.png", "encoder_autonomy": "encoder_autonomy.png",
-           "disentangle": "disentangle.png", "latent_graphs": "latent_graphs.png"}
+           "disentangle": "disentangle.png", "latent_graphs": "latent_graphs.png",
+           "semi_supervised": "semi_supervised.png"}
 NUMPYRO_TOO = ("posterior_collapse",)
 CASES = [pytest.param(p, "pyro", id=p.stem) for p in SCRIPTS] + [
     pytest.param(ROOT / "examples" / f"{name}.py", "numpyro", id=f"{name}-numpyro")
