@@ -372,3 +372,28 @@ def test_a_two_layer_spec_equals_the_stock_elbo(analytic_kl, stock_cls, num_part
           "max_plate_nesting": 1}
     assert_same(run(ScaledELBO(analytic_kl=analytic_kl, **kw)), run(stock_cls(**kw)))
 
+
+
+def bernoulli_model(data):
+    p = pyro.param("p_prior", torch.tensor(0.3), constraint=constraints.unit_interval)
+    mu = pyro.param("mu_b", torch.tensor([-1.0, 1.5]))
+    with pyro.plate("N", len(data)):
+        b = pyro.sample("b", dist.Bernoulli(p))
+        z = pyro.sample("z", dist.Normal(mu[b.long()], 1.0))
+        pyro.sample("y", dist.Normal(z, 0.7), obs=data)
+
+
+def bernoulli_guide(data):
+    w = pyro.param("w_b", torch.tensor(0.8))
+    a = pyro.param("a_b", torch.tensor([-0.5, 0.5]))
+    with pyro.plate("N", len(data)):
+        b = pyro.sample("b", dist.Bernoulli(logits=w * data), infer={"enumerate": "parallel"})
+        pyro.sample("z", dist.Normal(a[b.long()] + 0.1 * data, 0.9))
+
+
+def test_an_enumerated_bernoulli_site_equals_traceenum_elbo(float64):
+    ours = loss_and_grads(ScaledELBO(analytic_kl=False, max_plate_nesting=1), bernoulli_model,
+                          bernoulli_guide, DATA)
+    stock = loss_and_grads(TraceEnum_ELBO(max_plate_nesting=1), bernoulli_model,
+                           bernoulli_guide, DATA)
+    assert_same(ours, stock)
