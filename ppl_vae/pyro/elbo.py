@@ -8,6 +8,8 @@ role           which sites                                            enters the
 =============  =====================================================  ==========================
 latent         sample sites in both guide and model                   β · (ln q − ln p), or
                                                                       β · KL(q‖p) analytically
+               guide-only sample sites marked ``is_auxiliary``        β · ln q (an AutoGuide's
+               (the AutoGuides' joint latent)                         joint draw: part of ln q)
 distortion     observed sample sites and factor sites of the model    λ · (−log-density)
 aux            factor sites of the guide only                         + their value
 =============  =====================================================  ==========================
@@ -48,6 +50,8 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 from pyro.infer.enum import get_importance_trace
+from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.enum_messenger import EnumMessenger
 from torch.distributions import kl_divergence
 
@@ -102,8 +106,18 @@ class ScaledELBO(Trace_ELBO):
         yield from super()._get_traces(model, guide, args, kwargs)
 
     def _get_trace(self, model, guide, args, kwargs):
-        # Trace_ELBO's, without its warning that enumerated sites need TraceEnum_ELBO
-        return get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+        # Trace_ELBO's (which checks that model and guide match when validation is on), without
+        # its warning that enumerated sites need TraceEnum_ELBO; with the closed-form rate, the
+        # mean-field check TraceMeanField_ELBO makes.
+        model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model,
+                                                        guide, args, kwargs)
+        opted_out = any(site["type"] == "sample" and site["infer"].get("analytic_kl") is False
+                        for site in guide_trace.nodes.values())
+        if self.analytic_kl and is_validation_enabled() and not opted_out:
+            # (a guide that marks sites analytic_kl=False has already said where the closed
+            # form would be wrong: the spec builder does, for bottom-up latent graphs)
+            _check_mean_field_requirement(model_trace, guide_trace)
+        return model_trace, guide_trace
 
     @staticmethod
     def _enumeration_weight(guide_trace) -> torch.Tensor | None:
@@ -164,6 +178,10 @@ class ScaledELBO(Trace_ELBO):
             kind = _site_kind(gsite)
             if kind == "factor":
                 terms[f"aux/{name}"] = total(gsite)
+            elif kind == "latent" and gsite["infer"].get("is_auxiliary"):
+                # a guide-only latent (an AutoGuide's joint draw, e.g. `_AutoNormal_latent`):
+                # its ln q is part of ln q(z|y), so of the rate
+                terms[f"rate/{name}"] = total(gsite)
             elif kind != "deterministic":
                 raise stray_guide_site(name)
         return terms
@@ -178,7 +196,8 @@ class ScaledELBO(Trace_ELBO):
                 kl = scale_and_mask(kl, scale=gsite["scale"], mask=gsite["mask"])
                 if torch.is_tensor(kl):
                     return total(kl)
-                return kl * torch.Size(gsite["fn"].batch_shape).numel()
+                # a number: a fully masked site (mask False gives 0.0), per batch element
+                return gsite["value"].new_tensor(kl * torch.Size(gsite["fn"].batch_shape).numel())
         return total(gsite) - total(msite)
 
     # -- public API ---------------------------------------------------------------------------

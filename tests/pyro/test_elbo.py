@@ -397,3 +397,66 @@ def test_an_enumerated_bernoulli_site_equals_traceenum_elbo(float64):
     stock = loss_and_grads(TraceEnum_ELBO(max_plate_nesting=1), bernoulli_model,
                            bernoulli_guide, DATA)
     assert_same(ours, stock)
+
+
+# ---- where stock users go: AutoGuides, masks, validation (issue 13) -------------------------------
+def constrained_model(data, b=None):
+    """loc ~ N(0, 2), scale ~ LogNormal(0, 0.5) (a constrained latent), y ~ N(loc, scale)."""
+    loc = scaled(b, pyro.sample, "loc", dist.Normal(0.0, 2.0))
+    scale = scaled(b, pyro.sample, "scale", dist.LogNormal(0.0, 0.5))
+    with pyro.plate("N", len(data)):
+        pyro.sample("y", dist.Normal(loc, scale), obs=data)
+
+
+AUTOGUIDES = ["AutoNormal", "AutoDiagonalNormal", "AutoMultivariateNormal",
+              "AutoLowRankMultivariateNormal", "AutoIAFNormal"]
+
+
+@pytest.mark.parametrize("autoguide", AUTOGUIDES)
+@pytest.mark.parametrize("b", [None, 0.25])
+def test_autoguides_equal_the_stock_elbo(float64, autoguide, b):
+    """An AutoGuide adds guide-only latents marked is_auxiliary; their ln q is part of the rate.
+    β = 1: Trace_ELBO; β = b: Trace_ELBO with the model's latents and the whole guide scaled."""
+    from pyro.infer import autoguide as autoguides
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(5)
+    guide = getattr(autoguides, autoguide)(constrained_model)
+    guide(DATA)  # creates the guide's parameters
+    ours = loss_and_grads(ScaledELBO(beta=1.0 if b is None else b, analytic_kl=False),
+                          constrained_model, guide, DATA)
+    stock_guide = guide if b is None else poutine.scale(guide, scale=b)
+    stock = loss_and_grads(Trace_ELBO(), constrained_model, stock_guide, DATA, b)
+    assert_same(ours, stock)
+
+
+def test_a_masked_latent_is_zero_not_a_crash(float64):
+    def model(data):
+        with pyro.plate("N", len(data)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).mask(False))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=data)
+
+    def guide(data):
+        a = pyro.param("a_m", torch.zeros(len(data)))
+        with pyro.plate("N", len(data)):
+            pyro.sample("z", dist.Normal(a, 1.0).mask(False))
+
+    ours = loss_and_grads(ScaledELBO(analytic_kl=True), model, guide, DATA)
+    stock = loss_and_grads(TraceMeanField_ELBO(), model, guide, DATA)
+    assert_same(ours, stock)
+    assert float(ScaledELBO().terms(model, guide, DATA)["rate/z"]) == 0.0
+
+
+def test_validation_warns_as_trace_mean_field_elbo_does():
+    def model(data):
+        z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
+        z2 = pyro.sample("z2", dist.Normal(z1, 1.0))
+        pyro.sample("y", dist.Normal(z2, 1.0), obs=data[0])
+
+    def guide(data):  # z2 first: not the model's order, so not mean field
+        z2 = pyro.sample("z2", dist.Normal(pyro.param("c", torch.tensor(0.0)), 1.0))
+        pyro.sample("z1", dist.Normal(z2, 1.0))
+
+    for elbo in (TraceMeanField_ELBO(), ScaledELBO(analytic_kl=True)):
+        with pyro.validation_enabled(True), pytest.warns(UserWarning, match="mean field"):
+            elbo.loss(model, guide, DATA)
