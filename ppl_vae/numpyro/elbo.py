@@ -36,6 +36,7 @@ takes them as arguments, so a schedule never recompiles::
 from __future__ import annotations
 
 import copy
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,7 @@ from numpyro.distributions.util import scale_and_mask
 from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer.elbo import ELBO
 from numpyro.primitives import Messenger
+from numpyro.util import _validate_model, check_model_guide_match
 
 from ppl_vae.objective import (
     enumeration_needs_plate_nesting,
@@ -52,6 +54,7 @@ from ppl_vae.objective import (
     not_reparameterised,
     sequential_enumeration,
     stray_guide_site,
+    weight_for,
     weighted_terms,
 )
 
@@ -119,13 +122,21 @@ class ScaledELBO(ELBO):
     :param vectorize_particles: as in `numpyro.infer.ELBO` (vmap by default).
     :param max_plate_nesting: the number of nested plates; needed (only) to enumerate guide
         sites marked ``infer={"enumerate": "parallel"}``.
+    :param sum_sites: as in the stock ELBOs: False makes `loss` a dict {site: weighted part}.
+    :param multi_sample_guide: accepted for the stock signature; True is refused.
     """
 
     def __init__(self, beta=1.0, lam=1.0, num_particles: int = 1, analytic_kl: bool = True,
-                 vectorize_particles=True, max_plate_nesting=None):
+                 vectorize_particles=True, max_plate_nesting=None,
+                 multi_sample_guide: bool = False, sum_sites: bool = True):
+        if multi_sample_guide:
+            raise NotImplementedError(
+                "ScaledELBO: multi_sample_guide=True (a guide that proposes several samples of "
+                "each site) is not supported; use the stock Trace_ELBO for such a guide.")
         super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
         self.beta, self.lam, self.analytic_kl = beta, lam, analytic_kl
         self.max_plate_nesting = max_plate_nesting
+        self.multi_sample_guide, self.sum_sites = multi_sample_guide, sum_sites
 
     def with_weights(self, beta, lam) -> ScaledELBO:
         """The same estimator with other β and λ (numbers or traced arrays)."""
@@ -142,9 +153,16 @@ class ScaledELBO(ELBO):
             # key, so the continuous draws are TraceEnum_ELBO's
             seeded_guide = enumerate_parallel(seeded_guide, -1 - self.max_plate_nesting)
         guide_trace = trace(substitute(seeded_guide, data=param_map)).get_trace(*args, **kwargs)
+        # mutable state (flax BatchNorm's batch_stats): the guide's new values feed the model,
+        # and both come back, as in the stock Trace_ELBO
+        mutable = {n: s["value"] for n, s in guide_trace.items() if s["type"] == "mutable"}
         model_trace = trace(substitute(replay(seed(model, model_seed), guide_trace),
-                                       data=param_map)).get_trace(*args, **kwargs)
+                                       data={**param_map, **mutable})).get_trace(*args, **kwargs)
+        mutable |= {n: s["value"] for n, s in model_trace.items() if s["type"] == "mutable"}
         weight = _enumeration_weight(guide_trace)
+        if weight is None:  # the stock ELBOs' checks (an enumerated trace has other shapes)
+            check_model_guide_match(model_trace, guide_trace)
+            _validate_model(model_trace, plate_warning="loose")
 
         def total(value):
             """Σ of a per-example array under the enumeration weights."""
@@ -178,9 +196,13 @@ class ScaledELBO(ELBO):
                 continue
             if gsite["is_observed"] and gsite["infer"].get("is_auxiliary"):
                 terms[f"aux/{name}"] = total(_log_prob(gsite))
+            elif gsite["infer"].get("is_auxiliary"):
+                # a guide-only latent (an AutoGuide's joint draw, `_Auto…_latent`): its ln q is
+                # part of ln q(z|y), so of the rate (see the Pyro twin)
+                terms[f"rate/{name}"] = total(_log_prob(gsite))
             else:
                 raise stray_guide_site(name)
-        return terms
+        return terms, mutable
 
     def _rate(self, msite, gsite, total) -> jax.Array:
         if self.analytic_kl and gsite["infer"].get("analytic_kl", True):
@@ -193,27 +215,52 @@ class ScaledELBO(ELBO):
         return total(_log_prob(gsite) - _log_prob(msite))
 
     # -- public API ---------------------------------------------------------------------------
-    def terms(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
-        """The loss and its parts, averaged over particles, summed over the batch, in nats:
-        ``loss`` (weighted), ``rate``, ``distortion``, ``aux`` (unweighted totals) and
-        ``rate/<site>``, ``distortion/<site>``, ``aux/<site>``."""
-
+    def _terms_and_state(self, rng_key, param_map, model, guide, args, kwargs):
         def particle(key):
             return self._particle_terms(key, param_map, model, guide, args, kwargs)
 
         if self.num_particles == 1:
-            total = particle(rng_key)
+            total, mutable = particle(rng_key)
         else:
             keys = random.split(rng_key, self.num_particles)
-            total = jax.tree.map(lambda x: jnp.mean(x, 0),
-                                 self.vectorize_particles_fn(particle, keys))
+            total, mutable = self.vectorize_particles_fn(particle, keys)
+            total = jax.tree.map(lambda x: jnp.mean(x, 0), total)
+            if mutable:
+                warnings.warn("mutable state is currently ignored when num_particles > 1.",
+                              stacklevel=3)
+            mutable = {}
         zero = jnp.zeros((), jnp.result_type(*total.values()) if total else float)
-        return weighted_terms(total, self.beta, self.lam, zero)
+        return weighted_terms(total, self.beta, self.lam, zero), mutable or None
 
-    def loss(self, rng_key, param_map, model, guide, *args, **kwargs) -> jax.Array:
-        """The weighted loss (−ELBO at β = λ = 1)."""
-        return self.terms(rng_key, param_map, model, guide, *args, **kwargs)["loss"]
+    def terms(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
+        """The loss and its parts, averaged over particles, summed over the batch, in nats:
+        ``loss`` (weighted), ``rate``, ``distortion``, ``aux`` (unweighted totals) and
+        ``rate/<site>``, ``distortion/<site>``, ``aux/<site>``."""
+        return self._terms_and_state(rng_key, param_map, model, guide, args, kwargs)[0]
+
+    def loss(self, rng_key, param_map, model, guide, *args, **kwargs):
+        """The weighted loss (−ELBO at β = λ = 1); with ``sum_sites=False`` a dict {site: its
+        weighted part}, as the stock ELBO's."""
+        return self.loss_with_mutable_state(rng_key, param_map, model, guide, *args,
+                                            **kwargs)["loss"]
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
-        return {"loss": self.loss(rng_key, param_map, model, guide, *args, **kwargs),
-                "mutable_state": None}
+        """{"loss", "mutable_state"}: the state of ``numpyro.mutable`` sites (flax BatchNorm)
+        after this step, as the stock ELBO returns it (None when there is none, and with
+        num_particles > 1, with the stock warning)."""
+        t, mutable = self._terms_and_state(rng_key, param_map, model, guide, args, kwargs)
+        loss = t["loss"] if self.sum_sites else per_site_loss(t, self.beta, self.lam)
+        return {"loss": loss, "mutable_state": mutable}
+
+
+def per_site_loss(terms: dict, beta, lam) -> dict:
+    """{site: its weighted part of the loss}: β·rate, λ·distortion and aux terms by site."""
+    out: dict = {}
+    for key, value in terms.items():
+        if "/" not in key:
+            continue
+        role, site = key.split("/", 1)
+        weight = (weight_for(beta, site) if role == "rate" else
+                  weight_for(lam, site) if role == "distortion" else 1.0)
+        out[site] = out.get(site, 0.0) + weight * value
+    return out

@@ -267,3 +267,85 @@ def test_aux_gradients_reach_the_encoder_only():
             assert not np.any(g), name
         elif name.endswith("weight"):
             assert np.any(g), name
+
+
+# ---- where stock users go: AutoGuides, the stock keywords, mutable state (issue 13) -----------
+def constrained_model(data, b=None):
+    """loc ~ N(0, 2), scale ~ LogNormal(0, 0.5) (a constrained latent), y ~ N(loc, scale)."""
+    loc = scaled(b, lambda: numpyro.sample("loc", dist.Normal(0.0, 2.0)))
+    scale = scaled(b, lambda: numpyro.sample("scale", dist.LogNormal(0.0, 0.5)))
+    with numpyro.plate("N", len(data)):
+        numpyro.sample("y", dist.Normal(loc, scale), obs=data)
+
+
+@pytest.mark.parametrize("autoguide", ["AutoNormal", "AutoDiagonalNormal",
+                                       "AutoMultivariateNormal", "AutoLowRankMultivariateNormal"])
+@pytest.mark.parametrize("b", [None, 0.25])
+def test_autoguides_equal_the_stock_elbo(autoguide, b):
+    """Guide-only latents marked is_auxiliary (``_AutoDiagonalNormal_latent``) belong to the
+    rate; β = b equals Trace_ELBO with the model's latents and the whole guide scaled."""
+    from numpyro.infer import autoguide as autoguides
+
+    data = jnp.asarray(DATA, jnp.float32)
+    guide = getattr(autoguides, autoguide)(constrained_model)
+    svi = SVI(constrained_model, guide, optax.adam(1e-3), Trace_ELBO())
+    params = svi.get_params(svi.init(jax.random.PRNGKey(0), data))
+    key = jax.random.PRNGKey(7)
+    stock_guide = guide if b is None else handlers.scale(guide, scale=b)
+
+    def value_and_grads(elbo, g, *args):
+        return jax.value_and_grad(lambda p: elbo.loss(key, p, constrained_model, g, data,
+                                                      *args))(params)
+
+    ours = value_and_grads(ScaledELBO(beta=1.0 if b is None else b, analytic_kl=False), guide)
+    stock = value_and_grads(Trace_ELBO(), stock_guide, b)
+    assert_same(ours, stock, rtol=2e-5)
+
+
+def test_the_stock_keywords_are_accepted():
+    data = jnp.asarray(DATA)
+    params = {k: jnp.asarray(v) for k, v in PARAMS.items()}
+    key = jax.random.PRNGKey(3)
+    per_site = ScaledELBO(sum_sites=False, analytic_kl=False).loss(key, params, model, guide,
+                                                                   data)
+    assert set(per_site) == {"z1", "z2", "y"}
+    total = ScaledELBO(analytic_kl=False).loss(key, params, model, guide, data)
+    np.testing.assert_allclose(sum(per_site.values()), total, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="multi_sample_guide"):
+        ScaledELBO(multi_sample_guide=True)
+
+
+def test_batchnorm_state_is_carried_through_svi_run():
+    """flax BatchNorm's batch_stats (numpyro.mutable) come back from the loss, as from the
+    stock Trace_ELBO, so SVI.run trains several steps and updates them."""
+    import flax.linen as nn
+    from numpyro.contrib.module import flax_module
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = True):
+            x = nn.Dense(4)(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+            return nn.Dense(3)(x)
+
+    y = jax.random.normal(jax.random.PRNGKey(0), (16, 3))
+
+    def bn_model(y):
+        net = flax_module("net", Net(), input_shape=(1, 2), mutable=["batch_stats"])
+        with numpyro.plate("N", y.shape[0]):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            numpyro.sample("y", dist.Normal(net(z), 1.0).to_event(1), obs=y)
+
+    def bn_guide(y):
+        loc = numpyro.param("loc", jnp.zeros((y.shape[0], 2)))
+        with numpyro.plate("N", y.shape[0]):
+            numpyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+    results = {}
+    for name, elbo in (("ours", ScaledELBO(analytic_kl=False)), ("stock", Trace_ELBO())):
+        svi = SVI(bn_model, bn_guide, optax.adam(1e-2), elbo)
+        result = svi.run(jax.random.PRNGKey(1), 5, y, progress_bar=False)
+        results[name] = result
+    np.testing.assert_allclose(results["ours"].losses, results["stock"].losses, rtol=1e-5)
+    stats = results["ours"].state.mutable_state["net$state"]["batch_stats"]["BatchNorm_0"]
+    assert np.abs(np.asarray(stats["mean"])).sum() > 0  # updated from the initial zeros
