@@ -34,7 +34,8 @@ IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 #: A value y counts as lying on the k-grid when |y*k - round(y*k)| <= GRID_TOL.
 GRID_TOL = 1e-4
 _NPZ_HELP = ("an .npz with an array 'x' of shape (N, D), (N, H, W), (N, H, W, 1) or (N, 1, H, W), "
-             "and optionally 'labels' (N,), 'x_test' and 'labels_test'")
+             "and optionally 'labels' (N,), 'x_test', 'labels_test' and 'entropy' (a scalar: H(y) "
+             "of the population, nats per example)")
 
 
 class DataError(ValueError):
@@ -237,8 +238,22 @@ def _as_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def _npz_entropy(arrays: dict, path: Path) -> float | None:
+    """The optional scalar array 'entropy': H(y) of the population the examples were drawn
+    from, nats per example (so that `eval` prints the lecture's bounds for user data)."""
+    if "entropy" not in arrays:
+        return None
+    value = arrays["entropy"]
+    if value.shape != () or not np.issubdtype(value.dtype, np.number) or not (
+            np.isfinite(value) and value >= 0):
+        raise DataError(f"{path}['entropy'] is {value!r}; it must be one finite number >= 0: "
+                        "H(y) of the population the examples come from, nats per example")
+    return float(value)
+
+
 def _npz(path: Path):
-    """Arrays x / labels / x_test / labels_test of an .npz file, values as they are."""
+    """Arrays x / labels / x_test / labels_test of an .npz file, values as they are, and its
+    population entropy (None when it has no 'entropy')."""
     if not path.is_file():
         raise DataError(f"npz file {str(path)!r} does not exist; set data.path to {_NPZ_HELP}")
     try:
@@ -253,18 +268,19 @@ def _npz(path: Path):
     x, shape = _as_examples(arrays["x"], f"{path.name}['x']")
     labels = (_as_labels(arrays["labels"], len(x), f"{path.name}['labels']")
               if "labels" in arrays else np.full(len(x), -1, np.int64))
+    entropy = _npz_entropy(arrays, path)
     if "x_test" not in arrays:
         if "labels_test" in arrays:
             raise DataError(f"{path} has 'labels_test' but no 'x_test'; add x_test or drop "
                             "labels_test")
-        return x, labels, shape, None
+        return x, labels, shape, None, entropy
     if arrays["x_test"].shape[1:] != arrays["x"].shape[1:]:
         raise DataError(f"{path}: x_test examples have shape {arrays['x_test'].shape[1:]} but x "
                         f"examples have {arrays['x'].shape[1:]}; they must match")
     x_test, _ = _as_examples(arrays["x_test"], f"{path.name}['x_test']")
     labels_test = (_as_labels(arrays["labels_test"], len(x_test), f"{path.name}['labels_test']")
                    if "labels_test" in arrays else np.full(len(x_test), -1, np.int64))
-    return x, labels, shape, (x_test, labels_test)
+    return x, labels, shape, (x_test, labels_test), entropy
 
 
 # ---- checks -------------------------------------------------------------------------------
@@ -431,8 +447,14 @@ def load_data(spec: Spec) -> Dataset:
         x, labels, shape, test = _mnist(Path(d.path).expanduser())
         columns, name = {"x": x, "labels": labels}, f"mnist:{d.path}"
     elif d.source == "npz":
-        x, labels, shape, test = _npz(Path(d.path).expanduser())
+        x, labels, shape, test, entropy = _npz(Path(d.path).expanduser())
         columns, name = {"x": x, "labels": labels}, f"npz:{d.path}"
+        if entropy is not None:
+            if d.binarize != "none":  # binarising makes another population
+                raise DataError(f"{d.path} carries the entropy of its population, but "
+                                f"data.binarize = {d.binarize!r} draws other data from it; set "
+                                "data.binarize = 'none' (or drop 'entropy' from the file)")
+            extras = {"entropy": entropy}
     elif d.source == "dsprites":
         columns, shape, extras = _dsprites(d.size or DEFAULT_GENERATED_SIZE,
                                            np.random.default_rng(draw_seed))

@@ -1,6 +1,7 @@
 """Data loading: the digits, the IDX reader (on files written here and on the real MNIST test
 set), MNIST folders, npz files, splits, limits, binarisation and every data error."""
 
+import dataclasses
 import gzip
 from pathlib import Path
 
@@ -289,6 +290,13 @@ def test_npz_one_channel_images(tmp_path, shape):
     pytest.param({"x": np.zeros((0, 3))}, (), "at least one example", id="empty"),
     pytest.param({"x": np.zeros((1, 3))}, (), "too few", id="one-example"),
     pytest.param({"y": np.zeros((10, 3))}, (), "needs one named 'x'", id="no-x"),
+    pytest.param({"x": np.zeros((10, 3)), "entropy": np.array([1.0, 2.0])}, (),
+                 "one finite number >= 0", id="entropy-not-scalar"),
+    pytest.param({"x": np.zeros((10, 3)), "entropy": np.array(-1.0)}, (),
+                 "one finite number >= 0", id="entropy-negative"),
+    pytest.param({"x": np.zeros((10, 3)), "entropy": np.array(2.0)},
+                 ('data.binarize="dynamic"',), "set data.binarize = 'none'",
+                 id="entropy-with-binarize"),
 ])
 def test_npz_errors(tmp_path, arrays, overrides, message):
     with pytest.raises(DataError) as err:
@@ -414,3 +422,27 @@ def test_generated_source_spec_errors(overrides, key):
 def test_dsprites_size_beyond_the_grid():
     with pytest.raises(DataError, match="737280"):
         load_data(spec("data.source=dsprites", "data.size=800000"))
+
+
+def test_an_npz_can_carry_the_entropy_of_its_population(tmp_path, capsys):
+    """A known H(y) for user data: `Dataset.entropy`, and `eval` prints the lecture's bounds
+    (−ELBO − H(y) ≥ 0, H(y) − distortion ≤ I_q ≤ rate) as for the synthetic sources."""
+    from ppl_vae.cli import main
+
+    rng = np.random.default_rng(0)
+    x = (rng.random((400, 6)) < 0.3).astype(np.float32)  # 6 independent Bernoulli(0.3) pixels
+    entropy = -6 * (0.3 * np.log(0.3) + 0.7 * np.log(0.7))
+    spec_ = npz_spec(tmp_path, 'data.binarize="none"', x=x, entropy=np.array(entropy))
+    data = load_data(spec_)
+    assert data.entropy == pytest.approx(entropy)
+    out = tmp_path / "run"
+    args = ["train", str(tmp_path / "spec.toml"), "--out", str(out), "--no-progress"]
+    from ppl_vae.spec import spec_to_toml
+
+    (tmp_path / "spec.toml").write_text(spec_to_toml(spec_.replace(
+        train=dataclasses.replace(spec_.train, steps=50, log_every=10, eval_every=50,
+                                  checkpoint_every=50))))
+    assert main(args) == 0
+    assert main(["eval", str(out), "--iwae-k", "10", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "H(y), exact" in text and "−ELBO − H(y)" in text

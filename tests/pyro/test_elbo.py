@@ -399,7 +399,7 @@ def test_an_enumerated_bernoulli_site_equals_traceenum_elbo(float64):
     assert_same(ours, stock)
 
 
-# ---- where stock users go: AutoGuides, masks, validation (issue 13) -------------------------------
+# ---- where stock users go: AutoGuides, masks, validation (issue 13) ----------------------------
 def constrained_model(data, b=None):
     """loc ~ N(0, 2), scale ~ LogNormal(0, 0.5) (a constrained latent), y ~ N(loc, scale)."""
     loc = scaled(b, pyro.sample, "loc", dist.Normal(0.0, 2.0))
