@@ -89,6 +89,25 @@ def evaluate(model, spec: Spec, x: np.ndarray, labels: np.ndarray, beta: float,
     return out
 
 
+#: A window whose mean loss exceeds the best loss seen so far (a window's mean, or the first
+#: step of a window, whose loss is computed before its update) by this many times the best's
+#: size (nats per example, at least 1) has blown up, short of NaN: train.lr = 10 on the digits
+#: goes from 45 at the first step to 2e8 within ten steps.
+BLOW_UP_FACTOR = 100.0
+
+
+def blew_up(objective: float, best: float) -> bool:
+    """True when a window's mean loss is far above the best window's so far (`BLOW_UP_FACTOR`),
+    which no healthy run does: the loss fell, then left the scale of the problem."""
+    return bool(np.isfinite(best) and objective > best + BLOW_UP_FACTOR * max(abs(best), 1.0))
+
+
+def resume_command(out: Path, backend: str) -> str:
+    """The command that continues the run in `out`: its own spec.toml (the spec as resolved,
+    overrides included) and backend."""
+    return f"ppl-vae train {out / runs.SPEC_FILE} --backend {backend} --out {out} --resume"
+
+
 def _windows(start: int, steps: int, every: int):
     """(first, last) completed-step counts of each logging window: ends at multiples of
     `every` and at `steps`, so a resumed run logs at the same steps as a straight one."""
@@ -170,6 +189,7 @@ def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, pr
     x_eval, labels_eval = evaluation_data(spec, dataset)
     nll_trained = obj.distortion == "nll"
     last_finite: dict = {}
+    best_objective = np.inf
     last_ckpt = start if start else None
     t0 = time.perf_counter()
     bar = None
@@ -184,6 +204,18 @@ def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, pr
                 betas = beta_schedule(obj, np.arange(first, last))
                 values = trainer.run_steps(betas, obj.lam)
                 bad = ~np.isfinite(values[:, 0])
+                if np.isfinite(values[0, 0]):  # the first step's loss: before its update
+                    best_objective = min(best_objective, float(values[0, 0]))
+                if not bad.any() and blew_up(values[:, 0].mean(), best_objective):
+                    where = (f"the last good checkpoint (step {last_ckpt}) is in {ckpt_path}, "
+                             "not overwritten" if last_ckpt else "no checkpoint was written")
+                    raise TrainingDiverged(
+                        f"the loss blew up: {values[:, 0].mean():.4g} nats per example in the "
+                        f"window ending at step {last}, against {best_objective:.4g} at best "
+                        f"before (a window's mean or a window's first step); last finite "
+                        f"metrics (step {last_finite.get('step', '-')}): "
+                        f"{_fmt(last_finite) or 'none'}; {where}. Try a smaller train.lr or "
+                        "train.clip_norm > 0.")
                 if bad.any():
                     step = first + int(np.argmax(bad)) + 1
                     where = (f"the last good checkpoint (step {last_ckpt}) is in {ckpt_path}"
@@ -201,6 +233,7 @@ def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, pr
                 record["seconds"] = time.perf_counter() - t0
                 runs.append_metrics(metrics_path, record)
                 last_finite = record
+                best_objective = min(best_objective, record["objective"])
                 if bar is not None:
                     bar.update(last - first)
                     bar.set_postfix(rate=f"{record['rate']:.3g}",
@@ -219,7 +252,7 @@ def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, pr
                 if flag["stop"] and last < tr.steps:
                     raise TrainingInterrupted(
                         f"interrupted at step {last}: checkpoint saved in {out}; continue with "
-                        f"`ppl-vae train {spec.source or 'SPEC'} --out {out} --resume`", last)
+                        f"`{resume_command(out, info['backend'])}`", last)
     finally:
         if bar is not None:
             bar.close()

@@ -33,3 +33,9 @@ def reads_host(*, y, z, loc, scale, labels, backend):
 def nan_on_device(*, y, z, loc, scale, labels, backend):
     """NaN from the first step, computed on the device (a CUDA graph replays it)."""
     return 0.0 * loc.sum() + float("nan")
+
+
+def huge_after_25(*, y, z, loc, scale, labels, backend):
+    """Finite but 1e9 nats from the 26th call on: a blow-up short of NaN."""
+    CALLS["n"] += 1
+    return 0.0 * loc.sum() + (1e9 if CALLS["n"] > 25 else 0.0)

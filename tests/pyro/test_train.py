@@ -262,3 +262,44 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path):
     torch.save(state, path)
     resumed = tiny_fit(tmp_path, "resumed", ["train.steps=40"], resume=True)
     _close_records(resumed.metrics, straight.metrics)
+
+
+def test_a_blow_up_short_of_nan_stops_and_keeps_the_good_checkpoint(tmp_path):
+    """Issue 13: a loss that leaves the problem's scale without becoming NaN (here an aux term
+    jumping to 1e9 after 25 steps) stops the run like NaN; the step-20 checkpoint stays."""
+    aux_fns.CALLS["n"] = 0
+    with pytest.raises(TrainingDiverged, match="blew up.*step 30.*checkpoint \\(step 20\\)"):
+        tiny_fit(tmp_path, "b", [EAGER, "train.steps=60",
+                                 'objective.aux=[{kind="tests.aux_fns:huge_after_25"}]'])
+    assert load_run(tmp_path / "b").info["step"] == 20
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 20
+
+
+@pytest.mark.parametrize("backend", ["pyro", "numpyro"])
+def test_a_learning_rate_of_ten_is_a_divergence_not_a_result(tmp_path, backend):
+    """lr = 10 took the digits VAE from 45 nats to 1e8 within ten steps, and used to finish
+    with exit 0 and a test ELBO of −1e7 (NumPyro) or −212 (Pyro, against −23)."""
+    if backend == "numpyro":
+        pytest.importorskip("numpyro")
+    with pytest.raises(TrainingDiverged, match="blew up.*step 10"):
+        fit("vae_digits", backend=backend, out_dir=tmp_path / "lr", progress=False,
+            overrides=[*TINY, "train.steps=100", "train.lr=10"])
+
+
+def test_the_resume_command_printed_after_ctrl_c_works_with_overrides(tmp_path, capsys):
+    """Issue 13: the command printed after Ctrl-C resumes a run that was started with --set."""
+    import shlex
+
+    from ppl_vae.cli import main
+
+    aux_fns.CALLS["n"] = 0
+    out = tmp_path / "int"
+    sets = [*TINY, EAGER, "train.steps=40",
+            'objective.aux=[{kind="tests.aux_fns:ctrl_c_at_15"}]']
+    args = ["train", "vae_digits", "--out", str(out), "--no-progress"]
+    assert main([*args, *(a for o in sets for a in ("--set", o))]) == 130
+    message = capsys.readouterr().err
+    command = message.split("`")[1]
+    assert command.startswith("ppl-vae train ") and "--resume" in command
+    assert main(shlex.split(command)[1:] + ["--no-progress"]) == 0
+    assert load_run(out).info["step"] == 40
