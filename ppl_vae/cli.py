@@ -130,6 +130,9 @@ def cmd_eval(args) -> int:
 
     report = evaluate_run(args.run, backend=args.backend, device=args.device,
                           iwae_k=args.iwae_k, n=args.n, progress=not args.no_progress)
+    if args.n and args.n > report["n_test"]:
+        print(f"note: --n {args.n} asked, but the test split has {report['n_test']} examples; "
+              "all of them were used", file=sys.stderr)
     print(format_report(report, bits=args.bits))
     print(f"written: {Path(args.run) / 'report.json'}")
     if args.export_draws:
@@ -161,6 +164,8 @@ def cmd_sample(args) -> int:
     means = model.decode_mean(model.sample_prior(args.n, seed=args.seed, labels=labels),
                               labels=labels)
     out = Path(args.out)
+    if not out.suffix:  # matplotlib would add ".png" to the name; say what is written
+        out = out.with_suffix(".png")
     if out.suffix == ".npy":
         np.save(out, means)
     else:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +37,12 @@ class RunError(RuntimeError):
 
 
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` for a temporary file next to `path`, then rename it onto `path`."""
+    """Call ``write(tmp_path)`` for a temporary file next to `path`, then rename it onto `path`.
+
+    `write` creates the file, so it gets the permissions the umask gives (a file made by
+    `tempfile.mkstemp` would stay 0600)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -653,6 +653,9 @@ def load_spec(path_or_name: str | Path | Spec, overrides=()) -> Spec:
                 table = tomllib.load(fh)
         except tomllib.TOMLDecodeError as err:
             raise SpecError("(file)", path.name, f"valid TOML ({err})", source) from None
+        except UnicodeDecodeError:  # a binary file: often data given where a spec belongs
+            raise SpecError("(file)", path.name, "a TOML spec (this file is binary; data such "
+                            "as an .npz goes in the spec's data.path)", source) from None
     return spec_from_dict(apply_overrides(table, overrides, source), source)
 
 

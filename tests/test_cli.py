@@ -261,3 +261,30 @@ def test_a_conditional_vae_needs_every_label(tmp_path, capsys):
     assert main(["train", "vae_digits", "--set", f'data.path="{tmp_path / "big.npz"}"',
                  *common]) == 2
     assert "label.classes = 12" in capsys.readouterr().err
+
+
+def test_small_mistakes_get_clear_answers(tmp_path, capsys):
+    """Issue 13's smaller items: an .npz given as the spec; `sample --out s` (matplotlib writes
+    s.png: say so); `eval --n` above the split's size; files written with the umask's mode."""
+    import os
+    import stat
+
+    import numpy as np
+
+    np.savez(tmp_path / "data.npz", x=np.zeros((10, 4)))
+    assert main(["train", str(tmp_path / "data.npz"), "--out", str(tmp_path / "r")]) == 2
+    assert "a TOML spec (this file is binary" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["train", "vae_digits", "--out", str(out), *FAST,
+                 "--set", "train.steps=20", "--set", "train.log_every=10",
+                 "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20"]) == 0
+    assert main(["sample", str(out), "--n", "4", "--out", str(tmp_path / "s")]) == 0
+    assert f"written: {tmp_path / 's.png'}" in capsys.readouterr().out
+    assert (tmp_path / "s.png").is_file()
+    assert main(["eval", str(out), "--n", "100000", "--iwae-k", "2", "--no-progress"]) == 0
+    assert "all of them were used" in capsys.readouterr().err
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("run.json", "params.npz", "spec.toml", "report.json"):
+        mode = stat.S_IMODE((out / name).stat().st_mode)
+        assert mode == 0o666 & ~umask, (name, oct(mode))
