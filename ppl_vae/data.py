@@ -172,6 +172,10 @@ def _read_mnist_pair(images: Path, labels: Path):
 
 def _mnist(folder: Path):
     """train/t10k IDX pairs in `folder`; the test pair alone (or the train pair alone) is split."""
+    if folder.is_file():
+        raise DataError(f"data.path {str(folder)!r} is a file; data.source = 'mnist' reads a "
+                        f"folder holding the IDX files {_mnist_expected()} (for an .npz file "
+                        "set data.source = 'npz')")
     if not folder.is_dir():
         raise DataError(f"MNIST folder {str(folder)!r} does not exist; set data.path to a folder "
                         f"holding the IDX files {_mnist_expected()}")
@@ -205,6 +209,9 @@ def _mnist(folder: Path):
 
 def _as_examples(x: np.ndarray, where: str):
     """(N, ...) array -> flat (N, D) float32 and the image shape (H, W) or None."""
+    if np.iscomplexobj(x):
+        raise DataError(f"{where} holds complex values ({x.dtype}); it needs real numbers "
+                        "(split real and imaginary parts into features yourself)")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise DataError(f"{where} holds {x.dtype} values; it needs numbers")
     if x.ndim == 2:

@@ -132,6 +132,11 @@ def prepare_run_dir(path: Path, spec: Spec, *, resume: bool, overwrite: bool,
                 raise RunError(f"cannot resume {path}: its spec.toml differs from the spec given "
                                "in more than train.steps/train.device; use another --out or "
                                "--overwrite")
+            done = read_info(path).get("step", 0)
+            if spec.train.steps < done:  # checked before spec.toml is rewritten
+                raise RunError(f"cannot resume {path}: it has trained {done} steps and "
+                               f"train.steps = {spec.train.steps} asks for fewer; resume to "
+                               f"train.steps >= {done}, or use --overwrite")
         else:
             raise RunError(f"run folder {path} already exists; pass --resume to continue it or "
                            "--overwrite to replace it (or choose another --out)")

@@ -290,6 +290,7 @@ def test_npz_one_channel_images(tmp_path, shape):
     pytest.param({"x": np.zeros((0, 3))}, (), "at least one example", id="empty"),
     pytest.param({"x": np.zeros((1, 3))}, (), "too few", id="one-example"),
     pytest.param({"y": np.zeros((10, 3))}, (), "needs one named 'x'", id="no-x"),
+    pytest.param({"x": np.zeros((10, 3), complex)}, (), "complex values", id="complex"),
     pytest.param({"x": np.zeros((10, 3)), "entropy": np.array([1.0, 2.0])}, (),
                  "one finite number >= 0", id="entropy-not-scalar"),
     pytest.param({"x": np.zeros((10, 3)), "entropy": np.array(-1.0)}, (),
@@ -446,3 +447,9 @@ def test_an_npz_can_carry_the_entropy_of_its_population(tmp_path, capsys):
     assert main(["eval", str(out), "--iwae-k", "10", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "H(y), exact" in text and "−ELBO − H(y)" in text
+
+
+def test_an_mnist_path_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "images.npz").write_bytes(b"not a folder")
+    with pytest.raises(DataError, match="is a file; data.source = 'mnist' reads a folder"):
+        load_data(spec("data.source=mnist", f'data.path="{tmp_path / "images.npz"}"'))

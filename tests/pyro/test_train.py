@@ -303,3 +303,12 @@ def test_the_resume_command_printed_after_ctrl_c_works_with_overrides(tmp_path, 
     assert command.startswith("ppl-vae train ") and "--resume" in command
     assert main(shlex.split(command)[1:] + ["--no-progress"]) == 0
     assert load_run(out).info["step"] == 40
+
+
+def test_resume_to_fewer_steps_is_refused_and_changes_nothing(tmp_path):
+    """Issue 13: `--resume --set train.steps=20` on a 40-step run used to rewrite spec.toml."""
+    tiny_fit(tmp_path, "r", ["train.steps=40"])
+    before = (tmp_path / "r" / "spec.toml").read_text()
+    with pytest.raises(RunError, match="trained 40 steps.*train.steps >= 40"):
+        tiny_fit(tmp_path, "r", ["train.steps=20"], resume=True)
+    assert (tmp_path / "r" / "spec.toml").read_text() == before
