@@ -227,7 +227,7 @@ def ppl_vae_backend(backend, name, x, image_shape, batch, device, a):
     # the first windows compile (NumPyro) or capture the CUDA graph (Pyro): warm-up, untimed
     seconds = timed(lambda: trainer.run_steps(betas, 1.0), windows,
                     max(2, a.warmup // a.log_every), lambda: None, a.repeats)
-    print(f"  {backend} steps: {getattr(trainer, 'step_mode', '?')}", file=sys.stderr)
+    print(f"  {backend} steps: {trainer.step_mode}", file=sys.stderr)
     return seconds / a.log_every  # run_steps returns host arrays: already synchronised
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppl_vae import experiments
+from ppl_vae import experiments, runs
 
 NAME = "semi_supervised"
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -65,7 +65,7 @@ def main(args) -> dict:
             dump_split(spec, Path(args.dump_split) / f"split_{labelled}.npz")
         folder = out / f"labels{labelled}-{'aux' if weight else 'noaux'}"
         report = experiments.train_and_evaluate(spec, folder, args)
-        n_train = 8000 if not args.smoke else spec.data.limit * (1 - spec.data.test_fraction)
+        n_train = runs.load_run(folder).info["n_train"]  # as the run's data loader saw it
         epochs = spec.train.steps * spec.train.batch_size / n_train
         rows.append({"labelled": labelled, "aux_weight": weight,
                      "aux_text": f"× {weight:g}" if weight else "none",
@@ -112,7 +112,6 @@ def peer_table(rows: list[dict], peer: dict) -> str:
 
 
 def plot(rows: list[dict], peer, best: dict, args, path) -> None:
-    from ppl_vae import runs
     from ppl_vae.plots import figure, save
 
     fig = figure((12, 4.5))

@@ -103,6 +103,20 @@ def weighted_terms(terms: dict, beta, lam, zero) -> dict:
     return out
 
 
+def per_site_loss(terms: dict, beta, lam) -> dict:
+    """{site: its weighted part of the loss}: β·rate, λ·distortion and aux terms by site (the
+    stock ELBOs' ``sum_sites=False``), from the per-site terms of `weighted_terms`."""
+    out: dict = {}
+    for key, value in terms.items():
+        if "/" not in key:
+            continue
+        role, site = key.split("/", 1)
+        weight = (weight_for(beta, site) if role == "rate" else
+                  weight_for(lam, site) if role == "distortion" else 1.0)
+        out[site] = out.get(site, 0.0) + weight * value
+    return out
+
+
 # ---- the site-role errors of both backends' ScaledELBO ----------------------------------------
 def missing_guide_site(site: str, framework: str) -> ValueError:
     return ValueError(

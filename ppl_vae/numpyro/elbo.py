@@ -52,9 +52,9 @@ from ppl_vae.objective import (
     enumeration_needs_plate_nesting,
     missing_guide_site,
     not_reparameterised,
+    per_site_loss,
     sequential_enumeration,
     stray_guide_site,
-    weight_for,
     weighted_terms,
 )
 
@@ -252,15 +252,3 @@ class ScaledELBO(ELBO):
         loss = t["loss"] if self.sum_sites else per_site_loss(t, self.beta, self.lam)
         return {"loss": loss, "mutable_state": mutable}
 
-
-def per_site_loss(terms: dict, beta, lam) -> dict:
-    """{site: its weighted part of the loss}: β·rate, λ·distortion and aux terms by site."""
-    out: dict = {}
-    for key, value in terms.items():
-        if "/" not in key:
-            continue
-        role, site = key.split("/", 1)
-        weight = (weight_for(beta, site) if role == "rate" else
-                  weight_for(lam, site) if role == "distortion" else 1.0)
-        out[site] = out.get(site, 0.0) + weight * value
-    return out

@@ -92,8 +92,8 @@ def build(spec: Spec, data_dim: int, image_shape=None) -> Built:
     aux_terms = list(zip(aux_site_names(spec), objective.aux))
     heads = {name: SupervisedHead(a) for name, a in aux_terms
              if a.kind == "supervised" and a.site != LABEL_SITE}
-    classifier = Classifier(tuple(lab.hidden), enc.activation, image_shape, channels,
-                            classes=lab.classes)
+    classifier = (Classifier(tuple(lab.hidden), enc.activation, image_shape, channels,
+                             classes=lab.classes) if lab.latent else None)
     dims = {s.name: s.dim for s in spec.sites}
     user_fns = {name: resolve_user_function(a.kind) for name, a in aux_terms
                 if a.kind not in ("infonce", "supervised")}

@@ -111,11 +111,12 @@ class ScaledELBO(Trace_ELBO):
         # mean-field check TraceMeanField_ELBO makes.
         model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model,
                                                         guide, args, kwargs)
-        opted_out = any(site["type"] == "sample" and site["infer"].get("analytic_kl") is False
-                        for site in guide_trace.nodes.values())
-        if self.analytic_kl and is_validation_enabled() and not opted_out:
+        if self.analytic_kl and is_validation_enabled() and not any(
+                site["type"] == "sample" and site["infer"].get("analytic_kl") is False
+                for site in guide_trace.nodes.values()):
             # (a guide that marks sites analytic_kl=False has already said where the closed
-            # form would be wrong: the spec builder does, for bottom-up latent graphs)
+            # form would be wrong: the spec builder does, for bottom-up latent graphs; the scan
+            # runs only under validation, off the training hot path)
             _check_mean_field_requirement(model_trace, guide_trace)
         return model_trace, guide_trace
 

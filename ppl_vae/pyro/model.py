@@ -145,10 +145,13 @@ def build(spec: Spec, data_dim: int, image_shape=None, register: bool = True) ->
         if not lab.latent:
             return label_input(labels), None
         logits = label_logits(y)
-        known = (labels >= 0 if labels is not None
-                 else torch.zeros(y.shape[:-1], dtype=torch.bool, device=y.device))
-        probs = torch.where(known[..., None], one_hot(labels.clamp(min=0), lab.classes, dtype)
-                            if labels is not None else 0.0, torch.softmax(logits, -1))
+        probs = torch.softmax(logits, -1)
+        if labels is None:
+            known = torch.zeros(y.shape[:-1], dtype=torch.bool, device=y.device)
+        else:
+            known = labels >= 0
+            probs = torch.where(known[..., None],
+                                one_hot(labels.clamp(min=0), lab.classes, dtype), probs)
         value = pyro.sample(LABEL_SITE, dist.Categorical(probs),
                             infer={"enumerate": "parallel", "observed": known})
         return one_hot(value, lab.classes, dtype), logits
