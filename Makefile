@@ -27,6 +27,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_psis.py
 	$(BIN)/python benchmarks/precision_check.py
+	$(BIN)/python benchmarks/bench_devices.py
+	$(BIN)/python benchmarks/bench_streaming.py
 
 # The lecture's five experiments, the latent-graph comparison and M2 (examples/README.md): about 26
 # minutes on 2 CPU cores, then about an hour for the dSprites sweep.

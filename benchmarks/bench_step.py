@@ -206,20 +206,22 @@ def pyro_stock(x, batch, device, a):
 
 
 # ---- the two backends ---------------------------------------------------------------------------
-def spec_for_benchmark(name: str, log_every: int, batch: int):
+def spec_for_benchmark(name: str, log_every: int, batch: int, threads: int = 0):
+    """`threads`: the Pyro backend's train.threads, the thread count the hand-written PyTorch
+    loop gets (0: the backend's default)."""
     from ppl_vae.spec import load_spec
 
     data = ['data.source="digits"', 'data.path=""'] if name == "vae_mnist" else []
     return load_spec(name, [f"train.log_every={log_every}", f"train.eval_every={log_every}",
                             f"train.checkpoint_every={log_every}", f"train.batch_size={batch}",
-                            "objective.analytic_kl=true", *data])
+                            "objective.analytic_kl=true", f"train.threads={threads}", *data])
 
 
 def ppl_vae_backend(backend, name, x, image_shape, batch, device, a):
     from ppl_vae.backends import backend_module
     from ppl_vae.data import Dataset
 
-    spec = spec_for_benchmark(name, a.log_every, batch)
+    spec = spec_for_benchmark(name, a.log_every, batch, a.threads)
     data = Dataset(x, x[:10], np.full(len(x), -1), np.full(10, -1), image_shape, "bench")
     trainer = backend_module(backend, "train").Trainer(spec, data, device)
     windows = max(1, a.steps // a.log_every)

@@ -219,7 +219,8 @@ def traversals(row: dict, args, path) -> None:
     base = model.encode(dsprites.render(heart))[0][0]
     order = np.argsort(row["rate_per_dim"])[::-1]
     latent_traversals(model.decode_mean, order, run.spec.latent.dim, dsprites.IMAGE_SHAPE, path,
-                      base=base, title=f"around the code of a heart, β = {row['beta']:g}")
+                      base=base, title=f"around the code of a heart, β = {row['beta']:g}",
+                      rates=row["rate_per_dim"])
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -173,7 +173,9 @@ def plot(rows: list[dict], path) -> None:
         ax = fig.add_subplot(1, len(panels), j + 1)
         for i, variant in enumerate(names):
             values = [r[key] for r in rows if r["variant"] == variant]
-            ax.bar(i, np.mean(values), color=f"C{i}", alpha=0.6)
+            # the mean as a tick, not a bar: the axes below do not start at 0, and a bar's
+            # length would overstate the differences
+            ax.hlines(np.mean(values), i - 0.3, i + 0.3, color=f"C{i}", lw=3)
             ax.plot([i] * len(values), values, "k.", ms=6)
         ax.set_xticks(range(len(names)), [SHORT.get(n, n) for n in names], fontsize=7)
         ax.set_title(label, fontsize=9)
@@ -182,6 +184,10 @@ def plot(rows: list[dict], path) -> None:
             # the differences are the point, not the totals
             pad = 1.0 if key.startswith("neg") else 0.05
             ax.set_ylim(values.min() - 2 * pad, values.max() + pad)
+        elif np.isfinite(values).all():
+            ax.set_ylim(0, 1.1 * max(values.max(), 1e-9))
+    fig.suptitle("each seed (dot) and their mean (tick); the first four axes do not start at 0",
+                 fontsize=9)
     save(fig, path)
 
 

@@ -75,26 +75,23 @@ def judge(report: dict) -> dict:
 
 
 def plot(rows: list[dict], entropy: float, path) -> None:
-    from ppl_vae.plots import figure, save
+    from ppl_vae.plots import annotate_points, figure, pad_limits, save
 
     fig = figure((11, 4.5))
     ax = fig.add_subplot(1, 2, 1)
     rates = np.array([r["rate"] for r in rows])
     distortions = np.array([r["nll_distortion"] for r in rows])
-    ax.errorbar(rates, distortions, xerr=[2 * r["rate_stderr"] for r in rows],
-                yerr=[2 * r["nll_distortion_stderr"] for r in rows], fmt="o-", ms=4,
+    x_err = np.array([2 * r["rate_stderr"] for r in rows])
+    y_err = np.array([2 * r["nll_distortion_stderr"] for r in rows])
+    ax.errorbar(rates, distortions, xerr=x_err, yerr=y_err, fmt="o-", ms=4,
                 label="trained models (test, ± 2 s.e.)")
-    labels: dict[tuple, list[str]] = {}  # coinciding points (collapsed models) share a label
-    for r in rows:
-        labels.setdefault((round(r["rate"], 2), round(r["nll_distortion"], 2)), []).append(
-            f"{r['beta']:g}")
-    for (rate, distortion), betas in labels.items():
-        ax.annotate("β=" + ", ".join(betas), (rate, distortion), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
-    top = max(entropy, rates.max()) * 1.05
-    ax.plot([0, top], [entropy, entropy - top], "k--", lw=1, label=f"R + D = H(y) = {entropy:.3f}")
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, max(distortions.max(), entropy) * 1.08)
+    # the error bars, and the line's ends (0, H) and (H, 0), inside the axes with a margin
+    pad_limits(ax, [*(rates - x_err), *(rates + x_err), entropy],
+               [*(distortions - y_err), *(distortions + y_err), entropy])
+    annotate_points(ax, rates, distortions, [f"β={r['beta']:g}" for r in rows])
+    lo, hi = ax.get_xlim()
+    ax.plot([lo, hi], [entropy - lo, entropy - hi], "k--", lw=1,
+            label=f"R + D = H(y) = {entropy:.3f}")
     ax.set_xlabel("rate R = Î(y, z), nats")
     ax.set_ylabel("distortion D = Ĥ(y|z), nats")
     ax.set_title("β sweep in the rate–distortion plane")
@@ -105,7 +102,14 @@ def plot(rows: list[dict], entropy: float, path) -> None:
                               ("mutual_information", "I_q(y; z)", "s-"),
                               ("mutual_information_lower", "H(y) − D (lower bound)", "^-")):
         ax.plot(betas, [r[key] for r in rows], style, ms=4, label=label)
+    limited = [r for r in rows if r.get("mutual_information_limited")]
+    if limited:  # eval's flag: the rate comes within 3 nats of ln M, the estimate's ceiling
+        ax.plot([r["beta"] for r in limited], [r["mutual_information"] for r in limited], "s",
+                ms=9, mfc="none", mec="C3", label="I_q may be limited by ln M (biased low)")
     ax.set_xscale("log")
+    ax.set_xticks(betas, [f"{b:g}" for b in betas], fontsize=7)  # the β swept, not 10⁻¹, 10⁰
+    ax.set_xticks([], minor=True)
+    ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("β")
     ax.set_ylabel("nats per example (test)")
     ax.set_title("H(y) − D ≤ I_q ≤ R")

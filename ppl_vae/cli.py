@@ -26,6 +26,9 @@ def _add_train(sub):
                    help="override a spec value by dotted key, e.g. objective.beta=4 (repeatable)")
     p.add_argument("--out", help="run folder (default runs/<spec name>)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides train.device")
+    p.add_argument("--devices", metavar="N", help='overrides train.devices: split each minibatch '
+                   'over N devices, or "all" (pyro: starts torchrun with N processes; numpyro on '
+                   "a CPU: simulates N devices)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in --out")
     group.add_argument("--overwrite", action="store_true", help="replace the run in --out")
@@ -41,6 +44,9 @@ def _add_eval(sub):
     p.add_argument("--iwae-k", type=int, default=1000,
                    help="importance samples per example for IWAE and PSIS (0 skips them)")
     p.add_argument("--n", type=int, help="evaluate only the first N test examples")
+    p.add_argument("--particles", type=int,
+                   help="draws of z per example behind the ELBO, rate and distortion, averaged "
+                        "(default 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--export-draws", type=int, default=0, metavar="N",
                    help="also write posterior draws of z for the first N test examples to "
@@ -111,13 +117,25 @@ def cmd_models(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from dataclasses import replace
+
+    from ppl_vae.backends import backend_module
     from ppl_vae.spec import load_spec
     from ppl_vae.training import fit
 
-    spec = load_spec(args.spec, args.overrides)
+    overrides = [*args.overrides, *([f"train.devices={args.devices}"] if args.devices else [])]
+    spec = load_spec(args.spec, overrides)
+    if args.device:
+        spec = spec.replace(train=replace(spec.train, device=args.device))
+    # several devices: pyro starts torchrun (its exit code), numpyro asks XLA for CPU devices
+    code = backend_module(args.backend, "devices").launch(spec, args.argv)
+    if code is not None:
+        return code
     out = args.out or str(Path("runs") / spec.name)
     run = fit(spec, backend=args.backend, device=args.device, out_dir=out, resume=args.resume,
               overwrite=args.overwrite, progress=not args.no_progress)
+    if run is None:  # another process of a data-parallel run: rank 0 reports
+        return 0
     test = run.final_test
     print(f"run folder: {run.path}")
     print(f"test (nats per example): elbo {test['elbo']:.3f}  rate {test['rate']:.3f}  "
@@ -128,12 +146,21 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from ppl_vae.report import evaluate_run, format_report
 
+    # A read-only run folder still gets its report printed, then one line says it was not saved.
+    writable = os.access(args.run, os.W_OK)
     report = evaluate_run(args.run, backend=args.backend, device=args.device,
-                          iwae_k=args.iwae_k, n=args.n, progress=not args.no_progress)
+                          iwae_k=args.iwae_k, n=args.n, progress=not args.no_progress,
+                          particles=args.particles, write=writable)
     if args.n and args.n > report["n_test"]:
         print(f"note: --n {args.n} asked, but the test split has {report['n_test']} examples; "
               "all of them were used", file=sys.stderr)
     print(format_report(report, bits=args.bits))
+    if not writable:
+        from ppl_vae.runs import RunError
+
+        raise RunError(f"{Path(args.run) / 'report.json'} could not be written: the run folder "
+                       f"is read-only (the report above is not saved); make it writable "
+                       f"(chmod u+w {args.run}) and run eval again")
     print(f"written: {Path(args.run) / 'report.json'}")
     if args.export_draws:
         from ppl_vae.report import export_posterior_draws
@@ -209,6 +236,7 @@ def main(argv=None) -> int:
     from ppl_vae.training import TrainingDiverged, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --devices` relaunches it
     if os.environ.get("PPL_VAE_DEBUG"):  # full tracebacks instead of one-line errors
         return COMMANDS[args.command](args)
     try:

@@ -28,13 +28,27 @@ def timing(run) -> dict:
 
 
 def compare_backends(spec, overrides, out: Path, device=None, overwrite=False) -> list[dict]:
+    """Train `spec` with each backend into ``out/<backend>`` (each in its own process) and
+    return one row of test metrics and timings per backend. Runs already in `out` are refused
+    unless `overwrite`."""
+    out = Path(out)
+    with runs.run_lock(out):  # one compare per folder; each `train` below locks its own run
+        return _compare(spec, overrides, out, device, overwrite)
+
+
+def _compare(spec, overrides, out: Path, device, overwrite) -> list[dict]:
     from ppl_vae.data import load_data
     from ppl_vae.report import posterior_means
     from ppl_vae.training import evaluation_data
 
+    held = [b for b in BACKENDS if not runs.is_empty(out / b)]
+    if held and not overwrite:  # refused here: `train` would suggest --resume, which compare lacks
+        raise runs.RunError(f"{out} already holds the {' and '.join(held)} run"
+                            f"{'s' if len(held) > 1 else ''} of a comparison; pass --overwrite "
+                            "to replace them, or choose another --out")
     rows = []
     for backend in BACKENDS:
-        run_dir = Path(out) / backend
+        run_dir = out / backend
         cmd = [sys.executable, "-m", "ppl_vae.cli", "train", str(spec), "--backend", backend,
                "--out", str(run_dir), "--no-progress"]
         cmd += [a for o in overrides for a in ("--set", o)]
@@ -42,7 +56,9 @@ def compare_backends(spec, overrides, out: Path, device=None, overwrite=False) -
         cmd += ["--overwrite"] if overwrite else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"training with {backend} failed:\n{done.stderr[-2000:]}")
+            lines = done.stderr.strip().splitlines() or ["(no message)"]
+            reason = lines[-1].removeprefix("ppl-vae train: error: ")
+            raise runs.RunError(f"training with {backend} into {run_dir} failed: {reason}")
         run = runs.load_run(run_dir)
         test = run.final_test
         x, labels = evaluation_data(run.spec, load_data(run.spec))

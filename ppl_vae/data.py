@@ -1,12 +1,16 @@
-"""Datasets as NumPy arrays: the bundled 8x8 digits, MNIST IDX folders, .npz files, and two
-generated sources: synthetic populations whose entropy H(y) is known exactly
-(``synthetic:<name>``, `ppl_vae.populations`) and procedural dSprites with their generative
-factors (``dsprites``, `ppl_vae.dsprites`).
+"""Datasets as NumPy arrays: the bundled 8x8 digits, MNIST IDX folders, .npz files, folders of
+.npy files (memory-mapped: data larger than memory), and two generated sources: synthetic
+populations whose entropy H(y) is known exactly (``synthetic:<name>``, `ppl_vae.populations`)
+and procedural dSprites with their generative factors (``dsprites``, `ppl_vae.dsprites`).
 
 Every loader returns a `Dataset` of flattened float32 examples (N, D), int64 labels (-1 where
 unknown) and the image shape (H, W), or None for flat data. Images are scaled to [0, 1] (digits
 /16, MNIST /255); npz data are taken as they are. The random split and static binarisation are
 seeded by ``train.seed``, from two independent child seeds, so binarising never moves the split.
+
+The ``npy`` source keeps its training array a read-only memory map of x.npy: nothing is read until
+used, the checks read it a chunk of rows at a time, and training data too large for the device
+is streamed from it (`ppl_vae.streaming`).
 
 Every problem with the data is a `DataError` that says what is wrong and what to do; a spec that
 cannot work with the data it names (a conv network on flat data) is a `SpecError`.
@@ -38,6 +42,13 @@ _NPZ_HELP = ("an .npz with an array 'x' of shape (N, D), (N, H, W), (N, H, W, 1)
              "of the population, nats per example)")
 
 
+_NPY_HELP = ("a folder holding x.npy (float32, shape (N, D), (N, H, W), (N, H, W, 1) or "
+             "(N, 1, H, W); memory-mapped, so it may be larger than memory) and optionally "
+             "labels.npy (N,), x_test.npy and labels_test.npy (read into memory)")
+#: The support checks read a memory-mapped array in chunks of rows of about this many bytes.
+CHECK_CHUNK_BYTES = 64 * 2**20
+
+
 class DataError(ValueError):
     """The data cannot be used as the spec asks; the message says what is wrong and what to do."""
 
@@ -46,7 +57,8 @@ class DataError(ValueError):
 class Dataset:
     """A train/test split of flattened examples.
 
-    x_train (N, D) and x_test (M, D): float32, C-contiguous, one flattened example per row.
+    x_train (N, D) and x_test (M, D): float32, C-contiguous, one flattened example per row;
+        x_train is a read-only memory map of the file for the ``npy`` source.
     labels_train (N,) and labels_test (M,): int64, -1 where unknown.
     image_shape: (H, W) with H*W == D for images, None for flat data.
     name: where the data came from, e.g. "digits", "mnist:/path", "npz:/path/file.npz".
@@ -207,8 +219,9 @@ def _mnist(folder: Path):
     return x, labels, shape, None
 
 
-def _as_examples(x: np.ndarray, where: str):
-    """(N, ...) array -> flat (N, D) float32 and the image shape (H, W) or None."""
+def _as_examples(x: np.ndarray, where: str, copy: bool = True):
+    """(N, ...) array -> flat (N, D) float32 and the image shape (H, W) or None; with
+    copy=False a view of x (a memory map stays one), which must then be C-contiguous float32."""
     if np.iscomplexobj(x):
         raise DataError(f"{where} holds complex values ({x.dtype}); it needs real numbers "
                         "(split real and imaginary parts into features yourself)")
@@ -228,8 +241,15 @@ def _as_examples(x: np.ndarray, where: str):
     if len(x) == 0 or x[0].size == 0:
         raise DataError(f"{where} has shape {x.shape}; it needs at least one example and one "
                         "value per example")
-    flat = x.reshape(len(x), -1).astype(np.float32)
-    return flat, (None if shape is None else (int(shape[0]), int(shape[1])))
+    shape = None if shape is None else (int(shape[0]), int(shape[1]))
+    if not copy:
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            order = "C" if x.flags.c_contiguous else "Fortran"
+            raise DataError(f"{where} holds {x.dtype} values in {order} order; it is read in "
+                            "place, so it must be C-ordered float32: save "
+                            "it with numpy.save(path, np.ascontiguousarray(x, np.float32))")
+        return x.reshape(len(x), -1), shape
+    return x.reshape(len(x), -1).astype(np.float32), shape
 
 
 def _as_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
@@ -290,7 +310,65 @@ def _npz(path: Path):
     return x, labels, shape, (x_test, labels_test), entropy
 
 
+def _read_npy(path: Path, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} cannot be read as a .npy file ({type(err).__name__}: {err}); "
+                        "save the array with numpy.save") from None
+
+
+def _npy(folder: Path):
+    """x.npy memory-mapped (the training rows are read only where used), labels.npy, x_test.npy
+    and labels_test.npy (optional) read into memory."""
+    if not folder.is_dir():
+        raise DataError(f"npy folder {str(folder)!r} does not exist or is not a folder; set "
+                        f"data.path to {_NPY_HELP}")
+    files = {name: folder / f"{name}.npy" for name in ("x", "labels", "x_test", "labels_test")}
+    if not files["x"].is_file():
+        raise DataError(f"{folder} has no x.npy; data.path must be {_NPY_HELP}")
+    x, shape = _as_examples(_read_npy(files["x"], mmap=True), f"{files['x']}", copy=False)
+    labels = (_as_labels(_read_npy(files["labels"], False), len(x), str(files["labels"]))
+              if files["labels"].is_file() else np.full(len(x), -1, np.int64))
+    if not files["x_test"].is_file():
+        if files["labels_test"].is_file():
+            raise DataError(f"{folder} has labels_test.npy but no x_test.npy; add x_test.npy or "
+                            "remove labels_test.npy")
+        return x, labels, shape, None
+    raw_test = _read_npy(files["x_test"], mmap=False)
+    if raw_test.shape[1:] != x.shape[1:] and raw_test.reshape(len(raw_test), -1).shape[1:] != \
+            x.shape[1:]:
+        raise DataError(f"{folder}: x_test.npy examples have shape {raw_test.shape[1:]} but "
+                        f"x.npy examples have {x.shape[1:]} values; they must match")
+    x_test, _ = _as_examples(raw_test, str(files["x_test"]))
+    labels_test = (_as_labels(_read_npy(files["labels_test"], False), len(x_test),
+                              str(files["labels_test"]))
+                   if files["labels_test"].is_file() else np.full(len(x_test), -1, np.int64))
+    return x, labels, shape, (x_test, labels_test)
+
+
 # ---- checks -------------------------------------------------------------------------------
+def _row_chunks(x: np.ndarray):
+    """x in chunks of whole rows of about CHECK_CHUNK_BYTES each (one chunk for most data held in
+    memory), so a memory-mapped array is checked without reading it all at once."""
+    if x.ndim == 0 or x.size == 0:
+        yield np.asarray(x)
+        return
+    rows = max(1, CHECK_CHUNK_BYTES // (x.itemsize * (x.size // len(x))))
+    for start in range(0, len(x), rows):
+        yield np.asarray(x[start:start + rows])
+
+
+def _unique_values(x: np.ndarray, largest: int) -> np.ndarray:
+    """The distinct values of x, read by chunks; stops early past `largest` + 1 of them."""
+    values = np.zeros(0, x.dtype)
+    for chunk in _row_chunks(x):
+        values = np.union1d(values, chunk)
+        if len(values) > largest + 1:
+            break
+    return values
+
+
 def _off_grid(x: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask of the values y for which y*k is not a whole number (within GRID_TOL)."""
     scaled = x.astype(np.float64) * k  # float64: float32 k/255 times 255 must land near k
@@ -302,7 +380,7 @@ def _smallest_grid(x: np.ndarray, largest: int = 1024) -> int | None:
 
     Only called to word an error, so its cost (a sort of x) is paid only when the data are bad.
     """
-    values = np.unique(x)
+    values = _unique_values(x, largest)
     if len(values) > largest + 1:  # a k-grid in [0, 1] has only k + 1 points
         return None
     ks = np.arange(1, largest + 1)
@@ -323,16 +401,23 @@ def check_support(x: np.ndarray, likelihood: LikelihoodSpec, where: str) -> None
     a whole number in 0..total_count. categorical: y * (categories - 1) a whole number in
     0..categories-1. `where` names the data in the message (e.g. "digits (train split)").
     """
-    x = np.asarray(x)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        rows = int(bad.reshape(len(x), -1).any(axis=1).sum()) if x.ndim >= 1 else 1
-        raise DataError(f"{where}: {int(bad.sum())} value(s) are NaN or infinite (in {rows} "
+    x = x if isinstance(x, np.ndarray) else np.asarray(x)
+    bad_values = bad_rows = 0
+    lo, hi = np.inf, -np.inf
+    for chunk in _row_chunks(x):  # one pass: finite, and the range
+        bad = ~np.isfinite(chunk)
+        if bad.any():
+            bad_values += int(bad.sum())
+            bad_rows += (int(bad.reshape(len(chunk), -1).any(axis=1).sum()) if chunk.ndim >= 1
+                         else 1)
+        elif chunk.size:
+            lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+    if bad_values:
+        raise DataError(f"{where}: {bad_values} value(s) are NaN or infinite (in {bad_rows} "
                         "example(s)); remove or impute them before training")
     kind = likelihood.kind
     if kind == "gaussian" or x.size == 0:
         return
-    lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > 1:
         raise DataError(f"{where}: values lie in [{lo:.4g}, {hi:.4g}], outside the [0, 1] that a "
                         f"{kind} likelihood needs; rescale the data into [0, 1] or use "
@@ -341,14 +426,19 @@ def check_support(x: np.ndarray, likelihood: LikelihoodSpec, where: str) -> None
         setting, offset, noun = _GRID_SETTINGS[kind]
         value = getattr(likelihood, setting)
         steps = value - offset  # the grid {0, 1/steps, ..., 1} the likelihood scores
-        off = _off_grid(x, steps)
-        if off.any():
+        count, example = 0, None
+        for chunk in _row_chunks(x):
+            off = _off_grid(chunk, steps)
+            if off.any():
+                count += int(off.sum())
+                example = float(chunk[off].flat[0]) if example is None else example
+        if count:
             k = _smallest_grid(x)
             fix = (f"the data lie on a k/{k} grid: set likelihood.{setting} = {k + offset}" if k
                    else f'the data are not {noun}: use likelihood.kind = "gaussian"')
             raise DataError(f"{where}: a {kind} likelihood with {setting} = {value} needs "
-                            f"y * {steps} to be a whole number, but {int(off.sum())} value(s) are "
-                            f"not (e.g. y = {float(x[off].flat[0]):.6g}); {fix}")
+                            f"y * {steps} to be a whole number, but {count} value(s) are "
+                            f"not (e.g. y = {example:.6g}); {fix}")
 
 
 def check_labels(labels: np.ndarray, classes: int, where: str) -> None:
@@ -424,6 +514,19 @@ def _split(columns: dict[str, np.ndarray], test_fraction: float, seed: np.random
     return ({k: v[train] for k, v in columns.items()}, {k: v[test] for k, v in columns.items()})
 
 
+def _tail_split(columns: dict[str, np.ndarray], test_fraction: float, name: str):
+    """The last round(N * test_fraction) examples (at least 1) as the test split, copied into
+    memory; the training rows stay a view (of a memory map: nothing is read). Not shuffled: a
+    file whose order means something needs its own x_test.npy."""
+    n = len(columns["x"])
+    n_test = max(1, int(round(n * test_fraction)))
+    if n_test >= n:
+        raise DataError(f"{name}: {n} example(s) are too few to hold out {test_fraction:.0%} for "
+                        "testing; add data, lower data.test_fraction, or give an x_test.npy")
+    return ({k: v[: n - n_test] for k, v in columns.items()},
+            {k: np.array(v[n - n_test:]) for k, v in columns.items()})
+
+
 def _keep_labels(labels: np.ndarray, keep: int, seed: np.random.SeedSequence) -> np.ndarray:
     """`labels` with all but `keep` of them (a seeded random choice) set to -1 (unknown)."""
     if keep == 0 or keep >= len(labels):
@@ -462,6 +565,9 @@ def load_data(spec: Spec) -> Dataset:
                                 f"data.binarize = {d.binarize!r} draws other data from it; set "
                                 "data.binarize = 'none' (or drop 'entropy' from the file)")
             extras = {"entropy": entropy}
+    elif d.source == "npy":
+        x, labels, shape, test = _npy(Path(d.path).expanduser())
+        columns, name = {"x": x, "labels": labels}, f"npy:{d.path}"
     elif d.source == "dsprites":
         columns, shape, extras = _dsprites(d.size or DEFAULT_GENERATED_SIZE,
                                            np.random.default_rng(draw_seed))
@@ -473,10 +579,12 @@ def load_data(spec: Spec) -> Dataset:
         name = d.source
     else:  # spec validation rejects other sources; this guards a caller that bypassed it
         raise DataError(f"unknown data.source {d.source!r}; use 'digits', 'mnist', 'npz', "
-                        "'dsprites' or 'synthetic:<name>'")
+                        "'npy', 'dsprites' or 'synthetic:<name>'")
     _check_conv(spec, shape)  # a spec mistake: report it before looking at the values
 
-    if test is None:
+    if test is None and d.source == "npy":  # a random split would copy the memory map
+        train, test_columns = _tail_split(columns, d.test_fraction, name)
+    elif test is None:
         train, test_columns = _split(columns, d.test_fraction, split_seed, name)
     else:
         train, test_columns = columns, {"x": test[0], "labels": test[1]}

@@ -251,18 +251,25 @@ def _diag_gaussian_log_density(z, loc, scale) -> np.ndarray:
 
 
 def mutual_information(loc_q, scale_q, rng: np.random.Generator,
-                       num_samples_per_example: int = 1, chunk: int | None = None) -> Estimate:
+                       num_samples_per_example: int = 1, chunk: int | None = None,
+                       pool=None) -> Estimate:
     """I_q(y; z) = E_y E_q(z|y)[ln q(z|y) − ln q(z)] of the encoder on an evaluation set, nats.
 
     loc_q, scale_q (N, d): the posteriors of N examples y_n, which stand in for Pop(y).
     For each n, `num_samples_per_example` draws z ~ q(z|y_n) are scored against their own
-    posterior and against the aggregate posterior q(z) = (1/N) Σ_m q(z|y_m), evaluated exactly
-    over all N (`aggregate_log_density`), not by a minibatch estimate.
+    posterior and against the aggregate posterior q(z) = (1/M) Σ_m q(z|y_m), evaluated exactly
+    over all M components (`aggregate_log_density`), not by a minibatch estimate. The
+    components are the N examples themselves, or `pool` = (loc, scale), each (M, d): the
+    posteriors of every example available (which should include the N), since a larger pool
+    lifts the ceiling below.
 
     Returns `Estimate(value, stderr)`: the mean over examples, and its standard error across
     examples (each example's draws averaged first, so the stderr covers both y and z noise).
-    Over the N-component mixture the estimand lies in [0, ln N] (a single draw can stray out);
-    as an estimate of the population I_q its bias is small once N ≫ exp(I_q).
+    Over the M-component mixture the estimand lies in [0, ln M] (a single draw can stray out),
+    so as an estimate of the population I_q it is biased low unless M ≫ exp(I_q): measured on
+    Gaussian posteriors with a N(0, I) aggregate (d = 2 and 8, M = 500 and 5000), the bias is
+    below 0.11 nats while ln M − I_q ≥ 3.2, 0.25–0.5 nats at ln M − I_q ≈ 1.5–2.5, and the
+    estimate saturates near ln M beyond (see `information_limited`).
     I_q ≤ rate, with equality iff q(z) = p̂(z) (see `marginal_kl`).
 
     Reference: Hoffman & Johnson (2016), "ELBO surgery", eq. (2)–(4).
@@ -275,9 +282,23 @@ def mutual_information(loc_q, scale_q, rng: np.random.Generator,
     eps = rng.standard_normal((n, m, dim))
     z = loc_q[:, None, :] + scale_q[:, None, :] * eps
     log_q_cond = _diag_gaussian_log_density(z, loc_q[:, None, :], scale_q[:, None, :])
-    log_q_agg = aggregate_log_density(z.reshape(n * m, dim), loc_q, scale_q, chunk)
+    pool_loc, pool_scale = (loc_q, scale_q) if pool is None else _posterior_arrays(*pool)
+    log_q_agg = aggregate_log_density(z.reshape(n * m, dim), pool_loc, pool_scale, chunk)
     per_example = (log_q_cond - log_q_agg.reshape(n, m)).mean(axis=1)
     return Estimate(float(per_example.mean()), _stderr(per_example))
+
+
+#: The I_q estimate over M examples is trusted only while ln M exceeds the rate (which bounds
+#: I_q from above) by this many nats: M ≥ e³ · e^rate ≈ 20 e^rate (`mutual_information`).
+INFORMATION_MARGIN = 3.0
+
+
+def information_limited(upper_bound: float, ceiling: float) -> bool:
+    """True when I_q's estimate may be limited by its ceiling ln M, i.e. when an upper bound on
+    I_q (the rate; or H(y) where it is known and smaller) comes within `INFORMATION_MARGIN` nats
+    of ln M. Tested on a bound, not on the estimate: a biased-low estimate sits below ln M even
+    when it is limited by it."""
+    return float(upper_bound) > float(ceiling) - INFORMATION_MARGIN
 
 
 def marginal_kl(rate: float, mutual_info: float) -> float:

@@ -26,7 +26,7 @@ SMOKE_OVERRIDES = ("train.steps=20", "train.log_every=10", "train.eval_every=20"
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    """--backend, --device, --out, --steps, --fresh, --smoke, --no-progress."""
+    """--backend, --device, --out, --steps, --threads, --fresh, --smoke, --no-progress."""
     parser.add_argument("--backend", choices=list(BACKENDS), default="pyro",
                         help="pyro or numpyro (numpyro is several times faster on a CPU for "
                              "these small networks)")
@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              f"runs/{name}-smoke with --smoke)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps of every run (default: the experiment's own)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="train.threads of every run: the Pyro backend's intra-op threads "
+                             "on a CPU (default: the spec's, 1)")
     parser.add_argument("--fresh", action="store_true",
                         help="retrain every run even where a finished run with the same spec "
                              "and backend is in --out")
@@ -60,8 +63,11 @@ def output_dir(args, name: str) -> Path:
 
 
 def make_spec(base: str | Spec, overrides: Sequence[str], args, steps: int) -> Spec:
-    """`base` with `overrides`, then the steps (--steps or `steps`) or the smoke settings."""
+    """`base` with `overrides`, then the steps (--steps or `steps`) or the smoke settings, and
+    --threads."""
     tail = list(SMOKE_OVERRIDES) if args.smoke else [f"train.steps={args.steps or steps}"]
+    if getattr(args, "threads", None) is not None:
+        tail.append(f"train.threads={args.threads}")
     return load_spec(base, [*overrides, *tail])
 
 

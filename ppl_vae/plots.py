@@ -19,8 +19,10 @@ def figure(figsize):
     return fig
 
 
-def save_image_grid(images: np.ndarray, path, title: str = "", ncols: int | None = None) -> Path:
-    """Save images (n, H, W) with values in [0, 1] as one grid PNG; returns the path."""
+def save_image_grid(images: np.ndarray, path, title: str = "", ncols: int | None = None,
+                    row_labels: list[str] | None = None) -> Path:
+    """Save images (n, H, W) with values in [0, 1] as one grid PNG; returns the path.
+    `row_labels`, one per row, are written left of the rows (e.g. a traversal's dimension)."""
     images = np.clip(np.asarray(images, dtype=np.float64), 0.0, 1.0)
     n, h, w = images.shape
     ncols = ncols or math.ceil(math.sqrt(n))
@@ -30,13 +32,21 @@ def save_image_grid(images: np.ndarray, path, title: str = "", ncols: int | None
     for i, img in enumerate(images):
         r, c = divmod(i, ncols)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = img
-    width = max(3.0, ncols * inches)
+    width = max(3.0, ncols * inches) + (0.9 if row_labels else 0.0)
     # a long title wraps to the figure's width (about 13 characters an inch at 9 points)
     lines = textwrap.wrap(title, width=int(13 * width)) if title else []
     fig = figure((width, max(1.5, nrows * inches) + 0.2 + 0.17 * len(lines)))
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
+    if row_labels:
+        ax.set_xticks([])
+        ax.set_yticks([1 + r * (h + 1) + (h - 1) / 2 for r in range(len(row_labels))],
+                      row_labels, fontsize=7)
+        ax.tick_params(length=0)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    else:
+        ax.set_axis_off()
     if lines:
         ax.set_title("\n".join(lines), fontsize=9)
     fig.tight_layout()
@@ -63,10 +73,11 @@ def reconstructions(x: np.ndarray, recon: np.ndarray, shape, path, n: int = 16) 
 
 def latent_traversals(decode, order: np.ndarray, dim: int, shape, path,
                       span: float = 3.0, steps: int = 9, base: np.ndarray | None = None,
-                      title: str = "") -> Path:
+                      title: str = "", rates=None) -> Path:
     """One row per latent dimension (in `order`, e.g. by rate): E[y|z] with z_i swept over
     [−span, span] and every other coordinate at `base` (d,) (default 0, the prior mean; the
-    posterior mean of a real example shows its factors changing one at a time)."""
+    posterior mean of a real example shows its factors changing one at a time). Each row is
+    labelled with its dimension and, given `rates` (d,) in nats, that dimension's rate."""
     values = np.linspace(-span, span, steps)
     base = np.zeros(dim) if base is None else np.asarray(base, dtype=np.float64)
     rows = []
@@ -74,44 +85,91 @@ def latent_traversals(decode, order: np.ndarray, dim: int, shape, path,
         z = np.tile(base, (len(values), 1))
         z[:, i] = values
         rows.append(decode(z).reshape(len(values), *shape))
+    labels = [f"dim {i}" + ("" if rates is None else f"\n{rates[i]:.2f} nats") for i in order]
     where = title or ("the others at 0" if not base.any() else "the others at a given code")
+    what = "dimension and its rate" if rates is not None else "dimension"
     return save_image_grid(np.concatenate(rows), path,
                            f"latent traversals, z_i from {values[0]:g} to {values[-1]:g} "
-                           f"(rows: dimensions by rate; {where})", ncols=len(values))
+                           f"(rows: {what}; {where})", ncols=len(values), row_labels=labels)
 
 
-def training_curves(metrics: list[dict], path) -> Path:
-    """rate, distortion, −ELBO and the objective against step, train (lines) and test (dots)."""
+def training_curves(metrics: list[dict], path, distortion: str = "nll") -> Path:
+    """rate, distortion, −ELBO and the objective against step, train (lines) and test (dots).
+    `distortion` names the trained distortion: anything but "nll" (an RDA's mse or l1) is in
+    its own units, not nats, and the legend says so."""
     fig = figure((7, 4))
     ax = fig.add_subplot(1, 1, 1)
+    shown = []
     for key, color in (("rate", "C0"), ("distortion", "C1"), ("objective", "C3")):
-        for split, style in (("train", "-"), ("test", "o")):
+        name = f"distortion ({distortion})" if key == "distortion" and distortion != "nll" else key
+        # the objective dashed: where the rate is small it lies on the distortion's line
+        for split, style in (("train", "--" if key == "objective" else "-"), ("test", "o")):
             rec = [r for r in metrics if r.get("split") == split and key in r]
             if rec:
+                # test dots above the −ELBO squares, which they may cover exactly (β = λ = 1)
                 ax.plot([r["step"] for r in rec], [r[key] for r in rec], style, color=color,
-                        label=f"{key} ({split})", ms=4)
+                        label=f"{name} ({split})", ms=4, zorder=3)
+                shown += [r[key] for r in rec]
     train = [r for r in metrics if r.get("split") == "train"]
     sites = [k for k in (train[-1] if train else {}) if k.startswith("rate/")
              and k.count("/") == 1]  # the per-site rates of a latent graph
     for i, key in enumerate(sites):
         ax.plot([r["step"] for r in train], [r[key] for r in train], "--", color=f"C{4 + i}",
                 label=f"{key} (train)", lw=1)
+        shown += [r[key] for r in train]
     rec = [r for r in metrics if r.get("split") == "test" and "elbo" in r]
     if rec:
-        ax.plot([r["step"] for r in rec], [-r["elbo"] for r in rec], "s", color="k", ms=4,
-                label="−ELBO (test, β=λ=1)")
+        neg_elbo = np.array([-r["elbo"] for r in rec])
+        objective = np.array([r.get("objective", np.nan) for r in rec])
+        same = np.allclose(objective, neg_elbo, rtol=1e-6, atol=1e-6)
+        ax.plot([r["step"] for r in rec], neg_elbo, "s", mfc="none", mec="k", ms=9, mew=1.2,
+                zorder=2, label="−ELBO (test, β=λ=1)" + (" = objective (test)" if same else ""))
+        shown += list(neg_elbo)
     ax.set_xlabel("step")
-    ax.set_ylabel("nats per example")
-    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylabel("nats per example" if distortion == "nll"
+                  else f"nats per example ({distortion}: its own units)")
+    value_scale(ax, shown)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("training curves")
     return save(fig, path)
 
 
+def value_scale(ax, values) -> None:
+    """A y scale for values spanning decades, with plain tick labels (0.1, 1, 10; no −10⁰):
+    linear when they span less than a factor 10, log when all are positive, else symlog whose
+    linear part reaches the decade of the smallest nonzero |value| (at most 4 decades under
+    the largest), so a rate of 0.03 nats is not flattened onto 0."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    v = np.abs(finite)
+    if not len(v) or not v.max():
+        return
+    positive = (finite > 0).all()
+    if positive and v.max() < 10 * v.min():
+        return  # less than a decade: a linear axis reads best
+    plain = FuncFormatter(lambda x, _: f"{x:g}".replace("-", "−"))
+    if positive:
+        ax.set_yscale("log")
+        decades = np.log10(v.max() / v.min())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades < 2.5 else (1.0,)))
+    else:
+        smallest = max(v[v > 0].min(), 1e-4 * v.max())
+        ax.set_yscale("symlog", linthresh=10.0 ** math.floor(math.log10(smallest)))
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def rate_per_dim_bars(rates: list[float], path) -> Path:
+    """The rate of each dimension, its value written over the bar (up to 16 dimensions), so a
+    dimension at 0.00 nats is told from one at 0.01."""
     fig = figure((max(4, 0.4 * len(rates) + 2), 3))
     ax = fig.add_subplot(1, 1, 1)
-    ax.bar(range(len(rates)), rates, color="C0")
+    bars = ax.bar(range(len(rates)), rates, color="C0")
+    if len(rates) <= 16:
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.margins(y=0.12)  # room for the value over the tallest bar
     ax.axhline(0.01, color="grey", lw=0.8, ls="--", label="0.01 nats")
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL(q(z_i|y) ‖ p(z_i)), nats")
@@ -139,22 +197,72 @@ def rate_per_dim_by_site(rates: dict[str, list[float]], path) -> Path:
 def rate_distortion_plane(points: list[tuple[str, float, float]], path,
                           entropy: float | None = None) -> Path:
     """(label, rate, distortion) points in nats; the line R + D = H(y) where H is known (every
-    VAE lies on or above it: rate + distortion = −ELBO ≥ H(y))."""
+    VAE lies on or above it: rate + distortion = −ELBO ≥ H(y)). The distortion is −ln p(y|z),
+    which is negative for a density on continuous data; the axes hold every point."""
     fig = figure((5, 4))
     ax = fig.add_subplot(1, 1, 1)
-    for label, r, d in points:
+    rates = [r for _, r, _ in points]
+    distortions = [d for _, _, d in points]
+    for _, r, d in points:
         ax.plot(r, d, "o")
-        ax.annotate(label, (r, d), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    extra = [] if entropy is None else [entropy]  # the line's ends, (0, H) and (H, 0)
+    pad_limits(ax, rates + extra, distortions + extra)
+    annotate_points(ax, rates, distortions, [label for label, _, _ in points])
     if entropy is not None:
-        top = max(entropy, *(r for _, r, _ in points))
-        ax.plot([0, top], [entropy, entropy - top], "k--", lw=1, label="R + D = H(y)")
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [entropy - lo, entropy - hi], "k--", lw=1, label="R + D = H(y)")
         ax.legend(fontsize=7)
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
     ax.set_xlabel("rate Î(y, z), nats")
     ax.set_ylabel("distortion Ĥ(y|z), nats")
     ax.set_title("rate–distortion plane" + ("" if entropy is not None else " (H(y) unknown)"))
     return save(fig, path)
+
+
+def pad_limits(ax, xs, ys, pad: float = 0.08) -> None:
+    """Axis limits holding every finite x and y and the origin (rate and distortion start at 0),
+    with a margin of `pad` of each range, so a point at rate 0 shows whole."""
+    for set_limits, values in ((ax.set_xlim, xs), (ax.set_ylim, ys)):
+        v = np.asarray([0.0, *values], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        span = (v.max() - v.min()) or 1.0
+        set_limits(v.min() - pad * span, v.max() + pad * span)
+
+
+def annotate_points(ax, xs, ys, labels, fontsize: int = 7) -> None:
+    """Write each label above and right of its point, or left where it would not fit, so it
+    stays inside the axes (beside the point in the top eighth, clear of the title); points that
+    coincide on the figure (within 2% of both ranges, e.g. several collapsed models at rate 0)
+    share one label, "a, b". Set the limits first."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    width = ax.get_position().width * ax.figure.get_figwidth() * 72  # the axes, in points
+    groups: list[tuple[float, float, list[str]]] = []
+    for x, y, label in zip(xs, ys, labels):
+        for gx, gy, names in groups:
+            if abs(x - gx) <= 0.02 * (x1 - x0) and abs(y - gy) <= 0.02 * (y1 - y0):
+                names.append(str(label))
+                break
+        else:
+            groups.append((x, y, [str(label)]))
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []  # the boxes of the labels written so far, in display units
+    for x, y, names in groups:
+        text = ", ".join(names)
+        right = (x - x0) / (x1 - x0) + (8 + 0.6 * fontsize * len(text)) / width <= 0.97
+        top = (y - y0) / (y1 - y0) > 0.88
+        dx = 4 if right else -4
+        # above the point; below it, then on the other side, where that would cover a label
+        # already written (points close along a curve, e.g. the small-β end of a β sweep)
+        tries = ([((6 if right else -6, 0), "center", right)] if top else
+                 [((dx, 4), "bottom", right), ((dx, -4), "top", right),
+                  ((-dx, 4), "bottom", not right)])
+        for offset, va, to_right in tries:
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=offset,
+                                ha="left" if to_right else "right", va=va, fontsize=fontsize)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed) or offset == tries[-1][0]:
+                break
+            label.remove()
+        placed.append(box)
 
 
 def khat_histogram(khat: np.ndarray, path) -> Path:

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from ppl_vae import graph, runs
-from ppl_vae.data import load_data
+from ppl_vae.data import binarize, load_data
 from ppl_vae.diagnostics import (
     active_units,
     active_units_from_draws,
     ess_from_log_weights,
+    information_limited,
     iwae_bound,
     log_weights_from_parts,
     marginal_kl,
@@ -68,35 +69,41 @@ def posterior_means(model, spec, x: np.ndarray, labels=None, seed: int = 0,
 def importance_sampling(model, x: np.ndarray, num_samples: int, seed: int = 0,
                         progress: bool = True, labels=None) -> dict:
     """IWAE bound L_K (Burda et al. 2016) as the log-likelihood estimate, with PSIS k̂ (Vehtari
-    et al. 2015) and the effective sample size per example, from one set of K importance
-    weights per example; examples in blocks so that K in the thousands fits in memory."""
+    et al. 2015), the effective sample size per example and the ELBO of the same draws (the
+    mean log-weight, L_1 averaged over the K draws), from one set of K importance weights per
+    example; examples in blocks so that K in the thousands fits in memory."""
     block = max(1, int(2e7 // (min(num_samples, 500) * model.data_dim)))
     starts = range(0, len(x), block)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"IWAE, K={num_samples}", unit="block", leave=False)
-    bounds, khat, ess = [], [], []
+    bounds, elbos, khat, ess = [], [], [], []
     for i in starts:
         log_w = model.log_weights(x[i:i + block], num_samples, seed=seed + i,
                                   labels=None if labels is None else labels[i:i + block])
         bounds.append(iwae_bound(log_w).per_example)
+        elbos.append(log_w.mean(1))
         khat.append(psis_khat(log_w) if num_samples >= 2 else np.full(len(log_w), np.nan))
         ess.append(ess_from_log_weights(log_w))
-    per_example = np.concatenate(bounds)
+    per_example, elbo = np.concatenate(bounds), np.concatenate(elbos)
     return {"per_example": per_example, "mean": float(per_example.mean()),
-            "stderr": float(per_example.std(ddof=1) / np.sqrt(len(per_example)))
-            if len(per_example) > 1 else float("nan"),
+            "stderr": _stderr(per_example), "elbo": float(elbo.mean()),
+            "gap_stderr": _stderr(per_example - elbo),
             "khat": np.concatenate(khat), "ess": np.concatenate(ess)}
 
 
-def per_example_stderrs(model, spec, x: np.ndarray, labels=None,
-                        seed: int = 0) -> dict[str, float]:
+def _stderr(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def per_example_stderrs(model, spec, x: np.ndarray, labels=None, seed: int = 0,
+                        num_particles: int = 1) -> dict[str, float]:
     """Standard errors (nats) of the test means of −ELBO, rate, −ln p(y|z) and each site's rate
-    (``rate/<site>``), from one joint draw of z ~ q(z|y) per example (rates by Monte Carlo,
-    ln q − ln p̂): they cover the sampling of both the examples and z, and are what a
-    difference of two test means should be compared with."""
-    parts = model.log_density_parts(x, 1, seed=seed, labels=labels)[:, 0]  # (N, 1 + 2S)
+    (``rate/<site>``), from `num_particles` joint draws of z ~ q(z|y) per example, averaged per
+    example (rates by Monte Carlo, ln q − ln p̂): they cover the sampling of both the examples
+    and z, and are what a difference of two test means should be compared with."""
+    parts = model.log_density_parts(x, num_particles, seed=seed, labels=labels).mean(1)
     site_rates = {f"rate/{name}": parts[:, 2 + 2 * i] - parts[:, 1 + 2 * i]
                   for i, name in enumerate(rate_sites(spec))}
     draws = {"elbo": log_weights_from_parts(parts[:, None])[:, 0],
@@ -121,12 +128,19 @@ def entropy_checks(entropy: float, report: dict) -> dict:
 
 
 def site_reports(model, spec, x: np.ndarray, labels, metrics: dict, stderr: dict,
-                 seed: int = 0) -> dict[str, dict]:
+                 seed: int = 0, pool=None, entropy: float | None = None) -> dict[str, dict]:
     """Per latent site, per example in nats: rate (and its standard error), rate per dimension
     (where posterior and prior factorise), active units and the posterior-mean variances behind
     them, I_q(y; z_site) and KL(q(z_site) ‖ p̂(z_site)) where q(z_site|y) is a diagonal
     Gaussian of the data (their estimator needs its density at every pair of examples), and
-    the collapse verdict."""
+    the collapse verdict.
+
+    :param pool: (x, labels) of every example available for the aggregate posterior (see
+        `aggregate_pool`), x among them; default x alone. The I_q ceiling is ln of its size.
+    :param entropy: H(y) where the data's is known: with the rate, an upper bound on I_q (and on
+        I_q given the label), which decides whether the estimate may be limited by its ceiling.
+    """
+    pool_x, pool_labels = (x, labels) if pool is None else pool
     means = posterior_means(model, spec, x, labels, seed, spec.train.eval_batch_size)
     out = {}
     for s in spec.sites:
@@ -143,18 +157,28 @@ def site_reports(model, spec, x: np.ndarray, labels, metrics: dict, stderr: dict
                 "posterior_mean_variance": [float(v) for v in variance],
                 "mutual_information": None}
         if s.posterior.kind == "diagonal" and not graph.posterior_sites(s):
-            loc, scale = model.encode(x, spec.train.eval_batch_size, labels=labels, site=s.name)
+            bs = spec.train.eval_batch_size
+            loc, scale = model.encode(x, bs, labels=labels, site=s.name)
+            pool_q = model.encode(pool_x, bs, labels=pool_labels, site=s.name)
             # given the label where the prior reads it, and for a latent label (M2: the style
             # information z holds beside the class; the true test labels condition q)
             by_label = (spec.label.prior and s.prior.kind == "conditional") or spec.label.latent
-            mi, ceiling = site_information(loc, scale, labels if by_label else None, seed)
+            mi, ceiling = site_information(loc, scale, labels if by_label else None, seed,
+                                           pool=(*pool_q, pool_labels if by_label else None))
+            # I_q ≤ rate, and I_q ≤ H(y) (information about y is at most its entropy)
+            bound = rate if entropy is None else min(rate, entropy)
+            limited = information_limited(bound, ceiling)
             site |= {
                 "mutual_information": mi.value, "mutual_information_stderr": mi.stderr,
                 "mutual_information_given_label": bool(by_label),
-                # over N examples the aggregate posterior has N components: I_q ≤ ln N
+                # over M examples the aggregate posterior has M components: I_q ≤ ln M
                 "mutual_information_ceiling": ceiling,
+                "mutual_information_pool": len(pool_x),
+                # the rate bounds I_q from above: within INFORMATION_MARGIN of ln M, the
+                # estimate may be the ceiling's, not the encoder's
+                "mutual_information_limited": limited,
             }
-            if not graph.prior_parents(s) and not spec.label.latent:
+            if not graph.prior_parents(s) and not spec.label.latent and not limited:
                 # Hoffman & Johnson 2016: rate = I_q + KL(q(z) ‖ p̂(z)), Î − I in the lecture
                 # (given the label, per class, for a label-conditional prior). A prior that
                 # reads other sites splits the rate otherwise: no marginal KL is printed.
@@ -165,28 +189,74 @@ def site_reports(model, spec, x: np.ndarray, labels, metrics: dict, stderr: dict
     return out
 
 
-def site_information(loc, scale, labels=None, seed: int = 0):
+def site_information(loc, scale, labels=None, seed: int = 0, pool=None):
     """I_q(y; z) of a diagonal-Gaussian posterior over the evaluation set (`mutual_information`)
-    and its ceiling ln N; with `labels`, I_q(y; z | label) = Σ_k p(k) I_q within class k (the
-    aggregate posterior of each class), the information a label-conditional prior p̂(z|label)
-    is compared with, and its ceiling Σ_k p(k) ln N_k."""
+    and its ceiling ln M, M the examples of the aggregate posterior; with `labels`,
+    I_q(y; z | label) = Σ_k p(k) I_q within class k (the aggregate posterior of each class),
+    the information a label-conditional prior p̂(z|label) is compared with, and its ceiling
+    Σ_k p(k) ln M_k.
+
+    loc, scale (N, d), labels (N,): the evaluated examples' posteriors. pool = (loc, scale,
+    labels) of every example the aggregate posterior is built from (the N among them; labels
+    None without `labels`); default the N themselves.
+    """
     rng = np.random.default_rng(seed)
+    pool_loc, pool_scale, pool_labels = (loc, scale, labels) if pool is None else pool
     if labels is None:
-        mi = mutual_information(loc, scale, rng)
-        return mi, math.log(len(loc))
+        mi = mutual_information(loc, scale, rng, pool=(pool_loc, pool_scale))
+        return mi, math.log(len(pool_loc))
     classes, counts = np.unique(labels, return_counts=True)
     weights = counts / counts.sum()
-    parts = [mutual_information(loc[labels == k], scale[labels == k], rng) for k in classes]
+    sizes = np.array([np.sum(pool_labels == k) for k in classes])
+    parts = [mutual_information(loc[labels == k], scale[labels == k], rng,
+                                pool=(pool_loc[pool_labels == k], pool_scale[pool_labels == k]))
+             for k in classes]
     value = float(sum(w * p.value for w, p in zip(weights, parts)))
     stderr = float(np.sqrt(sum((w * p.stderr) ** 2 for w, p in zip(weights, parts)
                                if np.isfinite(p.stderr))))
-    ceiling = float(np.sum(weights * np.log(counts)))
+    ceiling = float(np.sum(weights * np.log(sizes)))
     return type(parts[0])(value, stderr), ceiling
 
 
+#: At most this many examples make the aggregate posterior behind I_q (the evaluated ones and a
+#: seeded subset of the rest): the estimate costs O(N · M · d).
+POOL_MAX = 100_000
+
+
+def aggregate_pool(spec, dataset, n_eval: int, seed: int = 0):
+    """(x, labels) of the examples whose posteriors make the aggregate posterior q(z) for I_q:
+    the whole test split (its first `n_eval` examples, the evaluated ones, first), then the
+    train split, binarised as the test split is for evaluation; with a label-conditional
+    encoder only examples whose label is known; at most `POOL_MAX`, the evaluated ones kept and
+    the rest a seeded subset (read row by row, so a memory-mapped train split is not copied
+    whole). More examples lift the estimator's ceiling ln M (`site_information`)."""
+    x_test, labels_test = evaluation_data(spec, dataset)
+    labels = np.concatenate([labels_test, dataset.labels_train])
+    keep = np.ones(len(labels), bool) if not spec.label.condition else labels >= 0
+    keep[:n_eval] = True
+    rest = np.flatnonzero(keep[n_eval:]) + n_eval
+    room = max(0, POOL_MAX - n_eval)
+    if len(rest) > room:
+        rest = np.sort(np.random.default_rng(seed).choice(rest, room, replace=False))
+    from_test, from_train = rest[rest < len(x_test)], rest[rest >= len(x_test)] - len(x_test)
+    x_train = np.asarray(dataset.x_train[from_train], np.float32)
+    if spec.data.binarize == "dynamic":
+        x_train = binarize(x_train, np.random.default_rng(spec.train.seed + 2))
+    x = np.concatenate([x_test[:n_eval], x_test[from_test], x_train])
+    index = np.concatenate([np.arange(n_eval), rest])
+    return x, (labels[index] if spec.label.condition else None)
+
+
+#: Draws of z per example behind eval's ELBO, rate and distortion (`--particles`): one draw
+#: leaves Monte Carlo noise within each example that the examples' spread hides.
+EVAL_PARTICLES = 16
+
+
 def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: int = 1000,
-                 n: int | None = None, progress: bool = True) -> dict:
-    """Test-split report of a run (per example, nats); also written to RUN/report.json.
+                 n: int | None = None, progress: bool = True,
+                 particles: int | None = None, write: bool = True) -> dict:
+    """Test-split report of a run (per example, nats); also written to RUN/report.json (and
+    the PSIS k̂ to RUN/khat.npy) unless `write` is False (a read-only run folder).
 
     The whole model's lines (ELBO, rate, distortion, IWAE and PSIS over the joint of all latent
     sites) come first; ``sites`` holds each latent site's rate, active units, rate per
@@ -194,8 +264,16 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
     level, as always.
 
     :param iwae_k: importance samples per example for the IWAE log-likelihood and PSIS (0: skip).
+        Their mean log-weight is the ELBO of the same draws (``elbo_same_draws``), so
+        ``elbo_gap`` = IWAE − ELBO carries no Monte Carlo noise of a second set of draws.
     :param n: evaluate only the first n test examples (default: all).
+    :param particles: draws of z per example behind the ELBO, rate, distortion and their
+        standard errors (averaged per example; default `EVAL_PARTICLES`); the rate is in
+        closed form where it is exact.
     """
+    particles = EVAL_PARTICLES if particles is None else particles
+    if particles < 1:
+        raise ValueError(f"--particles must be at least 1; got {particles}")
     run = runs.load_run(path)
     spec = run.spec
     dataset = load_data(spec)
@@ -205,16 +283,20 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
     model = run.model(backend, device)
     train = run.records("train")
     beta = train[-1]["beta"] if train else spec.objective.beta
-    metrics = evaluate(model, spec, x, labels, beta, spec.objective.lam)
+    metrics = evaluate(model, spec, x, labels, beta, spec.objective.lam, num_particles=particles)
     label_input = labels if spec.label.condition else None
-    stderr = per_example_stderrs(model, spec, x, label_input, seed=spec.train.seed)
-    sites = site_reports(model, spec, x, label_input, metrics, stderr, seed=spec.train.seed)
+    stderr = per_example_stderrs(model, spec, x, label_input, seed=spec.train.seed,
+                                 num_particles=particles)
+    sites = site_reports(model, spec, x, label_input, metrics, stderr, seed=spec.train.seed,
+                         pool=aggregate_pool(spec, dataset, len(x), seed=spec.train.seed),
+                         entropy=dataset.entropy)
     dim = dataset.dim
     report = {
         "run": str(run.path),
         "backend": backend or run.info["backend"],
         "trained_with": run.info["backend"],
         "n_test": len(x),
+        "particles": particles,
         "step": run.info.get("step"),
         "beta": beta,
         "lam": spec.objective.lam,
@@ -239,7 +321,9 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
         (site,) = sites.values()
         report |= {k: site[k] for k in ("posterior_mean_variance", "rate_per_dim",
                                         "mutual_information", "mutual_information_stderr",
-                                        "marginal_kl", "mutual_information_ceiling")
+                                        "marginal_kl", "mutual_information_ceiling",
+                                        "mutual_information_pool",
+                                        "mutual_information_limited")
                    if k in site}
     if iwae_k:
         iwae = importance_sampling(model, x, iwae_k, seed=spec.train.seed, progress=progress,
@@ -248,17 +332,22 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
             "iwae_k": iwae_k,
             "log_likelihood": iwae["mean"],
             "log_likelihood_stderr": iwae["stderr"],
-            "elbo_gap": iwae["mean"] - metrics["elbo"],  # ≈ E KL(q(z|y) || p(z|y)) for large K
+            "elbo_same_draws": iwae["elbo"],
+            # ≈ E KL(q(z|y) ‖ p(z|y)) for large K; both bounds from one set of K draws
+            "elbo_gap": iwae["mean"] - iwae["elbo"],
+            "elbo_gap_stderr": iwae["gap_stderr"],
             "psis": psis_summary(iwae["khat"]),
             "khat_file": KHAT_FILE,
             "ess_mean": float(iwae["ess"].mean()),
         }
-        runs.save_array(Path(path) / KHAT_FILE, iwae["khat"])
+        if write:
+            runs.save_array(Path(path) / KHAT_FILE, iwae["khat"])
     if dataset.entropy is not None:
         report |= entropy_checks(dataset.entropy, report)
     report["verdict"] = ("; ".join(f"{name}: {site['verdict']}" for name, site in sites.items())
                          if graph.is_graph(spec) else next(iter(sites.values()))["verdict"])
-    runs.write_json_atomic(Path(path) / "report.json", report)
+    if write:
+        runs.write_json_atomic(Path(path) / "report.json", report)
     return report
 
 
@@ -278,10 +367,14 @@ def _site_lines(name: str | None, site: dict) -> list[str]:
             label = f"KL(q({z}) ‖ p̂({z}))" if not given else "KL(q ‖ p̂) given label"
             lines.append(f"  {('' if name is None else '  ') + label:<24}"
                          f"{site['marginal_kl']:>16.3f}   (= rate − I_q)")
-        ceiling = site["mutual_information_ceiling"]
-        if site["mutual_information"] > 0.9 * ceiling:
-            lines.append(f"  (I_q is near its ceiling ln N = {ceiling:.2f}: with more test "
-                         "examples it could be larger, so the KL above is an upper estimate)")
+        if site.get("mutual_information_limited"):
+            pad = "  " + ("" if name is None else "  ")
+            lines += [f"{pad}(I_q may be limited by its ceiling ln M = "
+                      f"{site['mutual_information_ceiling']:.2f}, M = "
+                      f"{site['mutual_information_pool']} examples: its upper bound, the rate "
+                      "(or H(y)), comes within 3 nats of it,",
+                      f"{pad} so the true I_q can be larger and KL(q({z}) ‖ p̂({z})) = rate − I_q "
+                      "is not resolved, and not shown)"]
     elif name is not None:
         lines.append("    I_q: not estimated (q(z|y) of this site is not a diagonal Gaussian "
                      "of the data)")
@@ -295,7 +388,8 @@ def format_report(report: dict, bits: bool = False) -> str:
     one_site = len(sites) == 1
     lines = [
         f"run {report['run']}  (backend {report['backend']}, trained with "
-        f"{report['trained_with']}, step {report['step']}, {report['n_test']} test examples)",
+        f"{report['trained_with']}, step {report['step']}, {report['n_test']} test examples, "
+        f"{report['particles']} draws of z each)",
         "",
         f"  {'metric':<24}{'nats / example':>16}",
         f"  {'test ELBO':<24}{report['elbo']:>16.3f}  ± {report['elbo_stderr']:.3f}",
@@ -319,11 +413,15 @@ def format_report(report: dict, bits: bool = False) -> str:
         lines += [
             f"  {iwae_label:<24}{report['log_likelihood']:>16.3f}"
             f"  ± {report['log_likelihood_stderr']:.3f}",
-            f"  {'ln p(y) − ELBO':<24}{report['elbo_gap']:>16.3f}",
+            f"  {'ln p(y) − ELBO':<24}{report['elbo_gap']:>16.3f}  ± "
+            f"{report['elbo_gap_stderr']:.3f}   (IWAE and the ELBO of the same K draws, "
+            f"{report['elbo_same_draws']:.3f})",
             "",
-            f"  PSIS k̂: mean {psis['khat_mean']:.2f}, max {psis['khat_max']:.2f}, "
-            f"{100 * psis['share_above_0.7']:.1f}% of examples above 0.7; mean ESS "
-            f"{report['ess_mean']:.1f} of {report['iwae_k']}",
+            (f"  PSIS k̂: mean {psis['khat_mean']:.2f}, max {psis['khat_max']:.2f}, "
+             f"{100 * psis['share_above_0.7']:.1f}% of examples above 0.7"
+             if psis["khat_max"] != -np.inf else  # NaN (too few draws for a fit) is printed
+             "  PSIS k̂: none (every example's weights are equal: q(z|y) is its posterior)")
+            + f"; mean ESS {report['ess_mean']:.1f} of {report['iwae_k']}",
         ]
     if bits:
         lines.append(f"  {'bits per dimension':<24}{report['bits_per_dim']:>16.4f}")
@@ -409,7 +507,7 @@ def plot_run(path, others=(), backend: str | None = None, device: str = "cpu",
     out.mkdir(exist_ok=True)
     model = run.model(backend, device)
     dataset = load_data(spec)
-    written = [plots.training_curves(run.metrics, out / "curves.png")]
+    written = [plots.training_curves(run.metrics, out / "curves.png", spec.objective.distortion)]
     shape = run.info.get("image_shape")
     test = run.final_test
     rates = {s.name: [test.get(graph.rate_dim_key(spec, s.name, i), float("nan"))
@@ -448,8 +546,9 @@ def plot_run(path, others=(), backend: str | None = None, device: str = "cpu",
                 return model.decode_mean({name: z}, labels=fixed)
 
             name = "traversals.png" if not graph.is_graph(spec) else f"traversals_{s.name}.png"
-            written.append(plots.latent_traversals(decode, order, s.dim, shape, out / name,
-                                                   base=base, title=where))
+            written.append(plots.latent_traversals(
+                decode, order, s.dim, shape, out / name, base=base, title=where,
+                rates=r if np.isfinite(r).all() else None))
         if spec.label.condition:
             classes, columns = spec.label.classes, 8
             rows = [model.decode_mean(model.sample_prior(columns, seed=1,
@@ -457,7 +556,8 @@ def plot_run(path, others=(), backend: str | None = None, device: str = "cpu",
                                       labels=np.full(columns, k)) for k in range(classes)]
             written.append(plots.save_image_grid(
                 np.concatenate(rows).reshape(-1, *shape), out / "samples_by_label.png",
-                "one row per label, the same prior noise in each column", ncols=columns))
+                "one row per label, the same prior noise in each column", ncols=columns,
+                row_labels=[f"label {k}" for k in range(classes)]))
     finite = {k: v for k, v in rates.items() if np.isfinite(v).all()}
     if finite and not graph.is_graph(spec):
         written.append(plots.rate_per_dim_bars(next(iter(finite.values())),

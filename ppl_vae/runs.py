@@ -9,9 +9,13 @@
       params.npz       canonical parameters, the same names and layouts for both backends
       checkpoint.*     the backend's exact-resume state (optimizer, step, random state)
       report.json      written by `ppl-vae eval`
+      .lock            while a `train` (or `compare`) runs in it: the owner's PID and host
 
-Every file is written atomically (a temporary file in the folder, then a rename), so an
-interrupted write never leaves a half-written checkpoint behind.
+Every file but metrics.jsonl is written atomically (a temporary file in the folder, then a
+rename), so an interrupted write never leaves a half-written checkpoint behind. metrics.jsonl is
+appended a line per record: a crash mid-append can leave its last line torn, which
+`read_metrics` skips with a warning (and a resume drops). A damaged file is a `RunError` naming
+it and what to do.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ import json
 import os
 import secrets
 import shutil
+import socket
+import sys
+import zipfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +38,8 @@ from ppl_vae.spec import Spec, load_spec, spec_to_dict, spec_to_toml
 
 SPEC_FILE, INFO_FILE, METRICS_FILE, PARAMS_FILE = "spec.toml", "run.json", "metrics.jsonl", \
     "params.npz"
+LOCK_FILE = ".lock"
+RETRAIN = "train the run again with --overwrite"
 
 
 class RunError(RuntimeError):
@@ -84,71 +94,235 @@ def save_array(path: Path, array: np.ndarray) -> None:
     write_atomic(path, write)
 
 
+def damaged(path: Path, err: BaseException, fix: str = RETRAIN) -> RunError:
+    """The one-line error for a file that cannot be read: the file, what went wrong, `fix`."""
+    text = str(err).strip().splitlines()
+    return RunError(f"{path} is damaged or truncated ({type(err).__name__}: "
+                    f"{text[0] if text else ''}); {fix}")
+
+
 def load_params(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as npz:
-        return {k: npz[k] for k in npz.files}
+    try:  # our own file object: np.load leaves its own open when the zip is damaged
+        with open(path, "rb") as fh, np.load(fh) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        if not Path(path).exists():
+            raise
+        raise damaged(path, err) from None
 
 
 def read_info(run_dir: Path) -> dict:
     path = Path(run_dir) / INFO_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError as err:
+        raise damaged(path, err) from None
+    if not isinstance(info, dict):
+        raise damaged(path, ValueError("not a JSON object"))
+    return info
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order.
+
+    The file is appended a line per record, so a crash mid-append leaves its last line torn:
+    that line is skipped, with a warning on stderr naming the file. A bad line anywhere else is
+    a `RunError` naming the file and the line."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record with a step")
+        except ValueError as err:  # json.JSONDecodeError is a ValueError
+            if i == last:
+                print(f"ppl-vae: warning: the last line of {path} is incomplete (a write was "
+                      "interrupted); it is skipped", file=sys.stderr)
+                continue
+            raise RunError(f"{path}, line {i + 1}: not a metrics record ({err}); the file is "
+                           "damaged: delete that line, or train the run again") from None
+        records.append(record)
+    return records
 
 
+# -- the lock -----------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def _lock_owner(lock: Path) -> dict | None:
+    """{"pid", "host"} of a lock file; None if it names no owner (being written, or damaged)."""
+    try:
+        owner = json.loads(lock.read_text(errors="replace"))
+        return owner if isinstance(owner.get("pid"), int) and "host" in owner else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _acquire(lock: Path) -> None:
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is None:
+                raise RunError(f"run folder {lock.parent} is locked by {lock}, which names no "
+                               f"process; if no run is using the folder, delete {lock}") from None
+            pid, host = owner["pid"], owner["host"]
+            if host != me["host"]:
+                raise RunError(f"run folder {lock.parent} is in use by process {pid} on host "
+                               f"{host}; if that run has ended, delete {lock}") from None
+            # our own PID cannot be another owner: a lock left by a killed process whose PID
+            # was reused by this one (a container started again)
+            if pid != me["pid"] and _alive(pid):
+                raise RunError(f"run folder {lock.parent} is in use by process {pid} (a run is "
+                               "training in it); wait for it to end or stop it, or choose "
+                               "another --out") from None
+            print(f"ppl-vae: note: {lock} was left by process {pid}, which is no longer running "
+                  "(killed?); taking it over", file=sys.stderr)
+            lock.unlink(missing_ok=True)
+            continue
+        except OSError as err:
+            raise RunError(f"cannot write {lock} ({err.strerror}); make {lock.parent} writable, "
+                           "or choose another --out") from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        return
+    raise RunError(f"could not lock {lock.parent}: other processes keep taking {lock}")
+
+
+@contextmanager
+def run_lock(path: Path):
+    """Hold the run folder `path` (created if missing) while the block runs.
+
+    The lock is the file ``path/.lock`` holding this process's PID and host, created with
+    O_CREAT | O_EXCL, so of two processes one gets it and the other a `RunError` naming the
+    folder and the owner's PID, before it changes anything. It is removed on the way out (errors
+    and Ctrl-C included); a lock whose owner no longer runs on this host (kill -9) is taken
+    over with a note. Folders this call created are removed again if they are left empty."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]  # the leaf first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"cannot create the run folder {path} ({err.strerror}); choose another "
+                       "--out") from None
+    lock = path / LOCK_FILE
+    try:
+        _acquire(lock)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+    try:
+        yield path
+    finally:
+        lock.unlink(missing_ok=True)
+        _remove_if_empty(created)
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): leave it and the folders above it
+            return
+
+
+def is_empty(path: Path) -> bool:
+    """True for a missing folder or one with nothing in it but its lock."""
+    path = Path(path)
+    return not path.exists() or all(p.name == LOCK_FILE for p in path.iterdir())
+
+
+def clear_run_dir(path: Path) -> None:
+    """Delete everything in the folder but its lock (which the caller holds)."""
+    for p in Path(path).iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+# -- starting a run -----------------------------------------------------------------------------
 def _same_except_steps(a: Spec, b: Spec) -> bool:
     da, db = spec_to_dict(a), spec_to_dict(b)
     da["train"].pop("steps")
     db["train"].pop("steps")
-    da["train"].pop("device")
-    db["train"].pop("device")
+    for key in ("device", "devices", "threads"):  # where it runs, not what it computes
+        da["train"].pop(key)
+        db["train"].pop(key)
     return da == db
 
 
-def prepare_run_dir(path: Path, spec: Spec, *, resume: bool, overwrite: bool,
-                    checkpoint_name: str) -> Path:
-    """Create (or check, with `resume`) the run folder and write the resolved spec.
+def check_run_dir(path: Path, spec: Spec, *, resume: bool, overwrite: bool,
+                  checkpoint_name: str) -> None:
+    """Refuse (`RunError`) a run folder that cannot be used as asked; writes nothing.
 
     An existing folder is refused unless `resume` (continue from its checkpoint; the spec may
-    differ only in train.steps and train.device) or `overwrite` (delete it and start again).
+    differ only in train.steps, .device, .devices and .threads) or `overwrite` (replace it:
+    `start_run_dir`).
+    Call it holding the folder's lock (`run_lock`).
     """
     path = Path(path)
     if resume and overwrite:
         raise RunError("choose one of --resume and --overwrite, not both")
-    if path.exists() and any(path.iterdir()):
-        if overwrite:
-            shutil.rmtree(path)
-        elif resume:
-            if not (path / checkpoint_name).exists():
-                raise RunError(f"cannot resume {path}: it has no {checkpoint_name} (was it trained "
-                               "with the other backend? resume with the backend that wrote it)")
-            old = load_spec(path / SPEC_FILE)
-            if not _same_except_steps(old, spec):
-                raise RunError(f"cannot resume {path}: its spec.toml differs from the spec given "
-                               "in more than train.steps/train.device; use another --out or "
-                               "--overwrite")
-            done = read_info(path).get("step", 0)
-            if spec.train.steps < done:  # checked before spec.toml is rewritten
-                raise RunError(f"cannot resume {path}: it has trained {done} steps and "
-                               f"train.steps = {spec.train.steps} asks for fewer; resume to "
-                               f"train.steps >= {done}, or use --overwrite")
-        else:
-            raise RunError(f"run folder {path} already exists; pass --resume to continue it or "
-                           "--overwrite to replace it (or choose another --out)")
-    elif resume:
-        raise RunError(f"cannot resume {path}: the folder does not exist")
-    path.mkdir(parents=True, exist_ok=True)
+    if is_empty(path):
+        if resume:
+            raise RunError(f"cannot resume {path}: the folder does not exist or is empty")
+        return
+    if resume:
+        if not (path / checkpoint_name).exists():
+            raise RunError(f"cannot resume {path}: it has no {checkpoint_name} (was it trained "
+                           "with the other backend? resume with the backend that wrote it)")
+        old = load_spec(path / SPEC_FILE)
+        if not _same_except_steps(old, spec):
+            raise RunError(f"cannot resume {path}: its spec.toml differs from the spec given "
+                           "in more than train.steps/device/devices/threads; use another "
+                           "--out or --overwrite")
+        done = read_info(path).get("step", 0)
+        if spec.train.steps < done:  # checked before spec.toml is rewritten
+            raise RunError(f"cannot resume {path}: it has trained {done} steps and "
+                           f"train.steps = {spec.train.steps} asks for fewer; resume to "
+                           f"train.steps >= {done}, or use --overwrite")
+    elif not overwrite:
+        raise RunError(f"run folder {path} already exists; pass --resume to continue it or "
+                       "--overwrite to replace it (or choose another --out)")
+
+
+def start_run_dir(path: Path, spec: Spec, *, resume: bool, step: int = 0) -> None:
+    """Write the folder of a run that can start (checked by `check_run_dir`, its trainer built):
+    a new run empties it (an --overwrite deletes the old run here, not before) and a resumed
+    one drops the metrics after its checkpoint's `step`; then the resolved spec.toml."""
+    path = Path(path)
+    if resume:
+        truncate_metrics(path / METRICS_FILE, step)  # reads (and may refuse) before writing
+    else:
+        clear_run_dir(path)
     write_text_atomic(path / SPEC_FILE, spec_to_toml(spec))
-    return path
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after `step` (written after the checkpoint a resumed run starts from)."""
+    """Drop records after `step` (written after the checkpoint a resumed run starts from), and
+    a torn last line."""
     records = [r for r in read_metrics(path) if r["step"] <= step]
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 # ---- registries of component kinds ---------------------------------------------------------
-DATA_SOURCES = ("digits", "mnist", "npz", "dsprites")  # or "synthetic:<population>"
+DATA_SOURCES = ("digits", "mnist", "npz", "npy", "dsprites")  # or "synthetic:<population>"
 SYNTHETIC_POPULATIONS = ("bars",)  # data.source = "synthetic:bars"; see ppl_vae/populations.py
 BINARIZE = ("none", "static", "dynamic")
 PRIOR_KINDS = ("normal", "learned_normal", "mixture", "conditional")
@@ -40,7 +40,10 @@ MATMUL_PRECISIONS = ("highest", "high")
 #: Image shapes of the built-in sources, known before loading (used by the conv checks).
 SOURCE_IMAGE_SHAPES = {"digits": (8, 8), "mnist": (28, 28), "dsprites": (64, 64)}
 #: Sources read from a file or folder (data.path); the others are bundled or generated.
-PATH_SOURCES = ("mnist", "npz")
+PATH_SOURCES = ("mnist", "npz", "npy")
+#: data.stream: read minibatches from host memory ("on"), copy the data to the device ("off"),
+#: or decide by size against data.device_memory_mb ("auto"); see `ppl_vae.streaming`.
+STREAM_MODES = ("auto", "on", "off")
 
 _USER_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _SITE_NAME = re.compile(r"^[A-Za-z_]\w*$")
@@ -68,12 +71,16 @@ class DataSpec:
     """Where the data comes from and how it is prepared; values end up in [0, 1] for images."""
 
     source: str = "digits"  # one of DATA_SOURCES or "synthetic:<name>" (checked in `validate`)
-    path: str = ""  # folder of IDX files (mnist) or an .npz file (npz)
+    path: str = ""  # IDX folder (mnist), an .npz file (npz), a folder of .npy files (npy)
     binarize: str = _choice("none", BINARIZE)
     test_fraction: float = 0.2  # held-out share when the source has no test split of its own
     limit: int = 0  # use only the first `limit` examples (0 = all); for quick runs
     size: int = 0  # generated sources (synthetic:*, dsprites): examples drawn (0 = 20000)
     labelled: int = 0  # keep the labels of only this many training examples (0 = all)
+    # Training data larger than device_memory_mb (MiB, as the device holds it) stays in host
+    # memory and is read in prefetched minibatches ("auto"); "on"/"off" force either way.
+    stream: str = _choice("auto", STREAM_MODES)
+    device_memory_mb: float = 2048.0
 
 
 @dataclass(frozen=True)
@@ -223,6 +230,16 @@ class TrainSpec:
     # Pyro backend on CUDA: capture the SVI step in a CUDA graph and replay it ("auto"), or run
     # it eagerly ("off"). NumPyro compiles its windows with XLA and ignores the key.
     cuda_graphs: str = _choice("auto", ("auto", "off"))
+    # Pyro backend on a CPU: PyTorch's intra-op threads while training and evaluating (0 = the
+    # default below, `DEFAULT_THREADS`). PyTorch's own default, one per core, collapses when
+    # other processes share the cores (benchmarks/bench_threads.py). NumPyro ignores the key.
+    threads: int = 0
+    # Data-parallel training: split each minibatch (train.batch_size, the global batch) over this
+    # many devices, 1, N or "all"; the result is the one-device result to float tolerance, so a
+    # run may resume on another number. NumPyro: a mesh of N devices in one process (on a CPU,
+    # XLA_FLAGS=--xla_force_host_platform_device_count=N simulates them). Pyro: one process per
+    # device under torchrun (`ppl-vae train --devices N` starts it). README: "Beyond one device".
+    devices: int | str = field(default=1, metadata={"words": ("all",)})
 
 
 @dataclass(frozen=True)
@@ -279,11 +296,18 @@ def _convert(value: Any, tp, key: str, meta: dict, source: str | None):
             raise SpecError(key, value, f"a list of {_type_name(item_tp)}s", source)
         return tuple(_convert(v, item_tp, f"{key}[{i}]", {}, source) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        if isinstance(value, str) and str in typing.get_args(tp):
-            if value != "learned":
-                raise SpecError(key, value, 'a positive number or "learned"', source)
+        number = next(t for t in typing.get_args(tp) if t is not str)  # float | str, int | str
+        words = meta.get("words", ("learned",))
+        allowed = (f"a positive {'number' if number is float else 'integer'} or "
+                   + " or ".join(f'"{w}"' for w in words))
+        if isinstance(value, str):
+            if value not in words:
+                raise SpecError(key, value, allowed, source)
             return value
-        return _convert(value, float, key, meta, source)
+        try:
+            return _convert(value, number, key, meta, source)
+        except SpecError:
+            raise SpecError(key, value, allowed, source) from None
     if tp is bool:
         if not isinstance(value, bool):
             raise SpecError(key, value, "true or false", source)
@@ -365,7 +389,8 @@ def validate(spec: Spec) -> None:
          + ", ".join(repr(f"synthetic:{p}") for p in SYNTHETIC_POPULATIONS))
     if d.source in PATH_SOURCES:
         need(bool(d.path), "data.path", d.path,
-             f"a path (a folder of IDX files for mnist, an .npz file for npz) with source "
+             f"a path (a folder of IDX files for mnist, an .npz file for npz, a folder of "
+             f".npy files for npy) with source "
              f"{d.source!r}")
     else:
         need(not d.path, "data.path", d.path, f"empty for source {d.source!r}")
@@ -377,6 +402,9 @@ def validate(spec: Spec) -> None:
     need(d.labelled >= 0, "data.labelled", d.labelled, "an integer >= 0 (0 = keep every label)")
     need(0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
     need(d.limit >= 0, "data.limit", d.limit, "an integer >= 0 (0 = all)")
+    need(d.device_memory_mb > 0, "data.device_memory_mb", d.device_memory_mb,
+         "a number of MiB > 0 (training data larger than this is streamed when data.stream = "
+         "'auto')")
     _validate_graph(spec, need)
     for part in ("encoder", "decoder"):
         net = getattr(spec, part)
@@ -386,9 +414,9 @@ def validate(spec: Spec) -> None:
              "a list of positive channel counts")
         if net.kind == "conv":
             shape = SOURCE_IMAGE_SHAPES.get(d.source)
-            need(d.source in ("mnist", "npz", "dsprites"), f"{part}.kind", "conv",
+            need(d.source in ("mnist", "npz", "npy", "dsprites"), f"{part}.kind", "conv",
                  f"'mlp' for source {d.source!r} (conv needs 28x28 or 64x64 images: mnist, "
-                 "dsprites, or an npz of images)")
+                 "dsprites, or an npz or npy of images)")
             need(len(net.channels) >= 1, f"{part}.channels", list(net.channels),
                  "at least one channel count for a conv network")
             if shape is not None:
@@ -403,6 +431,9 @@ def validate(spec: Spec) -> None:
     if d.binarize != "none":
         need(lik.kind == "bernoulli", "data.binarize", d.binarize,
              f"'none' with a {lik.kind} likelihood (binarised data needs 'bernoulli')")
+    need(d.source != "npy" or d.binarize != "static", "data.binarize", d.binarize,
+         "'dynamic' or 'none' for source 'npy' (its arrays stay memory-mapped; binarising them "
+         "statically would copy them: save binary values in x.npy instead)")
     need(obj.beta >= 0, "objective.beta", obj.beta, "a number >= 0")
     need(obj.lam > 0, "objective.lam", obj.lam, "a number > 0")
     need(obj.num_particles >= 1, "objective.num_particles", obj.num_particles, "an integer >= 1")
@@ -444,8 +475,14 @@ def validate(spec: Spec) -> None:
                                 f"an importable 'package.module:function' ({err})", src) from None
     need(tr.steps >= 1, "train.steps", tr.steps, "an integer >= 1")
     need(tr.batch_size >= 1, "train.batch_size", tr.batch_size, "an integer >= 1")
+    need(tr.devices == "all" or tr.devices >= 1, "train.devices", tr.devices,
+         'an integer >= 1 or "all"')
+    need(tr.devices == "all" or tr.batch_size % tr.devices == 0, "train.batch_size",
+         tr.batch_size, f"a multiple of train.devices ({tr.devices}): each device takes an "
+         "equal slice of the minibatch")
     need(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
     need(tr.clip_norm >= 0, "train.clip_norm", tr.clip_norm, "a number >= 0 (0 = off)")
+    need(tr.threads >= 0, "train.threads", tr.threads, "an integer >= 0 (0 = the default)")
     for name in ("log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
         need(getattr(tr, name) >= 1, f"train.{name}", getattr(tr, name), "an integer >= 1")
     need(tr.eval_every % tr.log_every == 0, "train.eval_every", tr.eval_every,

@@ -69,13 +69,16 @@ def evaluation_data(spec: Spec, dataset: Dataset) -> tuple[np.ndarray, np.ndarra
 
 
 def evaluate(model, spec: Spec, x: np.ndarray, labels: np.ndarray, beta: float,
-             lam: float) -> dict[str, float]:
+             lam: float, num_particles: int | None = None) -> dict[str, float]:
     """Per-example test metrics in nats: elbo (β = λ = 1, nll), objective (as trained, `beta`
     the global β), rate, distortion (as trained), nll, aux; in a latent graph rate/<site> per
     site; and the rate of each dimension where a site's posterior and prior factorise
-    (`graph.rate_dim_key`: rate/dim_<i> in a one-site spec, rate/<site>/dim_<i> in a graph)."""
+    (`graph.rate_dim_key`: rate/dim_<i> in a one-site spec, rate/<site>/dim_<i> in a graph).
+    `num_particles` draws of z per example (default the spec's), in batches that hold
+    train.eval_batch_size draws."""
+    k = num_particles or spec.objective.num_particles
     sums = model.eval_terms(x, labels, site_betas(spec, beta), lam, seed=spec.train.seed,
-                            batch_size=spec.train.eval_batch_size)
+                            batch_size=max(1, spec.train.eval_batch_size // k), num_particles=k)
     n = len(x)
     out = {}
     for key, value in sums.items():
@@ -130,7 +133,8 @@ def default_out_dir(spec: Spec) -> Path:
 def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = None,
         out_dir: str | Path | None = None, *, overrides=(), resume: bool = False,
         overwrite: bool = False, progress: bool = True, dataset: Dataset | None = None):
-    """Train `spec` with `backend`; return the finished `Run` (its folder, metrics, params).
+    """Train `spec` with `backend`; return the finished `Run` (its folder, metrics, params), or
+    None in the other processes of a data-parallel run (train.devices; rank 0 returns the run).
 
     :param spec: a `Spec`, a TOML path or a bundled model name (see `ppl_vae.list_models()`).
     :param device: "auto" | "cpu" | "cuda"; overrides ``train.device``.
@@ -145,26 +149,59 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
     train_mod = backend_module(backend, "train")
     dataset = dataset if dataset is not None else load_data(spec)
     out = Path(out_dir) if out_dir is not None else default_out_dir(spec)
-    out = runs.prepare_run_dir(out, spec, resume=resume, overwrite=overwrite,
-                               checkpoint_name=train_mod.Trainer.checkpoint_name)
-    trainer = train_mod.Trainer(spec, dataset, spec.train.device)
-    metrics_path, ckpt_path = out / runs.METRICS_FILE, out / train_mod.Trainer.checkpoint_name
-    start = 0
+    ckpt_name = train_mod.Trainer.checkpoint_name
+    metrics_path, ckpt_path = out / runs.METRICS_FILE, out / ckpt_name
+    if train_mod.process_rank(spec) != 0:  # data-parallel (train.devices): rank 0 alone writes
+        return _follow(spec, train_mod.Trainer(spec, dataset, spec.train.device), ckpt_path,
+                       resume)
+    with runs.run_lock(out):
+        # Everything that can refuse the start comes before the first write: the folder's
+        # state, the trainer (device, dtype, memory), the initial parameters, the checkpoint.
+        runs.check_run_dir(out, spec, resume=resume, overwrite=overwrite,
+                           checkpoint_name=ckpt_name)
+        trainer = train_mod.Trainer(spec, dataset, spec.train.device)
+        start = 0
+        if spec.train.init and not resume:
+            trainer.model.import_params(runs.load_params(runs.params_path(spec.train.init)))
+        if resume:
+            start = _load_checkpoint(trainer, ckpt_path)
+        previous = runs.read_info(out) if resume else {}
+        info = {"backend": backend, "data_dim": dataset.dim, "image_shape": dataset.image_shape,
+                "data": dataset.name, "n_train": len(dataset.x_train),
+                "n_test": len(dataset.x_test), "device": str(trainer.device),
+                "matmul_precision": spec.train.matmul_precision, "step": start,
+                "wall_seconds": previous.get("wall_seconds", 0.0), "version": __version__}
+        runs.start_run_dir(out, spec, resume=resume, step=start)
+        try:
+            _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress)
+        except BaseException:
+            # A new run that fails before its first window is logged (β = inf, out of memory
+            # on the first step, a double Ctrl-C) leaves nothing that would block its --out.
+            if not resume and not metrics_path.exists():
+                runs.clear_run_dir(out)
+            raise
+    return runs.load_run(out)
+
+
+def _follow(spec: Spec, trainer, ckpt_path: Path, resume: bool) -> None:
+    """A data-parallel run's other processes (rank > 0): the same windows as rank 0, hence the
+    same collectives, writing nothing (rank 0 locks, logs, evaluates and saves). Returns None:
+    the run folder is rank 0's."""
     if spec.train.init and not resume:
         trainer.model.import_params(runs.load_params(runs.params_path(spec.train.init)))
-    if resume:
-        start = trainer.load_checkpoint(ckpt_path)
-        runs.truncate_metrics(metrics_path, start)
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    previous = runs.read_info(out) if resume else {}
-    info = {"backend": backend, "data_dim": dataset.dim, "image_shape": dataset.image_shape,
-            "data": dataset.name, "n_train": len(dataset.x_train), "n_test": len(dataset.x_test),
-            "device": str(trainer.device), "matmul_precision": spec.train.matmul_precision,
-            "step": start,
-            "wall_seconds": previous.get("wall_seconds", 0.0), "version": __version__}
-    _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress)
-    return runs.load_run(out)
+    start = _load_checkpoint(trainer, ckpt_path) if resume else 0
+    for first, last in _windows(start, spec.train.steps, spec.train.log_every):
+        trainer.run_steps(beta_schedule(spec.objective, np.arange(first, last)), spec.objective.lam)
+
+
+def _load_checkpoint(trainer, path: Path) -> int:
+    """`trainer.load_checkpoint`, with a damaged file a one-line `RunError` naming it."""
+    try:
+        return trainer.load_checkpoint(path)
+    except Exception as err:  # noqa: BLE001 - whatever the backend's reader raises
+        raise runs.damaged(path, err, "this run cannot be resumed: train it again with "
+                           "--overwrite, or start a new run from its parameters with "
+                           f"--set train.init={path.parent}") from err
 
 
 def _peak_memory_mb() -> float:

@@ -52,6 +52,7 @@ def test_existing_run_is_refused_then_resumed(tmp_path, capsys):
     (["train", "no_such_spec"], "no spec file or bundled model"),
     (["train", "vae_mnist", "--set", 'data.path="/no/such/folder"'], "/no/such/folder"),
     (["eval", "/no/such/run"], "not a finished run folder"),
+    (["eval", "/no/such/run", "--particles", "0"], "--particles must be at least 1"),
 ])
 def test_errors_are_one_line_with_exit_code_2(args, message, capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path / "r")] if args[0] == "train" else args) == 2
@@ -109,11 +110,16 @@ def test_eval_reports_iwae_psis_and_information(tmp_path, capsys):
     assert main(["train", "vae_digits", "--out", str(out), *FAST,
                  "--set", "train.steps=200", "--set", "train.eval_every=200",
                  "--set", "train.checkpoint_every=200"]) == 0
-    assert main(["eval", str(out), "--iwae-k", "200", "--n", "100", "--no-progress"]) == 0
+    assert main(["eval", str(out), "--iwae-k", "200", "--n", "100", "--no-progress",
+                 "--particles", "4"]) == 0
     printed = capsys.readouterr().out
     assert "IWAE ln p(y), K=200" in printed and "PSIS" in printed and "I_q" in printed
+    assert "100 test examples, 4 draws of z each" in printed
     r = json.loads((out / "report.json").read_text())
-    assert r["n_test"] == 100 and r["iwae_k"] == 200
+    assert r["n_test"] == 100 and r["iwae_k"] == 200 and r["particles"] == 4
+    # ln p − ELBO from one set of K draws: IWAE and the mean log-weight of the same draws
+    assert r["elbo_gap"] == pytest.approx(r["log_likelihood"] - r["elbo_same_draws"])
+    assert r["elbo_gap"] > 3 * r["elbo_gap_stderr"] > 0
     # L_K >= L_1 = ELBO in expectation; with K = 200 the gap is well above the noise
     assert r["log_likelihood"] > r["elbo"]
     # I_q <= rate (the marginal KL is a KL divergence), up to Monte Carlo error

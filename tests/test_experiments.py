@@ -23,6 +23,9 @@ def test_make_spec_takes_steps_or_the_smoke_settings(tmp_path):
     assert spec.train.steps == 7
     spec = experiments.make_spec("vae_bars", [], _args(tmp_path, "--smoke"), 123)
     assert spec.train.steps == 20 and spec.train.batch_size == 32
+    assert spec.train.threads == 0  # the spec's own: the backend's default
+    spec = experiments.make_spec("vae_bars", [], _args(tmp_path, "--threads", "2"), 123)
+    assert spec.train.threads == 2
 
 
 def test_a_finished_run_with_the_same_spec_is_reused(tmp_path, capsys):

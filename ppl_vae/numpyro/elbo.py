@@ -165,8 +165,13 @@ class ScaledELBO(ELBO):
             _validate_model(model_trace, plate_warning="loose")
 
         def total(value):
-            """Σ of a per-example array under the enumeration weights."""
-            return jnp.sum(value if weight is None else weight * value)
+            """Σ of a per-example array under the enumeration weights. A value without the
+            enumerated dims (left of the plates) does not depend on the enumerated sites: its
+            expectation is itself (weighting a value outside the data plate, such as M2's
+            cross-entropy factor, would multiply it by the batch size)."""
+            if weight is None or jnp.ndim(value) <= self.max_plate_nesting:
+                return jnp.sum(value)
+            return jnp.sum(weight * value)
 
         terms = {}
         for name, msite in model_trace.items():

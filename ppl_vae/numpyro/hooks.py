@@ -27,8 +27,9 @@ from ppl_vae.spec import LABEL_SITE, Spec
 
 
 def resolve_device(device: str):
-    """"auto" → the first GPU when JAX sees one, else the CPU; "cuda" without one is an error."""
-    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    """"auto" → the first GPU when JAX sees one, else the CPU; "cuda" without one is an error.
+    This process's devices (a multi-process run's `jax.devices()` lists every process's)."""
+    gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
     if device == "cuda" and not gpus:
         raise BackendError(
             f"device 'cuda' was asked for, but JAX ({jax.__version__}) sees no GPU; use --device "
@@ -36,7 +37,7 @@ def resolve_device(device: str):
         )
     if device in ("cuda", "auto") and gpus:
         return gpus[0]
-    return jax.devices("cpu")[0]
+    return jax.local_devices(backend="cpu")[0]
 
 
 def check_dtype(spec: Spec):
@@ -288,10 +289,11 @@ class Model:
         return out
 
     def eval_terms(self, x: np.ndarray, labels, beta, lam: float, seed: int = 0,
-                   batch_size: int = 1000) -> dict[str, float]:
+                   batch_size: int = 1000, num_particles: int | None = None) -> dict[str, float]:
         """Sums over the examples of x (nats): objective, rate, distortion, aux, nll,
         rate/<site> and rate/<site>/dim_<i> (see the Pyro twin)."""
-        fn = self._jit("eval", self._eval_batch)
+        k = num_particles or self.spec.objective.num_particles
+        fn = self._jit(f"eval/{k}", functools.partial(self._eval_batch, k))
         key = jax.random.PRNGKey(seed)
         beta = jax.tree.map(lambda b: jnp.asarray(b, self.dtype), beta)
         sums: dict[str, np.ndarray] = {}
@@ -306,9 +308,8 @@ class Model:
             out |= {f"rate/{name}/dim_{i}": float(v) for i, v in enumerate(per)}
         return out
 
-    def _eval_batch(self, param_map, key, y, labels, beta, lam):
-        obj = self.spec.objective
-        elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl,
+    def _eval_batch(self, num_particles, param_map, key, y, labels, beta, lam):
+        elbo = ScaledELBO(num_particles=num_particles, analytic_kl=self.spec.objective.analytic_kl,
                           max_plate_nesting=1)
         extra = {}
         if self.spec.label.latent:  # the label summed out; the classifier scored (Pyro twin)

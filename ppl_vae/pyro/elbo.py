@@ -100,10 +100,19 @@ class ScaledELBO(Trace_ELBO):
     # -- the per-particle terms -----------------------------------------------------------------
     def _get_traces(self, model, guide, args, kwargs):
         # Guide sites marked for parallel enumeration take their whole support in the dims left
-        # of the plates, as in TraceEnum_ELBO; other sites are untouched.
-        if self.max_plate_nesting != float("inf"):
-            guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
-        yield from super()._get_traces(model, guide, args, kwargs)
+        # of the plates, as in TraceEnum_ELBO; other sites are untouched. As there, the
+        # enumeration wraps the particle plate, so that the plate broadcasts an enumerated
+        # site's distribution before enumeration takes the site (inside it, model and guide
+        # disagree on the site's batch shape).
+        if self.max_plate_nesting == float("inf"):
+            yield from super()._get_traces(model, guide, args, kwargs)
+            return
+        if self.vectorize_particles:
+            model = self._vectorized_num_particles(model)
+            guide = self._vectorized_num_particles(guide)
+        guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
+        for _ in range(1 if self.vectorize_particles else self.num_particles):
+            yield self._get_trace(model, guide, args, kwargs)
 
     def _get_trace(self, model, guide, args, kwargs):
         # Trace_ELBO's (which checks that model and guide match when validation is on), without
@@ -143,9 +152,12 @@ class ScaledELBO(Trace_ELBO):
         weight = self._enumeration_weight(guide_trace)
 
         def total(site_or_value, key="log_prob"):
-            """Σ of a per-example tensor (or a site's log-density) under the weights."""
+            """Σ of a per-example tensor (or a site's log-density) under the weights. A value
+            without the enumerated dims (left of the plates) does not depend on the enumerated
+            sites: its expectation is itself (weighting a value outside the data plate, such
+            as M2's cross-entropy factor, would multiply it by the batch size)."""
             value = site_or_value[key] if isinstance(site_or_value, dict) else site_or_value
-            if weight is None:
+            if weight is None or value.dim() <= self.max_plate_nesting:
                 return (site_or_value[f"{key}_sum"] if isinstance(site_or_value, dict)
                         else value.sum())
             return (weight * value).sum()

@@ -29,6 +29,7 @@ from ppl_vae.pyro.likelihood import ancestral_sample, likelihood_mean
 from ppl_vae.pyro.model import build
 from ppl_vae.pyro.params import export_params, import_params
 from ppl_vae.pyro.precision import matmul_precision
+from ppl_vae.pyro.threads import intra_op_threads
 from ppl_vae.spec import LABEL_SITE, Spec
 
 
@@ -45,11 +46,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _inference(method):
-    """A hook that computes without gradients, in the spec's `train.matmul_precision`."""
+    """A hook that computes without gradients, in the spec's `train.matmul_precision`, on its
+    `train.threads`."""
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        with torch.no_grad(), matmul_precision(self.spec.train.matmul_precision):
+        tr = self.spec.train
+        with torch.no_grad(), matmul_precision(tr.matmul_precision), \
+                intra_op_threads(tr.threads):
             return method(self, *args, **kwargs)
 
     return run
@@ -289,20 +293,23 @@ class Model:
 
     @_inference
     def eval_terms(self, x: np.ndarray, labels: np.ndarray | None, beta, lam: float,
-                   seed: int = 0, batch_size: int = 1000) -> dict[str, float]:
+                   seed: int = 0, batch_size: int = 1000,
+                   num_particles: int | None = None) -> dict[str, float]:
         """Sums over the examples of x (nats): objective, rate, distortion, aux and nll (the
         distortion of the ELBO model); rate/<site> for each site, and rate/<site>/dim_<i> where
-        the site's posterior and prior factorise (`_rate_per_dim`). One draw of z per example
-        (num_particles from the spec); `beta` a number or {site: β}. With a latent label (M2)
+        the site's posterior and prior factorise (`_rate_per_dim`). `num_particles` draws of z
+        per example, averaged (default: the spec's objective.num_particles); `beta` a number or
+        {site: β}. With a latent label (M2)
         the terms sum the label out (the labels are not shown to the model: the test ELBO is
         that of ln p̂(y)), rate/label is its KL, and ``accuracy`` counts the examples whose
         known label is the classifier's most probable class."""
         obj = self.spec.objective
-        elbo = ScaledELBO(beta=beta, lam=lam, num_particles=obj.num_particles,
-                          analytic_kl=obj.analytic_kl, vectorize_particles=obj.num_particles > 1,
-                          max_plate_nesting=1)
-        nll_elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl,
-                              vectorize_particles=obj.num_particles > 1, max_plate_nesting=1)
+        k = num_particles or obj.num_particles
+        latent_label = self.spec.label.latent
+        elbo = ScaledELBO(beta=beta, lam=lam, num_particles=k, analytic_kl=obj.analytic_kl,
+                          vectorize_particles=k > 1, max_plate_nesting=1)
+        nll_elbo = ScaledELBO(num_particles=k, analytic_kl=obj.analytic_kl,
+                              vectorize_particles=k > 1, max_plate_nesting=1)
         latent_label = self.spec.label.latent
         keys = ("loss", "rate", "distortion", "aux",
                 *(f"rate/{name}" for name in rate_sites(self.spec)))

@@ -16,6 +16,15 @@ steps run eagerly on a side stream (PyTorch's rule for warm-up: Adam's state, cu
 and are then undone, so every step of a run, straight or resumed, is a replay and a resumed run
 repeats the straight one. When capture fails (an aux function that reads a value on the host, a
 data-dependent shape), the run says so in one line and trains eagerly.
+
+Streaming (`ppl_vae.streaming`: data.stream, data.device_memory_mb): the data set stays in host
+memory and is never copied to the device. Step t reads the rows `streaming.step_indices(seed, t,
+…)`, gathered ahead by a background thread; each window's rows go to the device in one copy, and
+before each step (eager or replayed) its rows are copied into two fixed device buffers that the
+step reads, so the CUDA graph captures that path too. The draws that follow (binarisation, the
+ELBO's noise) still come from torch's generator, which the in-memory path also uses to draw its
+indices: streaming gives the in-memory result for the same batches, not the same batches as
+in memory. Resuming is exact (the rows depend on the step alone).
 """
 
 from __future__ import annotations
@@ -26,14 +35,19 @@ import numpy as np
 import pyro
 import torch
 
+from ppl_vae import streaming
 from ppl_vae.data import Dataset
 from ppl_vae.objective import rate_sites, site_betas, step_term_keys, weight_for
+from ppl_vae.pyro import devices
 from ppl_vae.pyro.elbo import ScaledELBO
 from ppl_vae.pyro.hooks import Model
 from ppl_vae.pyro.precision import matmul_precision
+from ppl_vae.pyro.threads import intra_op_threads
 from ppl_vae.spec import Spec
 
 GRAPH_WARMUP_STEPS = 3  # eager steps before capture (PyTorch's whole-network example uses 3)
+
+process_rank = devices.process_rank  # the driver's question: does this process write? (0 does)
 
 
 class Trainer:
@@ -48,12 +62,27 @@ class Trainer:
 
     def __init__(self, spec: Spec, dataset: Dataset, device: str = "auto"):
         tr = spec.train
+        # train.devices > 1: this process's place among torchrun's (`ppl_vae.pyro.devices`)
+        self.group = devices.join(spec)
+        if self.group is not None:
+            device = self.group.device(device)
         torch.manual_seed(tr.seed)  # initial weights and every draw after them
         self.spec = spec
         self.model = Model(spec, dataset.dim, dataset.image_shape, device)
         self.device = self.model.device
-        self.x = self.model.tensor(dataset.x_train)
-        self.labels = torch.as_tensor(dataset.labels_train, device=self.device)
+        self.n_train = len(dataset.x_train)
+        # streamed: the data stay on the host; each step reads its rows from `_given`
+        self.streaming = streaming.streams(spec, dataset)
+        self._host_data = (dataset.x_train, dataset.labels_train) if self.streaming else None
+        self._prefetcher = None  # started at the first window, from the step count
+        if self.streaming:
+            self.x = self.labels = None
+            self._given = (torch.zeros((tr.batch_size, dataset.dim), device=self.device,
+                                       dtype=self.model.dtype),
+                           torch.zeros(tr.batch_size, device=self.device, dtype=torch.int64))
+        else:
+            self.x = self.model.tensor(dataset.x_train)
+            self.labels = torch.as_tensor(dataset.labels_train, device=self.device)
         cuda = self.device.type == "cuda"
         # β of each latent site and λ: device tensors the step reads and `run_steps` fills, so a
         # schedule changes them without rebuilding anything (or recapturing a graph).
@@ -65,8 +94,12 @@ class Trainer:
                                analytic_kl=obj.analytic_kl,
                                vectorize_particles=obj.num_particles > 1, max_plate_nesting=1)
         self.params = list(self.model.modules.parameters())
+        self._terms = self._elbo_terms
+        if self.group is not None:  # the same function, in DDP, on this process's rows
+            self._terms = self.group.data_parallel(self.model.modules, self._elbo_terms)
         # capturable: Adam keeps its step count on the device and never reads it on the host
-        self._capturable = cuda and tr.cuda_graphs == "auto"
+        # (not across processes: DDP's all-reduce is not captured here)
+        self._capturable = cuda and tr.cuda_graphs == "auto" and self.group is None
         self.optimizer = torch.optim.Adam(self.params, lr=tr.lr, capturable=self._capturable)
         self.step = 0
         self.term_keys = step_term_keys(spec)
@@ -74,24 +107,60 @@ class Trainer:
         self._try_graph = self._capturable
         self.step_mode = ("eager (train.cuda_graphs = off)" if cuda and tr.cuda_graphs == "off"
                           else "eager")
+        if self.group is not None:
+            self.step_mode = (f"eager, data-parallel over {self.group.size} processes (DDP, "
+                              f"{'NCCL' if self.group.cuda else 'gloo'})")
+        self._stream_note = ", minibatches streamed from host memory" if self.streaming else ""
+        self.step_mode += self._stream_note
 
     # -- one step ---------------------------------------------------------------------------------
     def _step(self) -> torch.Tensor:
         """One SVI step from zeroed (or absent) gradients; returns the (F,) summed terms.
 
         Host-synchronisation free (tests/pyro/test_train.py checks it), hence capturable."""
-        batch = self.spec.train.batch_size
-        idx = torch.randint(len(self.x), (batch,), device=self.device)
-        y = self.x[idx]
+        y, labels = self._batch()
         if self.spec.data.binarize == "dynamic":
             y = torch.bernoulli(y)
-        terms = self.elbo.differentiable_terms(self.model.built.model, self.model.built.guide, y,
-                                               self.labels[idx])
-        (terms["loss"] / batch).backward()
+        if self.group is not None:  # the global minibatch drawn as on one device; our rows
+            y, labels = self.group.rows(y), self.group.rows(labels)
+        terms = self._terms(y, labels)
+        # the mean over this process's rows; DDP averages it over the processes
+        (terms["loss"] / len(y)).backward()
         if self.spec.train.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.spec.train.clip_norm)
         self.optimizer.step()
         return torch.stack([terms[k].detach() for k in self.term_keys])
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's minibatch on the device, (batch, D) rows and (batch,) labels: drawn on
+        the device (uniform indices, torch's generator), or, streamed, the buffers `run_steps`
+        filled with the step's rows."""
+        if self.streaming:
+            return self._given
+        idx = torch.randint(len(self.x), (self.spec.train.batch_size,), device=self.device)
+        return self.x[idx], self.labels[idx]
+
+    def _window_rows(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streamed: the next `steps` steps' rows on the device, (steps, batch, D) and
+        (steps, batch), from the prefetcher (started here at the current step)."""
+        if self._prefetcher is None:
+            tr, n, state = self.spec.train, self.n_train, {"step": self.step}
+
+            def draw(k: int) -> np.ndarray:
+                first, state["step"] = state["step"], state["step"] + k
+                return np.stack([streaming.step_indices(tr.seed, t, n, tr.batch_size)
+                                 for t in range(first, first + k)])
+
+            x, labels = self._host_data
+            self._prefetcher = streaming.Prefetcher(
+                x, labels, draw, tr.log_every,
+                dtype=np.float64 if self.model.dtype == torch.float64 else np.float32)
+        y, labels = self._prefetcher.take(steps)
+        return (torch.from_numpy(y).to(self.device), torch.from_numpy(labels).to(self.device))
+
+    def _elbo_terms(self, y: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.elbo.differentiable_terms(self.model.built.model, self.model.built.guide, y,
+                                              labels)
 
     def _eager_step(self, validate: bool) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -167,7 +236,7 @@ class Trainer:
             # the error it raises hides the one that ended the capture
             torch.cuda.set_stream(stream)
             return self._fall_back(err.__context__ or err, stream, side, snapshot)
-        self.step_mode = "cuda graph"
+        self.step_mode = "cuda graph" + self._stream_note
         return graph, row
 
     def _fall_back(self, err: BaseException, stream, side, snapshot) -> None:
@@ -176,7 +245,7 @@ class Trainer:
         self._restore(snapshot)
         text = str(err).strip().splitlines()
         reason = f"{type(err).__name__}: {text[0] if text else ''}"
-        self.step_mode = f"eager (CUDA graph capture failed: {reason})"
+        self.step_mode = f"eager (CUDA graph capture failed: {reason}){self._stream_note}"
         sys.stderr.write(f"ppl-vae: could not capture the training step in a CUDA graph "
                          f"({reason}); training without one (train.cuda_graphs = \"off\" "
                          f"hides this line)\n")
@@ -188,9 +257,14 @@ class Trainer:
         `objective.step_fields` (the terms `step_term_keys`), nats."""
         rows = torch.empty((len(betas), len(self.term_keys)), device=self.device,
                            dtype=self.model.dtype)
-        with matmul_precision(self.spec.train.matmul_precision):
+        tr = self.spec.train
+        given = self._window_rows(len(betas)) if self.streaming else None
+        with matmul_precision(tr.matmul_precision), intra_op_threads(tr.threads):
             for i, beta in enumerate(betas):
                 self._set_weights(float(beta), lam)
+                if given is not None:  # in place: a captured graph reads these buffers
+                    self._given[0].copy_(given[0][i])
+                    self._given[1].copy_(given[1][i])
                 if self._try_graph and self._graph is None:
                     self._graph = self._capture(validate=self.step == 0)
                     self._try_graph = self._graph is not None
@@ -201,6 +275,8 @@ class Trainer:
                     row = self._eager_step(validate=self.step == 0)
                 rows[i] = row
                 self.step += 1
+        if self.group is not None:  # each process summed its rows' terms
+            self.group.sum(rows)
         return (rows / self.spec.train.batch_size).double().cpu().numpy()
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -228,6 +304,9 @@ class Trainer:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.step = int(state["step"])
+        if self._prefetcher is not None:  # it ran ahead from another step: start again
+            self._prefetcher.close()
+            self._prefetcher = None
         self._graph = None  # Adam's state tensors are new objects: capture again
         self._try_graph = self._capturable
         return self.step

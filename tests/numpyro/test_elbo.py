@@ -165,6 +165,25 @@ def enum_identities(rtol):
                     enum_value_and_grad(TraceEnum_ELBO(max_plate_nesting=1), True, b), rtol)
 
 
+def test_a_factor_outside_the_plate_counts_once_beside_an_enumerated_site():
+    """The twin of the Pyro test: the enumeration weights sum to the batch size over (c, n), so
+    a guide value outside the data plate (M2's cross-entropy α-term) is its own expectation,
+    not weighted by them; before the fix it was counted len(DATA) times."""
+    def guide(data, *args):
+        w = numpyro.param("w", jnp.linspace(-0.3, 0.4, K))
+        numpyro.factor("ce", 0.7 * jnp.sum(w ** 2))
+        enum_guide(data, *args)
+
+    params = {k: jnp.asarray(v) for k, v in ENUM_PARAMS.items()}
+    elbo = ScaledELBO(max_plate_nesting=1)
+    key, y = jax.random.PRNGKey(0), jnp.asarray(DATA)
+    with_factor = elbo.terms(key, params, enum_model, guide, y)
+    without = elbo.terms(key, params, enum_model, enum_guide, y)
+    expected = 0.7 * float(jnp.sum(params["w"] ** 2))
+    np.testing.assert_allclose(with_factor["aux/ce"], expected, rtol=1e-6)
+    np.testing.assert_allclose(with_factor["loss"] - without["loss"], expected, rtol=1e-5)
+
+
 def test_enumerated_terms_match_the_pyro_twin():
     """Same parameters, closed-form KLs: the same rate and distortion per site as the Pyro
     backend's ScaledELBO (which equals Pyro's TraceEnum_ELBO), with and without known labels."""
@@ -316,6 +335,26 @@ def test_the_stock_keywords_are_accepted():
     np.testing.assert_allclose(sum(per_site.values()), total, rtol=1e-5)
     with pytest.raises(NotImplementedError, match="multi_sample_guide"):
         ScaledELBO(multi_sample_guide=True)
+
+
+def test_model_and_guide_are_checked_as_the_stock_elbo_checks_them():
+    """NumPyro's Trace_ELBO runs `check_model_guide_match` (and model validation) on its traces:
+    a guide whose site has a plate the model's lacks is refused, by ScaledELBO as by the stock
+    ELBO, with the same message (before, ScaledELBO broadcast the shapes and went on)."""
+    from numpyro.infer import Trace_ELBO
+
+    def unplated_model():
+        numpyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def plated_guide():
+        loc = numpyro.param("loc", jnp.zeros(3))
+        with numpyro.plate("N", 3):
+            numpyro.sample("z", dist.Normal(loc, 1.0))
+
+    params = {"loc": jnp.zeros(3)}
+    for elbo in (Trace_ELBO(), ScaledELBO()):
+        with pytest.raises(ValueError, match="Model and guide shapes disagree at site 'z'"):
+            elbo.loss(jax.random.PRNGKey(0), params, unplated_model, plated_guide)
 
 
 def test_batchnorm_state_is_carried_through_svi_run():

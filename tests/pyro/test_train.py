@@ -250,6 +250,38 @@ def test_matmul_precision_sets_and_restores_the_tf32_switches(policy, tf32):
             pass
 
 
+@pytest.mark.parametrize("setting,inside", [(0, 1), (2, 2)])
+def test_training_and_evaluation_run_on_train_threads_and_restore(tmp_path, monkeypatch,
+                                                                   setting, inside):
+    """train.threads = 0 runs the steps and the evaluation on one PyTorch thread (PyTorch's own
+    default, one per core, collapses under contention: benchmarks/bench_threads.py); a number
+    asks for that many; the process's own setting is restored after each."""
+    from ppl_vae.pyro import hooks
+    from ppl_vae.pyro.train import Trainer
+
+    seen = {"step": set(), "eval": set()}
+    step, eval_terms = Trainer._step, hooks.Model.eval_terms
+
+    def counting_step(self):
+        seen["step"].add(torch.get_num_threads())
+        return step(self)
+
+    def counting_eval(self, *args, **kwargs):
+        seen["eval"].add(torch.get_num_threads())
+        return eval_terms.__wrapped__(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_step", counting_step)
+    monkeypatch.setattr(hooks.Model, "eval_terms", hooks._inference(counting_eval))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # whatever the process had: restored after each window
+    try:
+        tiny_fit(tmp_path, "t", ["train.steps=20", f"train.threads={setting}"], device="cpu")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"step": {inside}, "eval": {inside}}
+
+
 def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path):
     # A GPU run's Adam is capturable (its step counts live on the device); the flag travels in
     # the checkpoint, and a CPU resume must not inherit it (Adam refuses capturable on a CPU).
