@@ -244,6 +244,9 @@ def main(argv=None) -> int:
     except TrainingInterrupted as err:
         print(f"\n{err}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once (the last checkpoint stays)
+        print(f"\nppl-vae {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (SpecError, DataError, RunError, TrainingDiverged, BackendError, FileNotFoundError,
             ImportError, ValueError) as err:
         print(f"ppl-vae {args.command}: error: {err}", file=sys.stderr)

@@ -288,9 +288,10 @@ def mutual_information(loc_q, scale_q, rng: np.random.Generator,
     return Estimate(float(per_example.mean()), _stderr(per_example))
 
 
-#: The I_q estimate over M examples is trusted only while ln M exceeds the rate (which bounds
-#: I_q from above) by this many nats: M ≥ e³ · e^rate ≈ 20 e^rate (`mutual_information`).
-INFORMATION_MARGIN = 3.0
+#: The I_q estimate over M examples is trusted only while ln M exceeds an upper bound on I_q
+#: (the rate) by this many nats: M ≥ e^3.2 · e^rate ≈ 25 e^rate. From 3.2 nats on, the bias
+#: measured below 0.11 nats (`mutual_information`).
+INFORMATION_MARGIN = 3.2
 
 
 def information_limited(upper_bound: float, ceiling: float) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 from ppl_vae import graph, runs
 from ppl_vae.data import binarize, load_data
 from ppl_vae.diagnostics import (
+    INFORMATION_MARGIN,
     active_units,
     active_units_from_draws,
     ess_from_log_weights,
@@ -174,7 +175,7 @@ def site_reports(model, spec, x: np.ndarray, labels, metrics: dict, stderr: dict
                 # over M examples the aggregate posterior has M components: I_q ≤ ln M
                 "mutual_information_ceiling": ceiling,
                 "mutual_information_pool": len(pool_x),
-                # the rate bounds I_q from above: within INFORMATION_MARGIN of ln M, the
+                # a bound on I_q (the rate, or H(y)) within INFORMATION_MARGIN of ln M: the
                 # estimate may be the ceiling's, not the encoder's
                 "mutual_information_limited": limited,
             }
@@ -372,7 +373,7 @@ def _site_lines(name: str | None, site: dict) -> list[str]:
             lines += [f"{pad}(I_q may be limited by its ceiling ln M = "
                       f"{site['mutual_information_ceiling']:.2f}, M = "
                       f"{site['mutual_information_pool']} examples: its upper bound, the rate "
-                      "(or H(y)), comes within 3 nats of it,",
+                      f"(or H(y)), comes within {INFORMATION_MARGIN:g} nats of it,",
                       f"{pad} so the true I_q can be larger and KL(q({z}) ‖ p̂({z})) = rate − I_q "
                       "is not resolved, and not shown)"]
     elif name is not None:

@@ -20,6 +20,7 @@ it and what to do.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -155,17 +156,6 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 # -- the lock -----------------------------------------------------------------------------------
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (signal 0 checks without sending anything)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
-
-
 def _lock_owner(lock: Path) -> dict | None:
     """{"pid", "host"} of a lock file; None if it names no owner (being written, or damaged)."""
     try:
@@ -175,48 +165,75 @@ def _lock_owner(lock: Path) -> dict | None:
         return None
 
 
-def _acquire(lock: Path) -> None:
+def _in_use(lock: Path, owner: dict | None) -> RunError:
+    who = f"process {owner['pid']}" if owner else "another process"
+    if owner and owner["host"] != socket.gethostname():
+        return RunError(f"run folder {lock.parent} is in use by {who} on host {owner['host']}; "
+                        f"if that run has ended, delete {lock}")
+    return RunError(f"run folder {lock.parent} is in use by {who} (a run is training in it); "
+                    "wait for it to end or stop it, or choose another --out")
+
+
+def _acquire(lock: Path) -> int:
+    """An open descriptor of `lock` holding the kernel's exclusive `flock` on it, this process's
+    PID and host written in it. The kernel drops a flock when its process ends, however it
+    ends, so a held flock is a live owner and a lock file without one was left by a run that
+    was killed: taken over with a note. Of two processes taking it over, one gets the flock.
+    A lock naming another host is refused: a shared file system need not carry flocks."""
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(3):
+    for _ in range(5):
+        existed = lock.exists()  # (only for the note below)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            owner = _lock_owner(lock)
-            if owner is None:
-                raise RunError(f"run folder {lock.parent} is locked by {lock}, which names no "
-                               f"process; if no run is using the folder, delete {lock}") from None
-            pid, host = owner["pid"], owner["host"]
-            if host != me["host"]:
-                raise RunError(f"run folder {lock.parent} is in use by process {pid} on host "
-                               f"{host}; if that run has ended, delete {lock}") from None
-            # our own PID cannot be another owner: a lock left by a killed process whose PID
-            # was reused by this one (a container started again)
-            if pid != me["pid"] and _alive(pid):
-                raise RunError(f"run folder {lock.parent} is in use by process {pid} (a run is "
-                               "training in it); wait for it to end or stop it, or choose "
-                               "another --out") from None
-            print(f"ppl-vae: note: {lock} was left by process {pid}, which is no longer running "
-                  "(killed?); taking it over", file=sys.stderr)
-            lock.unlink(missing_ok=True)
-            continue
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
         except OSError as err:
             raise RunError(f"cannot write {lock} ({err.strerror}); make {lock.parent} writable, "
                            "or choose another --out") from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise _in_use(lock, _lock_owner(lock)) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its owner removed it between our open and our flock: a new file
+            os.close(fd)
+            continue
+        owner = _lock_owner(lock)
+        if owner and owner["host"] != me["host"]:
+            os.close(fd)
+            raise _in_use(lock, owner)
+        if existed:
+            left = f"process {owner['pid']}" if owner else "a process"
+            print(f"ppl-vae: note: {lock} was left by {left}, which is no longer running "
+                  "(killed?); taking it over", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
+        return fd
     raise RunError(f"could not lock {lock.parent}: other processes keep taking {lock}")
+
+
+def _release(lock: Path, fd: int) -> None:
+    """Remove the lock file (still ours: we hold its flock), then let the flock go."""
+    try:
+        if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager
 def run_lock(path: Path):
     """Hold the run folder `path` (created if missing) while the block runs.
 
-    The lock is the file ``path/.lock`` holding this process's PID and host, created with
-    O_CREAT | O_EXCL, so of two processes one gets it and the other a `RunError` naming the
+    The lock is the file ``path/.lock`` under the kernel's exclusive `flock`, holding this
+    process's PID and host: of two processes one gets it and the other a `RunError` naming the
     folder and the owner's PID, before it changes anything. It is removed on the way out (errors
-    and Ctrl-C included); a lock whose owner no longer runs on this host (kill -9) is taken
-    over with a note. Folders this call created are removed again if they are left empty."""
+    and Ctrl-C included); one left by a killed run is taken over with a note (`_acquire`).
+    Folders this call created are removed again if they are left empty."""
     path = Path(path)
     created = [p for p in (path, *path.parents) if not p.exists()]  # the leaf first
     try:
@@ -226,14 +243,14 @@ def run_lock(path: Path):
                        "--out") from None
     lock = path / LOCK_FILE
     try:
-        _acquire(lock)
+        fd = _acquire(lock)
     except BaseException:
         _remove_if_empty(created)
         raise
     try:
         yield path
     finally:
-        lock.unlink(missing_ok=True)
+        _release(lock, fd)
         _remove_if_empty(created)
 
 

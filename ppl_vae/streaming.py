@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ppl_vae.data import Dataset
+from ppl_vae.data import DataError, Dataset
 from ppl_vae.spec import Spec
 
 #: Chunks of rows (each some steps' minibatches) the thread gathers ahead of the trainer.
@@ -106,7 +106,8 @@ class Prefetcher:
     draw(k) returns the (k, batch) row indices of the next k steps (called only in the thread,
     in step order); chunks of `chunk_steps` steps are gathered ahead, at most `depth` waiting.
     `take(k)` returns the next k steps' rows whatever the chunking. `close()` stops the thread
-    (dropping the prefetcher does too); an exception in the thread is raised by `take`.
+    (dropping the prefetcher does too, once nothing `draw` holds refers to it); an exception in
+    the thread is raised by `take` as a `DataError` with the exception as its cause.
     """
 
     def __init__(self, x: np.ndarray, labels: np.ndarray, draw: Callable[[int], np.ndarray],
@@ -128,9 +129,11 @@ class Prefetcher:
                 if not self._thread.is_alive():
                     raise RuntimeError("the prefetching thread stopped without a reason") from None
                 continue
-            if isinstance(item, _Failed):
+            if isinstance(item, _Failed):  # a one-line error (exit 2), its cause chained
                 self.close()
-                raise item.error
+                err = item.error
+                raise DataError(f"reading the training data's minibatches failed "
+                                f"({type(err).__name__}: {err})") from err
             return item
 
     def take(self, steps: int) -> tuple[np.ndarray, np.ndarray]:

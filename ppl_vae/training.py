@@ -180,6 +180,8 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
             if not resume and not metrics_path.exists():
                 runs.clear_run_dir(out)
             raise
+        finally:
+            trainer.close()  # a streamed run's prefetching thread
     return runs.load_run(out)
 
 
@@ -189,9 +191,13 @@ def _follow(spec: Spec, trainer, ckpt_path: Path, resume: bool) -> None:
     the run folder is rank 0's."""
     if spec.train.init and not resume:
         trainer.model.import_params(runs.load_params(runs.params_path(spec.train.init)))
-    start = _load_checkpoint(trainer, ckpt_path) if resume else 0
-    for first, last in _windows(start, spec.train.steps, spec.train.log_every):
-        trainer.run_steps(beta_schedule(spec.objective, np.arange(first, last)), spec.objective.lam)
+    try:
+        start = _load_checkpoint(trainer, ckpt_path) if resume else 0
+        for first, last in _windows(start, spec.train.steps, spec.train.log_every):
+            trainer.run_steps(beta_schedule(spec.objective, np.arange(first, last)),
+                              spec.objective.lam)
+    finally:
+        trainer.close()
 
 
 def _load_checkpoint(trainer, path: Path) -> int:

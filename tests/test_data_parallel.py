@@ -221,6 +221,20 @@ def test_pyro_global_noise_draws_each_posterior_as_one_device(tmp_path):
                                                              rel=1e-5), (name, overrides, key)
 
 
+def test_pyro_under_torchrun_refuses_a_batch_its_processes_cannot_split():
+    """Under torchrun, train.devices = 1 or "all" takes the launcher's process count, which
+    the spec's validation never saw: 128 rows over 3 processes would train 126 of them."""
+    pytest.importorskip("pyro")
+    from ppl_vae.pyro.devices import join
+
+    environ = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x"}
+    for devices in ("1", '"all"'):
+        spec = load_spec("vae_digits", [f"train.devices={devices}", "train.batch_size=128"])
+        with pytest.raises(SpecError, match="a multiple of the 3 processes"):
+            join(spec, environ)
+
+
 def test_pyro_several_devices_outside_a_launcher_say_how_to_start(tmp_path):
     pytest.importorskip("pyro")
     from ppl_vae.backends import BackendError

@@ -99,7 +99,7 @@ def test_information_near_its_ceiling_is_flagged_from_the_rate(tmp_path, capsys)
 
 def test_a_known_entropy_bounds_the_information_too(tmp_path):
     """I_q ≤ H(y) as well as I_q ≤ rate: where the data declare H(y) (an npz `entropy`) below
-    ln M − 3, the estimate is not limited by its ceiling even when the rate is above it (a
+    ln M − 3.2, the estimate is not limited by its ceiling even when the rate is above it (a
     β < 1 model spends rate the data do not have: examples/README.md §2)."""
     from ppl_vae.report import evaluate_run
 

@@ -3,6 +3,8 @@ a data set larger than data.device_memory_mb trains from prefetched host minibat
 in-memory result for the same batches (NumPyro: the very same batches, bit for bit), and a
 streamed run resumes exactly, in both backends."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -95,8 +97,9 @@ def test_an_error_in_the_prefetching_thread_is_raised_by_take():
         raise OSError("disk gone")
 
     pre = streaming.Prefetcher(np.zeros((5, 2), np.float32), np.zeros(5, np.int64), draw, 2)
-    with pytest.raises(OSError, match="disk gone"):
+    with pytest.raises(DataError, match="minibatches failed .OSError: disk gone") as err:
         pre.take(1)
+    assert isinstance(err.value.__cause__, OSError)
     assert not pre._thread.is_alive()
 
 
@@ -168,6 +171,11 @@ def test_numpyro_streams_a_data_set_over_the_limit_with_the_in_memory_result(tmp
     assert "streamed" not in memory.info["step_mode"]
     assert "streamed from host memory" in streamed.info["step_mode"]
     _assert_same(streamed, memory, exact=True)
+    assert not _prefetching_threads()  # `fit` stops them (the NumPyro one used to run on)
+
+
+def _prefetching_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "ppl-vae-prefetch" and t.is_alive()]
 
 
 def test_pyro_streams_a_data_set_over_the_limit_with_the_in_memory_result_for_its_batches(
@@ -178,6 +186,7 @@ def test_pyro_streams_a_data_set_over_the_limit_with_the_in_memory_result_for_it
 
     streamed = _fit(tmp_path, "streamed", "pyro", _sets(npy_folder, SMALL_LIMIT))
     assert "streamed from host memory" in streamed.info["step_mode"]
+    assert not _prefetching_threads()
 
     def same_rows(self):  # the in-memory step, fed the rows the streamed run read
         tr = self.spec.train

@@ -30,6 +30,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 
 import jax
@@ -49,6 +50,18 @@ from ppl_vae.spec import Spec
 process_rank = devices.process_rank  # the driver's question: does this process write? (0 does)
 
 
+@functools.partial(jax.jit, static_argnames=("steps", "batch", "n"))
+def _window_indices(key, steps: int, *, batch: int, n: int):
+    """The (steps, batch) minibatch indices `Trainer._window_fn` draws from `key` in its next
+    `steps` steps, and the key after them: the same splits, so the same numbers."""
+
+    def body(key, _):
+        key, k_idx, _, _ = jax.random.split(key, 4)
+        return key, jax.random.randint(k_idx, (batch,), 0, n)
+
+    return jax.lax.scan(body, key, None, length=steps)
+
+
 class Trainer:
     """State: params, Adam's state, the step count and the JAX random key (all explicit)."""
 
@@ -66,7 +79,9 @@ class Trainer:
         self.streaming = streaming.streams(spec, dataset)
         self._host_data = (dataset.x_train, dataset.labels_train) if self.streaming else None
         self._prefetcher = None  # started at the first window, from the key at that step
-        self._index_chain = jax.jit(self._indices_fn, static_argnums=1)
+        # a function of the key alone: the prefetching thread must not hold the trainer
+        self._index_chain = functools.partial(_window_indices, batch=tr.batch_size,
+                                              n=self.n_train)
         if self.streaming:
             self.x = self.labels = None
         else:
@@ -150,17 +165,6 @@ class Trainer:
                                                        (betas, rows))
         return params, opt_state, key, terms
 
-    def _indices_fn(self, key, steps: int):
-        """The (steps, batch) minibatch indices `_window_fn` draws from `key` in its next
-        `steps` steps, and the key after them: the same splits, so the same numbers."""
-        batch, n = self.spec.train.batch_size, self.n_train
-
-        def body(key, _):
-            key, k_idx, _, _ = jax.random.split(key, 4)
-            return key, jax.random.randint(k_idx, (batch,), 0, n)
-
-        return jax.lax.scan(body, key, None, length=steps)
-
     def _rows(self, steps: int):
         """Streamed: the next `steps` steps' rows, (steps, batch, D) in the model's dtype and
         (steps, batch) int32, from the prefetcher (started here from the current key)."""
@@ -169,8 +173,10 @@ class Trainer:
             # a copy on the host's CPU: the window donates (overwrites) the trainer's key
             state = {"key": jax.device_put(np.array(key), jax.devices("cpu")[0])}
 
+            chain = self._index_chain
+
             def draw(k: int) -> np.ndarray:
-                state["key"], idx = self._index_chain(state["key"], k)
+                state["key"], idx = chain(state["key"], k)
                 return np.asarray(idx)
 
             x, labels = self._host_data
@@ -228,6 +234,13 @@ class Trainer:
         with open(path, "wb") as fh:
             pickle.dump(state, fh)
 
+    def close(self) -> None:
+        """Stop the prefetching thread of a streamed run (if any); the next window starts
+        another. The driver calls it when training ends, however it ends."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
     def load_checkpoint(self, path) -> int:
         with open(path, "rb") as fh:
             state = pickle.load(fh)
@@ -235,9 +248,7 @@ class Trainer:
         self.model.param_map = put(state["params"])
         self.opt_state = put(state["opt_state"])
         self.key = put(jnp.asarray(state["key"]))
-        if self._prefetcher is not None:  # it ran ahead from another key: start again
-            self._prefetcher.close()
-            self._prefetcher = None
+        self.close()  # a prefetcher ran ahead from another key: start again
         if self.mesh is not None:  # the parameters follow in `run_steps`
             self.opt_state, self.key = self.mesh.replicate((self.opt_state, self.key))
         self.step = int(state["step"])

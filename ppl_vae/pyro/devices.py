@@ -41,7 +41,7 @@ from torch.distributions.multivariate_normal import _batch_mv
 from torch.distributions.utils import _standard_normal
 
 from ppl_vae.backends import BackendError
-from ppl_vae.spec import Spec
+from ppl_vae.spec import Spec, SpecError
 
 #: What torchrun sets in each process it starts (and `join` reads).
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -79,9 +79,15 @@ def launch(spec: Spec, argv) -> int | None:
         return None
     check(spec)  # here once, rather than in each of the n processes
     env = dict(os.environ)
-    # torchrun would set 1 thread per process with a warning; share this machine's cores
+    # torchrun would set 1 thread per process with a warning (training itself runs on
+    # train.threads, `ppl_vae.pyro.threads`); share this machine's cores meanwhile
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    return subprocess.call(_command(n, argv), env=env)
+    child = subprocess.Popen(_command(n, argv), env=env)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached torchrun and its workers too: let them end
+            continue
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,10 @@ def join(spec: Spec, environ=os.environ) -> Group | None:
                            '"all", or start that many')
     if size == 1:
         return None
+    if spec.train.batch_size % size:  # train.devices = 1 or "all" under torchrun: not checked
+        raise SpecError("train.batch_size", spec.train.batch_size,  # by the spec's validation
+                        f"a multiple of the {size} processes torchrun started: each takes an "
+                        "equal slice of the global minibatch", spec.source or None)
     check(spec)
     local_rank = int(environ.get("LOCAL_RANK", rank))
     cuda = _uses_cuda(spec)

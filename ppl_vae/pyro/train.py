@@ -291,6 +291,13 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         torch.save(state, path)
 
+    def close(self) -> None:
+        """Stop the prefetching thread of a streamed run (if any); the next window starts
+        another. The driver calls it when training ends, however it ends."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
     def load_checkpoint(self, path) -> int:
         """Restore everything `save_checkpoint` wrote; returns the step to continue from."""
         state = torch.load(path, map_location=self.device, weights_only=False)
@@ -304,9 +311,7 @@ class Trainer:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.step = int(state["step"])
-        if self._prefetcher is not None:  # it ran ahead from another step: start again
-            self._prefetcher.close()
-            self._prefetcher = None
+        self.close()  # a prefetcher ran ahead from another step: start again
         self._graph = None  # Adam's state tensors are new objects: capture again
         self._try_graph = self._capturable
         return self.step
