@@ -87,7 +87,7 @@ def logsumexp(a: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.squeeze(out, axis=axis)
 
 
-def _stderr(values: np.ndarray) -> float:
+def standard_error(values) -> float:
     """Standard error of the mean of a 1-D sample; NaN when fewer than two values."""
     values = np.asarray(values, dtype=np.float64)
     if values.size < 2:
@@ -285,7 +285,7 @@ def mutual_information(loc_q, scale_q, rng: np.random.Generator,
     pool_loc, pool_scale = (loc_q, scale_q) if pool is None else _posterior_arrays(*pool)
     log_q_agg = aggregate_log_density(z.reshape(n * m, dim), pool_loc, pool_scale, chunk)
     per_example = (log_q_cond - log_q_agg.reshape(n, m)).mean(axis=1)
-    return Estimate(float(per_example.mean()), _stderr(per_example))
+    return Estimate(float(per_example.mean()), standard_error(per_example))
 
 
 #: The I_q estimate over M examples is trusted only while ln M exceeds an upper bound on I_q
@@ -389,7 +389,7 @@ def rate_under_prior(loc_q, scale_q, log_prior, rng: np.random.Generator,
     log_q = _diag_gaussian_log_density(z, loc_q[:, None, :], scale_q[:, None, :])
     log_p = np.asarray(log_prior(z.reshape(n * num_samples, dim))).reshape(n, num_samples)
     per_example = (log_q - log_p).mean(axis=1)
-    return Estimate(float(per_example.mean()), _stderr(per_example))
+    return Estimate(float(per_example.mean()), standard_error(per_example))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +416,7 @@ def iwae_bound(log_weights) -> IWAEBound:
     """
     lw = _log_weight_array(log_weights)
     per_example = logsumexp(lw, axis=1) - math.log(lw.shape[1])
-    return IWAEBound(per_example, float(per_example.mean()), _stderr(per_example))
+    return IWAEBound(per_example, float(per_example.mean()), standard_error(per_example))
 
 
 def iwae_bound_chunked(blocks: Iterable[np.ndarray]) -> IWAEBound:
@@ -428,7 +428,7 @@ def iwae_bound_chunked(blocks: Iterable[np.ndarray]) -> IWAEBound:
     if not parts:
         raise ValueError("iwae_bound_chunked needs at least one block of log weights")
     per_example = np.concatenate(parts)
-    return IWAEBound(per_example, float(per_example.mean()), _stderr(per_example))
+    return IWAEBound(per_example, float(per_example.mean()), standard_error(per_example))
 
 
 def ess_from_log_weights(log_weights) -> np.ndarray:

@@ -21,6 +21,7 @@ from ppl_vae.diagnostics import (
     mutual_information,
     psis_khat,
     psis_summary,
+    standard_error,
 )
 from ppl_vae.objective import rate_sites
 from ppl_vae.spec import LABEL_SITE
@@ -89,13 +90,9 @@ def importance_sampling(model, x: np.ndarray, num_samples: int, seed: int = 0,
         ess.append(ess_from_log_weights(log_w))
     per_example, elbo = np.concatenate(bounds), np.concatenate(elbos)
     return {"per_example": per_example, "mean": float(per_example.mean()),
-            "stderr": _stderr(per_example), "elbo": float(elbo.mean()),
-            "gap_stderr": _stderr(per_example - elbo),
+            "stderr": standard_error(per_example), "elbo": float(elbo.mean()),
+            "gap_stderr": standard_error(per_example - elbo),
             "khat": np.concatenate(khat), "ess": np.concatenate(ess)}
-
-
-def _stderr(values: np.ndarray) -> float:
-    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
 def per_example_stderrs(model, spec, x: np.ndarray, labels=None, seed: int = 0,
@@ -109,9 +106,7 @@ def per_example_stderrs(model, spec, x: np.ndarray, labels=None, seed: int = 0,
                   for i, name in enumerate(rate_sites(spec))}
     draws = {"elbo": log_weights_from_parts(parts[:, None])[:, 0],
              "rate": sum(site_rates.values()), "nll": -parts[:, 0], **site_rates}
-    n = len(x)
-    return {k: float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-            for k, v in draws.items()}
+    return {k: standard_error(v) for k, v in draws.items()}
 
 
 def entropy_checks(entropy: float, report: dict) -> dict:

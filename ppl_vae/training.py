@@ -160,11 +160,7 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
         runs.check_run_dir(out, spec, resume=resume, overwrite=overwrite,
                            checkpoint_name=ckpt_name)
         trainer = train_mod.Trainer(spec, dataset, spec.train.device)
-        start = 0
-        if spec.train.init and not resume:
-            trainer.model.import_params(runs.load_params(runs.params_path(spec.train.init)))
-        if resume:
-            start = _load_checkpoint(trainer, ckpt_path)
+        start = _start_from(trainer, spec, ckpt_path, resume)
         previous = runs.read_info(out) if resume else {}
         info = {"backend": backend, "data_dim": dataset.dim, "image_shape": dataset.image_shape,
                 "data": dataset.name, "n_train": len(dataset.x_train),
@@ -189,15 +185,23 @@ def _follow(spec: Spec, trainer, ckpt_path: Path, resume: bool) -> None:
     """A data-parallel run's other processes (rank > 0): the same windows as rank 0, hence the
     same collectives, writing nothing (rank 0 locks, logs, evaluates and saves). Returns None:
     the run folder is rank 0's."""
-    if spec.train.init and not resume:
-        trainer.model.import_params(runs.load_params(runs.params_path(spec.train.init)))
     try:
-        start = _load_checkpoint(trainer, ckpt_path) if resume else 0
+        start = _start_from(trainer, spec, ckpt_path, resume)
         for first, last in _windows(start, spec.train.steps, spec.train.log_every):
             trainer.run_steps(beta_schedule(spec.objective, np.arange(first, last)),
                               spec.objective.lam)
     finally:
         trainer.close()
+
+
+def _start_from(trainer, spec: Spec, ckpt_path: Path, resume: bool) -> int:
+    """The step training starts at: the checkpoint's (resume), else 0, from train.init's
+    parameters where it names some."""
+    if resume:
+        return _load_checkpoint(trainer, ckpt_path)
+    if spec.train.init:
+        trainer.model.import_params(runs.load_params(runs.params_path(spec.train.init)))
+    return 0
 
 
 def _load_checkpoint(trainer, path: Path) -> int:
