@@ -120,10 +120,13 @@ def cmd_train(args) -> int:
     from dataclasses import replace
 
     from ppl_vae.backends import backend_module
-    from ppl_vae.spec import load_spec
+    from ppl_vae.spec import load_spec, parse_override
     from ppl_vae.training import fit
 
-    overrides = [*args.overrides, *([f"train.devices={args.devices}"] if args.devices else [])]
+    # --devices is an override that names its flag when its value is refused
+    devices = ([(*parse_override(f"train.devices={args.devices}"), f"--devices {args.devices}")]
+               if args.devices else [])
+    overrides = [*args.overrides, *devices]
     spec = load_spec(args.spec, overrides)
     if args.device:
         spec = spec.replace(train=replace(spec.train, device=args.device))

@@ -643,21 +643,61 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(table: dict, overrides, source: str | None = None) -> dict:
-    """Return a copy of `table` with dotted `overrides` ("a.b=v" strings or (key, value)) set."""
+    """Return a copy of `table` with dotted `overrides` set.
+
+    Each override is an "a.b=v" string (what `--set` takes), a (key, value) pair, or a
+    (key, value, origin) triple whose origin names where the value came from (``"--devices 2"``);
+    a mistake in one names that origin, not the spec file.
+    """
     import copy
 
     table = copy.deepcopy(table)
     for item in overrides:
-        key, value = parse_override(item) if isinstance(item, str) else item
+        try:
+            key, value, origin = _override_parts(item)
+        except SpecError as err:  # no "=": the text itself is the origin
+            raise SpecError(err.key, err.given, err.allowed, _override_source(f"--set {item}",
+                                                                              source)) from None
         parts = key.split(".")
         node = table
         for i, part in enumerate(parts[:-1]):
             sub = node.setdefault(part, {})
             if not isinstance(sub, dict):
-                raise SpecError(".".join(parts[: i + 1]), sub, "a table to set keys inside", source)
+                raise SpecError(".".join(parts[: i + 1]), sub, "a table to set keys inside",
+                                _override_source(origin, source))
             node = sub
         node[parts[-1]] = value
     return table
+
+
+def _override_parts(item) -> tuple[str, Any, str]:
+    """(key, value, origin) of one override; the origin says where it came from."""
+    if isinstance(item, str):
+        key, value = parse_override(item)
+        return key, value, f"--set {item.strip()}"
+    if len(item) == 3:
+        return item[0], item[1], item[2]
+    key, value = item
+    return key, value, f"override {key}={value!r}"
+
+
+def _override_source(origin: str, source: str | None) -> str:
+    return f"{origin} (applied to {source})" if source else origin
+
+
+def _blame(err: SpecError, overrides, source: str | None) -> SpecError:
+    """`err` re-sourced to the override that set its key (the last one), else to the file and
+    the overrides given with it: an error names where its value came from."""
+    parsed = [_override_parts(item) for item in overrides]
+    for key, _, origin in reversed(parsed):
+        if (err.key == key or err.key.startswith((f"{key}.", f"{key}["))
+                or key.startswith(f"{err.key}.")):
+            return SpecError(err.key, err.given, err.allowed, _override_source(origin, source))
+    if parsed:
+        given = ", ".join(origin for _, _, origin in parsed)
+        where = f"{source} with {given}" if source else given
+        return SpecError(err.key, err.given, err.allowed, where)
+    return err
 
 
 def resolve_spec_path(path_or_name: str | Path) -> Path:
@@ -693,7 +733,12 @@ def load_spec(path_or_name: str | Path | Spec, overrides=()) -> Spec:
         except UnicodeDecodeError:  # a binary file: often data given where a spec belongs
             raise SpecError("(file)", path.name, "a TOML spec (this file is binary; data such "
                             "as an .npz goes in the spec's data.path)", source) from None
-    return spec_from_dict(apply_overrides(table, overrides, source), source)
+    overrides = list(overrides)
+    table = apply_overrides(table, overrides, source)
+    try:
+        return spec_from_dict(table, source)
+    except SpecError as err:
+        raise _blame(err, overrides, source) from None
 
 
 # ---- writing TOML (the resolved spec of a run) ----------------------------------------------

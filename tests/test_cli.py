@@ -60,6 +60,19 @@ def test_errors_are_one_line_with_exit_code_2(args, message, capsys, tmp_path):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args, origin", [
+    (["--set", "train.stpes=5"], "--set train.stpes=5 (applied to"),
+    (["--set", "encoder.hidden=[64, -1]"], "--set encoder.hidden=[64, -1] (applied to"),
+    (["--devices", "some"], "--devices some (applied to"),
+])
+def test_an_error_in_a_command_line_value_names_the_flag_not_the_file(args, origin, tmp_path,
+                                                                       capsys):
+    assert main(["train", "vae_digits", *args, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ppl-vae train: error: {origin}") and "vae_digits.toml)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
 def test_npz_data_error_is_reported(tmp_path, capsys):
     x = np.random.default_rng(0).random((50, 10)) * 3  # outside [0, 1]: not Bernoulli data
     np.savez(tmp_path / "d.npz", x=x)
