@@ -259,7 +259,9 @@ def summary(r: Result, target: float) -> dict:
     """The numbers of one row: seconds of the first epoch (it holds building and compiling),
     the median seconds of the later epochs, when the target was reached, the last ELBO."""
     secs = [p["seconds"] for p in r.progress]
+    cpu = [p.get("cpu_seconds", math.nan) for p in r.progress]
     later = np.diff(secs) if len(secs) > 1 else np.array([])
+    later_cpu = np.diff(cpu) if len(cpu) > 1 else np.array([])
     reached = next((i for i, e in enumerate(r.elbos) if e >= target), None)
     return {"name": r.trainer.name, "status": r.status, "note": r.note,
             "library": r.done.get("library", ""),
@@ -267,7 +269,9 @@ def summary(r: Result, target: float) -> dict:
             "epochs": len(secs), "first_epoch_s": secs[0] if secs else math.nan,
             "epoch_s": float(np.median(later)) if len(later) else math.nan,
             "epochs_to_target": None if reached is None else reached + 1,
+            "cpu_epoch_s": float(np.median(later_cpu)) if len(later_cpu) else math.nan,
             "seconds_to_target": math.nan if reached is None else secs[reached],
+            "cpu_seconds_to_target": math.nan if reached is None else cpu[reached],
             "train_seconds": secs[-1] if secs else math.nan,
             "final_elbo": r.elbos[-1] if r.elbos else math.nan, "final_elbo_se": r.elbo_se,
             "best_elbo": max(r.elbos) if r.elbos else math.nan, "elbos": r.elbos,
@@ -280,24 +284,31 @@ def _ratio(a: float, b: float) -> str:
 
 
 def format_table(rows: list[dict], target: float) -> str:
+    """A Markdown table; ×ref columns divide by the ppl_vae-numpyro row's number."""
     ref = next((r for r in rows if r["name"] == REFERENCE and r["status"] == "ran"), None)
-    head = ("| trainer | steps/epoch | 1st epoch s | s/epoch | ×ref | epochs to "
-            f"{target:g} | s to {target:g} | ×ref | last test ELBO | CPU s/s |")
-    lines = [head, "|" + "---|" * 10]
+
+    def vs(r, key):
+        return _ratio(r[key], ref[key]) if ref else "—"
+
+    head = ("| trainer | steps/epoch | 1st epoch s | s/epoch | ×ref | CPU s/epoch | ×ref | "
+            f"epochs to {target:g} | s to {target:g} | ×ref | CPU s to {target:g} | ×ref | "
+            "last test ELBO | CPU s/s |")
+    width = head.count("|") - 1
+    lines = [head, "|" + "---|" * width]
     for r in rows:
         if r["status"] == "skipped":
-            lines.append(f"| {r['name']} | skipped: {r['note']} |" + " |" * 8)
+            lines.append(f"| {r['name']} | skipped: {r['note']} |" + " |" * (width - 2))
             continue
         to = r["epochs_to_target"]
         lines.append(
             f"| {r['name']} | {r['steps_per_epoch']} | {r['first_epoch_s']:.1f} | "
-            f"{r['epoch_s']:.2f} | {_ratio(r['epoch_s'], ref['epoch_s']) if ref else '—'} | "
-            f"{to if to else 'not in ' + str(r['epochs'])} | "
-            f"{r['seconds_to_target']:.1f} | "
-            f"{_ratio(r['seconds_to_target'], ref['seconds_to_target']) if ref else '—'} | "
+            f"{r['epoch_s']:.2f} | {vs(r, 'epoch_s')} | {r['cpu_epoch_s']:.2f} | "
+            f"{vs(r, 'cpu_epoch_s')} | {to if to else 'not in ' + str(r['epochs'])} | "
+            f"{r['seconds_to_target']:.1f} | {vs(r, 'seconds_to_target')} | "
+            f"{r['cpu_seconds_to_target']:.1f} | {vs(r, 'cpu_seconds_to_target')} | "
             f"{r['final_elbo']:.2f} ± {r['final_elbo_se']:.2f} | {r['cpu_per_wall']:.2f} |")
         if r["status"] == "failed":
-            lines.append(f"| ↳ failed: {r['note']} |" + " |" * 9)
+            lines.append(f"| ↳ failed: {r['note']} |" + " |" * (width - 1))
     return "\n".join(lines)
 
 
@@ -377,8 +388,9 @@ def main(argv=None) -> int:
     print()
     print(format_table(table, args.target))
     print(f"\nload average before {' '.join(load_before)}, after {' '.join(load_after)}; "
-          f"×ref: ratio to {REFERENCE} (below 1 is faster); s/epoch: median of epochs 2..; "
-          "1st epoch holds building and compiling")
+          f"×ref: ratio to {REFERENCE} (below 1 is faster); s/epoch: median of epochs 2.., "
+          "wall and the process's CPU seconds; 1st epoch holds building and compiling; CPU "
+          "s/s: the whole process's CPU seconds per wall second (1 = one core, all the time)")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"args": vars(args), "load_before": load_before, "load_after": load_after,

@@ -82,13 +82,13 @@ def main(argv=None) -> int:
         if trainer.step % steps_per_epoch == 0:
             recorder.epoch_end(lambda: {CANONICAL[k]: v for k, v in
                                         trainer.model.export_params().items() if k in CANONICAL})
-        with clock.paused():
+        with clock.pause():
             t0 = time.perf_counter()
             save(trainer, *rest)
             checkpoint_seconds.append(time.perf_counter() - t0)
 
     def timed_evaluate(*a, **kw):
-        with clock.paused():
+        with clock.pause():
             return evaluate(*a, **kw)
 
     training._save, training.evaluate = timed_save, timed_evaluate

@@ -11,8 +11,8 @@ A trainer is one process: ``PYTHON <adapter>.py --data WORK/train.npy --out WORK
   steps, and not the imports);
 * at the end of each epoch calls `Recorder.epoch_end` with the encoder's and decoder's weights:
   the clock is paused while they are written (``epoch_NNN.npz``, `SNAPSHOT_KEYS`, weights
-  (out, in) as in torch) and a line ``{"epoch", "seconds", "steps", "examples"}`` is appended
-  to ``progress.jsonl``;
+  (out, in) as in torch) and a line ``{"epoch", "seconds", "cpu_seconds", "steps",
+  "examples"}`` is appended to ``progress.jsonl`` (wall and process CPU seconds on the clock);
 * writes ``done.json`` (framework versions, what the adapter changed, seconds paused) last.
 
 bench_peers evaluates the snapshots afterwards, all with one NumPy estimator, while no trainer
@@ -53,41 +53,56 @@ def load_images(path) -> np.ndarray:
     return np.load(path).astype(np.float32) / np.float32(255.0)
 
 
+def _now() -> np.ndarray:
+    """(wall seconds, CPU seconds of this process: all its threads, user + system)."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
 class Clock:
-    """Seconds since `start`, less the time spent inside `paused()` and between `stop()` and
-    `resume()`."""
+    """Wall and CPU seconds since `start`, less the time spent inside `pause()` and between
+    `stop()` and `resume()`. CPU seconds are the process's own, so they say what the work cost
+    when other processes share the cores (wall seconds then stretch, CPU seconds much less)."""
 
     def __init__(self):
         self.started = None
         self.stopped_at = None
-        self.paused_seconds = 0.0
+        self.paused = np.zeros(2)
 
     def start(self) -> None:
-        self.started = time.perf_counter()
+        self.started = _now()
+
+    def read(self) -> tuple[float, float]:
+        """(wall, CPU) seconds on the clock."""
+        now = self.stopped_at if self.stopped_at is not None else _now()
+        wall, cpu = now - self.started - self.paused
+        return float(wall), float(cpu)
 
     def seconds(self) -> float:
-        now = self.stopped_at if self.stopped_at is not None else time.perf_counter()
-        return now - self.started - self.paused_seconds
+        return self.read()[0]
+
+    @property
+    def paused_seconds(self) -> float:
+        return float(self.paused[0])
 
     def stop(self) -> None:
         if self.stopped_at is None:
-            self.stopped_at = time.perf_counter()
+            self.stopped_at = _now()
 
     def resume(self) -> None:
         if self.stopped_at is not None:
-            self.paused_seconds += time.perf_counter() - self.stopped_at
+            self.paused = self.paused + (_now() - self.stopped_at)
             self.stopped_at = None
 
     @contextmanager
-    def paused(self):
+    def pause(self):
         if self.stopped_at is not None:  # stopped already: resume() will count this time
             yield
             return
-        t0 = time.perf_counter()
+        t0 = _now()
         try:
             yield
         finally:
-            self.paused_seconds += time.perf_counter() - t0
+            self.paused = self.paused + (_now() - t0)
 
 
 class Recorder:
@@ -111,10 +126,10 @@ class Recorder:
         closes the epoch; what follows is paused. `stop`: leave the clock stopped until the
         trainer calls ``clock.resume()`` as its next epoch starts (the examples' loops evaluate,
         print and plot between epochs)."""
-        seconds = self.clock.seconds()
+        seconds, cpu_seconds = self.clock.read()
         if stop:
             self.clock.stop()
-        with self.clock.paused():
+        with self.clock.pause():
             self.epoch += 1
             arrays = weights() if callable(weights) else weights
             missing = set(SNAPSHOT_KEYS) - set(arrays)
@@ -124,6 +139,7 @@ class Recorder:
                      **{k: np.asarray(arrays[k], dtype=np.float32) for k in SNAPSHOT_KEYS})
             with open(self.out / "progress.jsonl", "a") as fh:
                 fh.write(json.dumps({"epoch": self.epoch, "seconds": seconds,
+                                     "cpu_seconds": cpu_seconds,
                                      "steps": self.epoch * self.steps_per_epoch,
                                      "examples": self.epoch * self.examples_per_epoch}) + "\n")
 
