@@ -10,11 +10,10 @@ neither torch nor jax; a backend is imported when it is first used.
     >>> run.final_test["elbo"]
 """
 
-__version__ = "0.1.0"  # first: modules imported below read it
-
 from ppl_vae.runs import Run, load_run
 from ppl_vae.spec import Spec, SpecError, list_models, load_spec
 from ppl_vae.training import TrainingDiverged, TrainingInterrupted, fit
+from ppl_vae.version import __version__  # noqa: F401 - the package's version
 
 __all__ = ["Run", "Spec", "SpecError", "TrainingDiverged", "TrainingInterrupted", "fit",
            "list_models", "load_run", "load_spec"]

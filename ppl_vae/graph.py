@@ -16,10 +16,11 @@ Both backends build from these functions, so the two agree on every order, name 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # spec.py validates with this module: no import of it at run time
-    from ppl_vae.spec import SiteSpec, Spec
+if TYPE_CHECKING:
+    from ppl_vae.schema import AuxSpec, PosteriorSpec, PriorSpec, SiteSpec, Spec
 
 #: The posterior input that stands for the data (through the `[encoder]` network).
 DATA = "y"
@@ -267,3 +268,100 @@ def rate_dim_key(spec: Spec, name: str, i: int) -> str:
     """The metric name of the rate of dimension i of site `name`: ``rate/dim_<i>`` in a
     one-site spec (as always), ``rate/<site>/dim_<i>`` in a graph."""
     return f"rate/{name}/dim_{i}" if is_graph(spec) else f"rate/dim_{i}"
+
+
+# ---- the plan: everything the program and the networks read, computed once -----------------
+#: The site of a latent label (``label.latent``): p(label) in the model, q(label|y) in the
+#: guide. (The same string as `ppl_vae.spec.LABEL_SITE`, which reserves the name.)
+LABEL = "label"
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """One latent site as the model and the guide draw it.
+
+    `prior_width` is the width of what a `conditional` prior reads (its parents' values, then
+    the one-hot label when ``label.prior``); `posterior_width` the width of what the posterior
+    reads besides the raw data (in a graph: the data's features if it reads "y", the sites it
+    reads, then the label; in a one-site spec: the label, appended to the encoder's features).
+    `closed_form`: whether its rate may be the closed-form KL (`closed_form_rate_valid`)."""
+
+    name: str
+    dim: int
+    beta: float
+    prior: PriorSpec
+    posterior: PosteriorSpec
+    parents: tuple[str, ...]
+    inputs: tuple[str, ...]
+    prior_module: str
+    encoder_module: str
+    prior_width: int
+    posterior_width: int
+    closed_form: bool
+
+
+@dataclass(frozen=True)
+class AuxPlan:
+    """An encoder-only term: its guide factor-site `name`, its spec and the `site` it reads."""
+
+    name: str
+    spec: AuxSpec
+    site: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The latent graph of a spec on data of `data_dim` features (images of `image_shape`),
+    resolved once: the sites, the orders in which model and guide draw them, module names and
+    every input width. The one program (`ppl_vae.program`) and both backends' networks read it
+    instead of re-deriving widths from the spec."""
+
+    spec: Spec
+    sites: tuple[SitePlan, ...]
+    model_order: tuple[str, ...]
+    guide_order: tuple[str, ...]
+    data_dim: int
+    image_shape: tuple[int, int] | None
+    one_site: bool
+    feature_network: bool
+    feature_width: int
+    label_width: int
+    code_width: int
+    aux: tuple[AuxPlan, ...]
+
+    def site(self, name: str) -> SitePlan:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no latent site {name!r}; the sites are "
+                       + ", ".join(s.name for s in self.sites))
+
+
+def aux_names(spec: Spec) -> tuple[str, ...]:
+    """Guide factor-site names of the aux terms: the kind (or function name), made unique."""
+    names: list[str] = []
+    for aux in spec.objective.aux:
+        base = aux.kind.rsplit(":", 1)[-1]
+        name, i = base, 1
+        while name in names:
+            i += 1
+            name = f"{base}_{i}"
+        names.append(name)
+    return tuple(names)
+
+
+def plan(spec: Spec, data_dim: int, image_shape=None) -> Plan:
+    """The `Plan` of `spec` on data with `data_dim` features."""
+    closed_form = closed_form_rate_valid(spec)
+    sites = tuple(
+        SitePlan(s.name, s.dim, s.beta, s.prior, s.posterior, prior_parents(s),
+                 s.posterior.inputs, prior_module(spec, s.name), encoder_module(spec, s.name),
+                 prior_input_width(spec, s),
+                 posterior_extra_width(spec, s, data_dim, image_shape), closed_form[s.name])
+        for s in spec.sites)
+    aux = tuple(AuxPlan(name, a, aux_site(spec, a))
+                for name, a in zip(aux_names(spec), spec.objective.aux))
+    return Plan(spec, sites, model_order(spec), guide_order(spec), data_dim,
+                None if image_shape is None else tuple(image_shape), not is_graph(spec),
+                has_feature_network(spec), data_feature_width(spec, data_dim, image_shape),
+                label_width(spec), decoder_input_width(spec), aux)

@@ -1,4 +1,5 @@
-"""The objective, backend-free: β schedules, aux-term names and the InfoNCE bound's constants.
+"""The objective, backend-free: β schedules, per-site weights, the weighted sum of the terms and
+the site-role errors of both backends' `ScaledELBO`.
 
     loss = β · rate + λ · distortion + aux(Ψ)
 
@@ -8,6 +9,8 @@ The backends' `ScaledELBO` compute the terms; this module decides the weights.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -30,16 +33,14 @@ def beta_schedule(objective: ObjectiveSpec, steps: np.ndarray) -> np.ndarray:
     return sch.start + (objective.beta - sch.start) * ramp
 
 
-def site_betas(spec: Spec, beta):
-    """β of each latent site at a step whose global β is `beta` (a number or a traced array):
-    ``objective.beta`` schedules it, ``[[latents]] beta`` multiplies it per site. A plain
-    `beta` when every site's multiplier is 1, else {site: β · multiplier} (`ScaledELBO`'s
-    per-site form)."""
-    weights = {s.name: s.beta for s in spec.sites} | (
+def site_betas(spec: Spec, beta) -> dict:
+    """{rate site: β_s} at a step whose global β is `beta` (a number or a traced array): the
+    schedule sets β, ``[[latents]] beta`` multiplies it per site (the label's multiplier is 1).
+    Always a mapping over `rate_sites`, whatever the multipliers: the one shape in which the
+    trainers hand per-site weights to `ScaledELBO`."""
+    multipliers = {s.name: s.beta for s in spec.sites} | (
         {LABEL_SITE: 1.0} if spec.label.latent else {})
-    if all(w == 1.0 for w in weights.values()):
-        return beta
-    return {name: beta * w for name, w in weights.items()}
+    return {name: beta * w for name, w in multipliers.items()}
 
 
 def rate_sites(spec: Spec) -> tuple[str, ...]:
@@ -61,22 +62,10 @@ def step_fields(spec: Spec) -> tuple[str, ...]:
     return tuple("objective" if k == "loss" else k for k in step_term_keys(spec))
 
 
-def aux_site_names(spec: Spec) -> list[str]:
-    """Guide factor-site names of the aux terms: the kind (or function name), made unique."""
-    names: list[str] = []
-    for aux in spec.objective.aux:
-        base = aux.kind.rsplit(":", 1)[-1]
-        name, i = base, 1
-        while name in names:
-            i += 1
-            name = f"{base}_{i}"
-        names.append(name)
-    return names
-
-
 def weight_for(weight, site: str):
-    """β or λ of one site: `weight` is a number/array, or a dict {site: number} (default 1)."""
-    if isinstance(weight, dict):
+    """β or λ of one site: `weight` is a number/array (every site), or a mapping {site: number}
+    (sites not named get 1): what a user may pass to `ScaledELBO`."""
+    if isinstance(weight, Mapping):
         return weight.get(site, 1.0)
     return weight
 

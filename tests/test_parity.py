@@ -158,7 +158,7 @@ def compare(case: str, dtype: str) -> dict:
     key = jax.random.PRNGKey(0)
 
     def loss(pm_):
-        t = nelbo.terms(key, pm_, nm.built.model, nguide, *args)
+        t = nelbo.differentiable_terms(key, pm_, nm.built.model, nguide, *args)
         return t["loss"], t
 
     (_, nterms), ngrad_map = jax.jit(jax.value_and_grad(loss, has_aux=True))(nm.param_map)

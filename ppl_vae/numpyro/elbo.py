@@ -237,11 +237,19 @@ class ScaledELBO(ELBO):
         zero = jnp.zeros((), jnp.result_type(*total.values()) if total else float)
         return weighted_terms(total, self.beta, self.lam, zero), mutable or None
 
-    def terms(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
+    def differentiable_terms(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
         """The loss and its parts, averaged over particles, summed over the batch, in nats:
-        ``loss`` (weighted), ``rate``, ``distortion``, ``aux`` (unweighted totals) and
-        ``rate/<site>``, ``distortion/<site>``, ``aux/<site>``."""
+        ``loss`` (weighted, to minimise), ``rate``, ``distortion``, ``aux`` (unweighted totals)
+        and ``rate/<site>``, ``distortion/<site>``, ``aux/<site>``. Differentiable: take
+        `jax.grad` of any of them (what a training step does)."""
         return self._terms_and_state(rng_key, param_map, model, guide, args, kwargs)[0]
+
+    def terms(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
+        """`differentiable_terms` for reading, as in the Pyro twin: the same values with their
+        gradients stopped (`jax.lax.stop_gradient`), so `jax.grad` of them is zero.
+        Differentiate `differentiable_terms` or `loss`."""
+        return jax.lax.stop_gradient(self.differentiable_terms(rng_key, param_map, model, guide,
+                                                               *args, **kwargs))
 
     def loss(self, rng_key, param_map, model, guide, *args, **kwargs):
         """The weighted loss (−ELBO at β = λ = 1); with ``sum_sites=False`` a dict {site: its

@@ -1,46 +1,15 @@
-"""The distributions of the latent sites (NumPyro): priors p̂(z|parents, label) and the three
-posterior families q(z|inputs); the twin of `ppl_vae/pyro/latents.py`."""
+"""What the latent sites need from JAX beyond `numpyro.distributions` (the program,
+`ppl_vae.program`, builds the priors and posteriors): the full-covariance Cholesky factor, an
+inverse autoregressive flow step, and readers of a site's distribution for the hooks. The twin
+of `ppl_vae/pyro/latents.py`."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpyro
 import numpyro.distributions as dist
-from numpyro.contrib.module import flax_module
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import Transform
-
-from ppl_vae.numpyro.networks import ConditionalPrior
-from ppl_vae.spec import SiteSpec
-
-
-def one_hot(labels, classes: int, dtype):
-    """(B,) int labels in 0..classes−1 -> (B, classes) one-hot rows."""
-    return jax.nn.one_hot(labels, classes, dtype=dtype)
-
-
-def prior_dist(s: SiteSpec, prefix: str, inputs=None, in_width: int = 0):
-    """P̂_Φ(z) of site `s`; its parameters are ``<prefix>.loc`` … (arrays) or the Flax module
-    ``<prefix>`` of a `conditional` prior, which reads `inputs` (..., in_width)."""
-    d, kind = s.dim, s.prior.kind
-    if kind == "normal":
-        return dist.Normal(jnp.zeros(d), 1.0).to_event(1)
-    if kind == "learned_normal":
-        loc = numpyro.param(f"{prefix}.loc", jnp.zeros(d))
-        log_scale = numpyro.param(f"{prefix}.log_scale", jnp.zeros(d))
-        return dist.Normal(loc, jnp.exp(log_scale)).to_event(1)
-    if kind == "conditional":
-        net = flax_module(prefix, ConditionalPrior(tuple(s.prior.hidden), s.prior.activation, d),
-                          jnp.ones((1, in_width)))
-        loc, scale = net(inputs)
-        return dist.Normal(loc, scale).to_event(1)
-    k = s.prior.components
-    logits = numpyro.param(f"{prefix}.logits", jnp.zeros(k))
-    loc = numpyro.param(f"{prefix}.loc", lambda key: jax.random.normal(key, (k, d)))
-    log_scale = numpyro.param(f"{prefix}.log_scale", jnp.zeros((k, d)))
-    return dist.MixtureSameFamily(dist.Categorical(logits=logits),
-                                  dist.Normal(loc, jnp.exp(log_scale)).to_event(1))
 
 
 def lower_cholesky(scale, below):
@@ -89,18 +58,6 @@ class IAFStep(Transform):
 
     def tree_flatten(self):
         return (), ((), {"params": self.params})
-
-
-def posterior_dist(kind: str, loc, scale, below, flow_params, flow_steps: int):
-    """q(z|inputs) from an `Encoder`'s outputs: diagonal, full (N(loc, L Lᵀ)) or iaf (the
-    diagonal Gaussian through `flow_steps` steps; ``flow_params(x, step)`` -> (m, logit))."""
-    if kind == "full":
-        return dist.MultivariateNormal(loc, scale_tril=lower_cholesky(scale, below))
-    base = dist.Normal(loc, scale).to_event(1)
-    if kind == "iaf":
-        steps = [IAFStep(lambda x, t=t: flow_params(x, t)) for t in range(flow_steps)]
-        return dist.TransformedDistribution(base, steps)
-    return base
 
 
 def marginal_std(q):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppl_vae import autoregressive
+from ppl_vae import autoregressive, graph
 from ppl_vae.spec import AuxSpec, DecoderSpec, PosteriorSpec
 
 #: The smallest posterior standard deviation (the same as the Pyro backend's).
@@ -281,6 +281,45 @@ class SupervisedHead(nn.Module):
 
     def __call__(self, loc):
         return self.out(self.body(loc))
+
+
+def build_networks(plan: graph.Plan) -> dict[str, tuple[nn.Module, tuple]]:
+    """Every Flax module of a spec's plan: {canonical module name: (module, the shapes of
+    example inputs `flax_module` initialises it from (None for an input it does not take))},
+    the same names as the Pyro backend's `build_networks`."""
+    spec, data_dim, image_shape = plan.spec, plan.data_dim, plan.image_shape
+    enc, lik, lab = spec.encoder, spec.likelihood, spec.label
+    per_pixel = lik.categories if lik.kind == "categorical" else 1
+    channels = tuple(enc.channels) if enc.kind == "conv" else None
+    data = (1, data_dim)
+    out: dict[str, tuple[nn.Module, tuple]] = {}
+    for s in plan.sites:
+        extra = (1, s.posterior_width) if s.posterior_width else None
+        if plan.one_site:
+            out[s.encoder_module] = (Encoder(tuple(enc.hidden), enc.activation, image_shape,
+                                             channels, s.dim, s.posterior), (data, extra))
+        else:
+            post = s.posterior
+            out[s.encoder_module] = (Encoder(tuple(post.hidden), post.activation, None, None,
+                                             s.dim, post), (None, extra))
+        if s.prior.kind == "conditional":
+            out[s.prior_module] = (ConditionalPrior(tuple(s.prior.hidden), s.prior.activation,
+                                                    s.dim), ((1, s.prior_width),))
+    if plan.feature_network:
+        out["encoder"] = (Features(tuple(enc.hidden), enc.activation, image_shape, channels),
+                          (data,))
+    decoder = (MADE(data_dim, tuple(spec.decoder.hidden), per_pixel, spec.decoder.activation)
+               if spec.decoder.kind == "autoregressive" else
+               Decoder(spec.decoder, data_dim, image_shape, per_pixel))
+    out["decoder"] = (decoder, ((1, plan.code_width), data))
+    for aux in plan.aux:
+        if aux.spec.kind == "supervised" and aux.site != graph.LABEL:
+            out[f"aux_{aux.name}"] = (SupervisedHead(aux.spec), ((1, plan.site(aux.site).dim),))
+    if lab.latent:
+        out[f"encoder_{graph.LABEL}"] = (Classifier(tuple(lab.hidden), enc.activation,
+                                                    image_shape, channels, classes=lab.classes),
+                                         (data,))
+    return out
 
 
 # ---- canonical names ------------------------------------------------------------------------

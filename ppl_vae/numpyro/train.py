@@ -135,7 +135,7 @@ class Trainer:
         keys = step_term_keys(self.spec)
 
         def loss_fn(p, k, y, lab, beta):
-            t = self.elbo.with_weights(site_betas(self.spec, beta), lam).terms(
+            t = self.elbo.with_weights(site_betas(self.spec, beta), lam).differentiable_terms(
                 k, p, built.model, built.guide, y, lab)
             return t["loss"] / batch, jnp.stack([t[name] for name in keys]) / batch
 

@@ -44,6 +44,7 @@ that uses `differentiable_terms` synchronises with the device only when it choos
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -96,6 +97,13 @@ class ScaledELBO(Trace_ELBO):
                  analytic_kl: bool = True, **kwargs):
         super().__init__(num_particles=num_particles, **kwargs)
         self.beta, self.lam, self.analytic_kl = beta, lam, analytic_kl
+
+    def with_weights(self, beta: Weight, lam: Weight) -> ScaledELBO:
+        """The same estimator with other β and λ (a copy; `self` is unchanged), as in the
+        NumPyro twin. Assigning ``elbo.beta = b`` changes this one in place."""
+        other = copy.copy(self)
+        other.beta, other.lam = beta, lam
+        return other
 
     # -- the per-particle terms -----------------------------------------------------------------
     def _get_traces(self, model, guide, args, kwargs):

@@ -1,6 +1,7 @@
-"""The distributions of the latent sites (Pyro): priors p̂(z|parents, label) and the three
-posterior families q(z|inputs), diagonal, full covariance and inverse autoregressive flow.
-The twin of `ppl_vae/numpyro/latents.py`; each has event shape (d,)."""
+"""What the latent sites need from PyTorch beyond `pyro.distributions` (the program,
+`ppl_vae.program`, builds the priors and posteriors): the full-covariance Cholesky factor, an
+inverse autoregressive flow step, one-hot labels, and two readers of a site's distribution for
+the hooks. The twin of `ppl_vae/numpyro/latents.py`."""
 
 from __future__ import annotations
 
@@ -10,28 +11,11 @@ from torch.distributions import constraints
 from torch.distributions.transforms import Transform
 from torch.nn import functional as F
 
-from ppl_vae.pyro.networks import scale_from_raw
-
 
 def one_hot(labels: torch.Tensor, classes: int, dtype) -> torch.Tensor:
     """(B,) int labels in 0..classes−1 -> (B, classes) one-hot rows. A comparison, not
     `F.one_hot`: that one checks the labels' range on the host (a device sync every step)."""
     return (labels[..., None] == torch.arange(classes, device=labels.device)).to(dtype)
-
-
-def prior_dist(prior, inputs: torch.Tensor | None = None):
-    """P̂_Φ(z) of one site from its `Prior` module; `inputs` (..., C) are the parents' values
-    (and the label) of a `conditional` prior."""
-    if prior.kind == "normal":
-        zero = prior.zero
-        return dist.Normal(zero, 1.0 + zero).expand([prior.dim]).to_event(1)
-    if prior.kind == "learned_normal":
-        return dist.Normal(prior.loc, prior.log_scale.exp()).to_event(1)
-    if prior.kind == "conditional":
-        h = prior.body(inputs)
-        return dist.Normal(prior.loc(h), scale_from_raw(prior.scale(h))).to_event(1)
-    components = dist.Normal(prior.loc, prior.log_scale.exp()).to_event(1)
-    return dist.MixtureSameFamily(dist.Categorical(logits=prior.logits), components)
 
 
 def lower_cholesky(scale: torch.Tensor, below: torch.Tensor | None) -> torch.Tensor:
@@ -86,19 +70,6 @@ class IAFStep(Transform):
         else:
             log_gate = F.logsigmoid(self.params(x)[1])
         return log_gate.sum(-1)
-
-
-def posterior_dist(encoder, loc, scale, below, h):
-    """q(z|inputs) of one site from its `Encoder`'s outputs: N(loc, diag scale²) (diagonal),
-    N(loc, L Lᵀ) (full), or the diagonal Gaussian through the IAF steps (iaf)."""
-    if encoder.kind == "full":
-        return dist.MultivariateNormal(loc, scale_tril=lower_cholesky(scale, below))
-    base = dist.Normal(loc, scale).to_event(1)
-    if encoder.kind == "iaf":
-        steps = [IAFStep(lambda x, t=t: encoder.flow_params(x, h, t))
-                 for t in range(len(encoder.flow))]
-        return dist.TransformedDistribution(base, steps)
-    return base
 
 
 def marginal_std(q) -> torch.Tensor:

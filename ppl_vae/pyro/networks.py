@@ -19,7 +19,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppl_vae import autoregressive, graph
-from ppl_vae.objective import aux_site_names
 from ppl_vae.spec import (
     LABEL_SITE,
     AuxSpec,
@@ -27,7 +26,6 @@ from ppl_vae.spec import (
     LikelihoodSpec,
     PosteriorSpec,
     PriorSpec,
-    Spec,
 )
 
 #: The smallest posterior/likelihood standard deviation; keeps ln q finite when softplus -> 0.
@@ -267,8 +265,11 @@ class Prior(nn.Module):
             width = spec.hidden[-1] if spec.hidden else in_width
             self.loc = nn.Linear(width, latent_dim)
             self.scale = nn.Linear(width, latent_dim)
-        else:
-            self.register_buffer("zero", torch.zeros(()), persistent=False)
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A `conditional` prior's (loc, scale), each (..., d), at its inputs (..., C)."""
+        h = self.body(inputs)
+        return self.loc(h), scale_from_raw(self.scale(h))
 
 
 class Likelihood(nn.Module):
@@ -305,50 +306,47 @@ class Classifier(Features):
 
 
 class ClassPrior(nn.Module):
-    """p(label) = Cat(softmax(logits)): `logits` learned (zeros at first), or uniform (a
-    buffer, no parameter)."""
+    """p(label) = Cat(softmax(logits)): `logits` learned (zeros at first), or uniform (no
+    parameter)."""
 
     def __init__(self, classes: int, learned: bool):
         super().__init__()
         if learned:
             self.logits = nn.Parameter(torch.zeros(classes))
-        else:
-            self.register_buffer("logits", torch.zeros(classes), persistent=False)
 
 
-def build_networks(spec: Spec, data_dim: int, image_shape) -> dict[str, nn.Module]:
-    """All modules of a spec, by canonical module name. The prefix decides the role: `encoder*`
-    and `aux_*` belong to the guide (Ψ); `decoder`, `prior*`, `likelihood` to the model (Φ)."""
+def build_networks(plan: graph.Plan) -> dict[str, nn.Module]:
+    """All modules of a spec's plan, by canonical module name. The prefix decides the role:
+    `encoder*` and `aux_*` belong to the guide (Ψ); `decoder`, `prior*`, `likelihood` to the
+    model (Φ)."""
+    spec, data_dim, image_shape = plan.spec, plan.data_dim, plan.image_shape
     enc, per_pixel = spec.encoder, params_per_pixel(spec.likelihood)
     channels = enc.channels if enc.kind == "conv" else None
-    code = graph.decoder_input_width(spec)
     # The decoder is made first: initial weights drawn in the order they always were (so a
     # seed gives the run it gave before latent graphs), while the dict lists the encoder first.
-    decoder = (MADE(data_dim, spec.decoder.hidden, per_pixel, code, spec.decoder.activation)
+    decoder = (MADE(data_dim, spec.decoder.hidden, per_pixel, plan.code_width,
+                    spec.decoder.activation)
                if spec.decoder.kind == "autoregressive" else
-               Decoder(spec.decoder, data_dim, code, image_shape, per_pixel))
+               Decoder(spec.decoder, data_dim, plan.code_width, image_shape, per_pixel))
     modules: dict[str, nn.Module] = {}
-    if not graph.is_graph(spec):
-        (s,) = spec.sites
-        modules["encoder"] = Encoder(data_dim, image_shape, graph.label_width(spec), enc.hidden,
+    if plan.one_site:
+        (s,) = plan.sites
+        modules["encoder"] = Encoder(data_dim, image_shape, s.posterior_width, enc.hidden,
                                      enc.activation, s.dim, s.posterior, channels)
-    elif graph.has_feature_network(spec):
+    elif plan.feature_network:
         modules["encoder"] = Features(data_dim, image_shape, 0, enc.hidden, enc.activation,
                                       channels)
-    for s in spec.sites if graph.is_graph(spec) else ():
+    for s in () if plan.one_site else plan.sites:
         post = s.posterior
-        modules[graph.encoder_module(spec, s.name)] = Encoder(
-            0, None, graph.posterior_extra_width(spec, s, data_dim, image_shape), post.hidden,
-            post.activation, s.dim, post)
+        modules[s.encoder_module] = Encoder(0, None, s.posterior_width, post.hidden,
+                                            post.activation, s.dim, post)
     modules["decoder"] = decoder
-    for s in spec.sites:
-        modules[graph.prior_module(spec, s.name)] = Prior(s.prior, s.dim,
-                                                          graph.prior_input_width(spec, s))
+    for s in plan.sites:
+        modules[s.prior_module] = Prior(s.prior, s.dim, s.prior_width)
     modules["likelihood"] = Likelihood(spec.likelihood, data_dim)
-    dims = {s.name: s.dim for s in spec.sites}
-    for name, aux in zip(aux_site_names(spec), spec.objective.aux):
-        if aux.kind == "supervised" and aux.site != LABEL_SITE:
-            modules[f"aux_{name}"] = SupervisedHead(aux, dims[graph.aux_site(spec, aux)])
+    for aux in plan.aux:
+        if aux.spec.kind == "supervised" and aux.site != LABEL_SITE:
+            modules[f"aux_{aux.name}"] = SupervisedHead(aux.spec, plan.site(aux.site).dim)
     if spec.label.latent:  # made last: the other modules' initial weights stay as they were
         lab = spec.label
         modules[f"encoder_{LABEL_SITE}"] = Classifier(data_dim, image_shape, lab.hidden,

@@ -37,7 +37,7 @@ import torch
 
 from ppl_vae import streaming
 from ppl_vae.data import Dataset
-from ppl_vae.objective import rate_sites, site_betas, step_term_keys, weight_for
+from ppl_vae.objective import rate_sites, site_betas, step_term_keys
 from ppl_vae.pyro import devices
 from ppl_vae.pyro.elbo import ScaledELBO
 from ppl_vae.pyro.hooks import Model
@@ -170,9 +170,8 @@ class Trainer:
             return self._step()
 
     def _set_weights(self, beta: float, lam: float) -> None:
-        weights = site_betas(self.spec, beta)
-        for name, value in self.beta.items():
-            value.fill_(weight_for(weights, name))
+        for name, value in site_betas(self.spec, beta).items():
+            self.beta[name].fill_(value)
         self.lam.fill_(lam)
 
     # -- CUDA graphs -------------------------------------------------------------------------------

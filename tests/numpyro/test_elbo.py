@@ -279,7 +279,7 @@ def test_aux_gradients_reach_the_encoder_only():
     params = init_params(built, 12, jax.random.PRNGKey(0))
     y = jnp.asarray(np.random.default_rng(0).integers(0, 2, (10, 12)), jnp.float32)
     labels = jnp.asarray([0, 1, 2, -1, -1, 3, 4, 5, -1, 1])
-    grads = jax.jit(jax.grad(lambda p: ScaledELBO().terms(
+    grads = jax.jit(jax.grad(lambda p: ScaledELBO().differentiable_terms(
         jax.random.PRNGKey(1), p, built.model, built.guide, y, labels)["aux"]))(params)
     for name, g in export_params(grads).items():
         if name.split(".")[0] in ("decoder", "prior", "likelihood"):

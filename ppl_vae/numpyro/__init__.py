@@ -1,0 +1,2 @@
+"""The NumPyro (JAX) backend: the only package of ppl_vae that imports jax, numpyro, flax or
+optax."""

@@ -1,0 +1,324 @@
+"""Cross-field validation of a spec: the checks that need more than one field (a Bernoulli
+likelihood on binarised data, a conv network on images, a latent graph without cycles, …).
+
+Each check raises a `SpecError` naming the dotted key, the value given and what is allowed.
+`ppl_vae.spec.load_spec` calls `validate` on every spec it returns; nothing else needs to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ppl_vae import graph
+from ppl_vae.schema import (
+    _SITE_NAME,
+    _USER_FN,
+    AUX_KINDS,
+    DATA_SOURCES,
+    LABEL_SITE,
+    PATH_SOURCES,
+    RESERVED_SITE_NAMES,
+    SOURCE_IMAGE_SHAPES,
+    SYNTHETIC_POPULATIONS,
+    LatentSpec,
+    PosteriorSpec,
+    PriorSpec,
+    Spec,
+    SpecError,
+    _to_dict,
+    resolve_user_function,
+)
+
+
+class _Need:
+    """``need(cond, key, given, allowed)``: a `SpecError` from `source` unless `cond`."""
+
+    def __init__(self, source: str | None):
+        self.source = source
+
+    def __call__(self, cond: bool, key: str, given: Any, allowed: str) -> None:
+        if not cond:
+            raise SpecError(key, given, allowed, self.source)
+
+
+def validate(spec: Spec) -> None:
+    """Checks that need more than one field. Raises `SpecError`; returns None when valid."""
+    need = _Need(spec.source or None)
+    for check in (_data, _graph_tables, _site_names, _sites, _orders, _decoder_reads, _label,
+                  _networks, _likelihood, _objective, _aux_terms, _train):
+        check(spec, need)
+
+
+def _data(spec: Spec, need: _Need) -> None:
+    d = spec.data
+    population = d.source.split(":", 1)[1] if d.source.startswith("synthetic:") else None
+    need(d.source in DATA_SOURCES or population in SYNTHETIC_POPULATIONS, "data.source",
+         d.source, "one of " + ", ".join(repr(s) for s in DATA_SOURCES) + " or "
+         + ", ".join(repr(f"synthetic:{p}") for p in SYNTHETIC_POPULATIONS))
+    if d.source in PATH_SOURCES:
+        need(bool(d.path), "data.path", d.path,
+             f"a path (a folder of IDX files for mnist, an .npz file for npz, a folder of "
+             f".npy files for npy) with source "
+             f"{d.source!r}")
+    else:
+        need(not d.path, "data.path", d.path, f"empty for source {d.source!r}")
+    generated = population is not None or d.source == "dsprites"
+    need(d.size >= 0, "data.size", d.size, "an integer >= 0 (0 = the default, 20000)")
+    need(generated or d.size == 0, "data.size", d.size,
+         f"0 for source {d.source!r} (only generated sources, synthetic:* and dsprites, draw a "
+         "number of examples)")
+    need(d.labelled >= 0, "data.labelled", d.labelled, "an integer >= 0 (0 = keep every label)")
+    need(0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
+    need(d.limit >= 0, "data.limit", d.limit, "an integer >= 0 (0 = all)")
+    need(d.device_memory_mb > 0, "data.device_memory_mb", d.device_memory_mb,
+         "a number of MiB > 0 (training data larger than this is streamed when data.stream = "
+         "'auto')")
+
+
+def _networks(spec: Spec, need: _Need) -> None:
+    d = spec.data
+    for part in ("encoder", "decoder"):
+        net = getattr(spec, part)
+        need(all(h >= 1 for h in net.hidden), f"{part}.hidden", list(net.hidden),
+             "a list of positive widths ([] means linear)")
+        need(all(c >= 1 for c in net.channels), f"{part}.channels", list(net.channels),
+             "a list of positive channel counts")
+        if net.kind == "conv":
+            shape = SOURCE_IMAGE_SHAPES.get(d.source)
+            need(d.source in ("mnist", "npz", "npy", "dsprites"), f"{part}.kind", "conv",
+                 f"'mlp' for source {d.source!r} (conv needs 28x28 or 64x64 images: mnist, "
+                 "dsprites, or an npz or npy of images)")
+            need(len(net.channels) >= 1, f"{part}.channels", list(net.channels),
+                 "at least one channel count for a conv network")
+            if shape is not None:
+                side = shape[0]
+                need(side % 2 ** len(net.channels) == 0, f"{part}.channels", list(net.channels),
+                     f"at most {_max_halvings(side)} entries: each halves the {side}x{side} image")
+
+
+def _likelihood(spec: Spec, need: _Need) -> None:
+    d, lik = spec.data, spec.likelihood
+    if lik.kind == "gaussian":
+        need(lik.scale == "learned" or (isinstance(lik.scale, float) and lik.scale > 0),
+             "likelihood.scale", lik.scale, 'a positive number or "learned"')
+    need(lik.total_count >= 1, "likelihood.total_count", lik.total_count, "an integer >= 1")
+    need(lik.categories >= 2, "likelihood.categories", lik.categories, "an integer >= 2")
+    if d.binarize != "none":
+        need(lik.kind == "bernoulli", "data.binarize", d.binarize,
+             f"'none' with a {lik.kind} likelihood (binarised data needs 'bernoulli')")
+    need(d.source != "npy" or d.binarize != "static", "data.binarize", d.binarize,
+         "'dynamic' or 'none' for source 'npy' (its arrays stay memory-mapped; binarising them "
+         "statically would copy them: save binary values in x.npy instead)")
+
+
+def _objective(spec: Spec, need: _Need) -> None:
+    obj = spec.objective
+    need(obj.beta >= 0, "objective.beta", obj.beta, "a number >= 0")
+    need(obj.lam > 0, "objective.lam", obj.lam, "a number > 0")
+    need(obj.num_particles >= 1, "objective.num_particles", obj.num_particles, "an integer >= 1")
+    sch = obj.beta_schedule
+    need(sch.start >= 0, "objective.beta_schedule.start", sch.start, "a number >= 0")
+    need(sch.warmup >= 1, "objective.beta_schedule.warmup", sch.warmup, "an integer >= 1")
+    if sch.kind == "cyclical":
+        need(sch.period >= sch.warmup, "objective.beta_schedule.period", sch.period,
+             f"an integer >= warmup ({sch.warmup})")
+
+
+def _aux_terms(spec: Spec, need: _Need) -> None:
+    obj, src = spec.objective, need.source
+    site_names = [s.name for s in spec.sites]
+    for i, aux in enumerate(obj.aux):
+        key = f"objective.aux[{i}]"
+        if aux.site == LABEL_SITE or spec.label.latent:
+            need(spec.label.latent and aux.kind == "supervised" and aux.site == LABEL_SITE,
+                 f"{key}.site", aux.site or "(none)",
+                 "'label' with kind 'supervised' (the classifier q(label|y) of a model with "
+                 "label.latent = true; that model takes no other aux term)")
+            need(aux.weight >= 0, f"{key}.weight", aux.weight, "a number >= 0")
+            continue
+        if aux.site:
+            need(aux.site in site_names, f"{key}.site", aux.site,
+                 "one of the latent sites " + ", ".join(repr(n) for n in site_names))
+        need(aux.kind.rsplit(":", 1)[-1] not in site_names, f"{key}.kind", aux.kind,
+             "a term whose name (its kind, or the function's name) is not a latent site's "
+             "(both are sites of the guide); rename the site")
+        aux_site = next(s for s in spec.sites if s.name == (aux.site or site_names[0]))
+        need(aux_site.posterior.kind == "diagonal", f"{key}.site", aux.site or aux_site.name,
+             f"a site with a diagonal posterior (aux terms read its loc and scale; "
+             f"{aux_site.name!r} has posterior {aux_site.posterior.kind!r})")
+        need(aux.kind in AUX_KINDS or bool(_USER_FN.match(aux.kind)), f"{key}.kind", aux.kind,
+             "'infonce', 'supervised' or a user function 'package.module:function'")
+        need(aux.weight >= 0, f"{key}.weight", aux.weight, "a number >= 0")
+        need(aux.classes >= 2, f"{key}.classes", aux.classes, "an integer >= 2")
+        if aux.kind not in AUX_KINDS:
+            try:
+                resolve_user_function(aux.kind)
+            except (ImportError, AttributeError) as err:
+                raise SpecError(f"{key}.kind", aux.kind,
+                                f"an importable 'package.module:function' ({err})", src) from None
+
+
+def _train(spec: Spec, need: _Need) -> None:
+    tr = spec.train
+    need(tr.steps >= 1, "train.steps", tr.steps, "an integer >= 1")
+    need(tr.batch_size >= 1, "train.batch_size", tr.batch_size, "an integer >= 1")
+    need(tr.devices == "all" or tr.devices >= 1, "train.devices", tr.devices,
+         'an integer >= 1 or "all"')
+    need(tr.devices == "all" or tr.batch_size % tr.devices == 0, "train.batch_size",
+         tr.batch_size, f"a multiple of train.devices ({tr.devices}): each device takes an "
+         "equal slice of the minibatch")
+    need(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
+    need(tr.clip_norm >= 0, "train.clip_norm", tr.clip_norm, "a number >= 0 (0 = off)")
+    need(tr.threads >= 0, "train.threads", tr.threads, "an integer >= 0 (0 = the default)")
+    for name in ("log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
+        need(getattr(tr, name) >= 1, f"train.{name}", getattr(tr, name), "an integer >= 1")
+    need(tr.eval_every % tr.log_every == 0, "train.eval_every", tr.eval_every,
+         f"a multiple of train.log_every ({tr.log_every})")
+    need(tr.checkpoint_every % tr.log_every == 0, "train.checkpoint_every", tr.checkpoint_every,
+         f"a multiple of train.log_every ({tr.log_every})")
+
+
+def _site_key(spec: Spec, i: int, part: str) -> str:
+    """The dotted key of `part` of site i: ``latents[i].<part>`` in a graph, the one-site
+    spec's own tables (``latent.dim``, ``prior.kind``, …) otherwise."""
+    if spec.latents:
+        return f"latents[{i}].{part}"
+    return {"dim": "latent.dim", "name": "latent", "beta": "latent"}.get(part, part)
+
+
+def _names_of(names) -> str:
+    return ", ".join(repr(n) for n in names) or "there are none"
+
+
+def _graph_tables(spec: Spec, need: _Need) -> None:
+    """A graph declares its sites in [[latents]] only."""
+    if not spec.latents:
+        return
+    for name, default in (("latent", LatentSpec()), ("prior", PriorSpec()),
+                          ("posterior", PosteriorSpec())):
+        need(getattr(spec, name) == default, name, _to_dict(getattr(spec, name)),
+             f"no [{name}] table with [[latents]]: a graph declares each site's dim, prior "
+             "and posterior in its own [[latents]] table")
+
+
+def _site_names(spec: Spec, need: _Need) -> None:
+    """Names first: the other checks refer to them."""
+    names = [s.name for s in spec.sites]
+    for i, s in enumerate(spec.sites):
+        need(bool(_SITE_NAME.match(s.name)) and s.name not in RESERVED_SITE_NAMES,
+             _site_key(spec, i, "name"), s.name, "a name of letters, digits and _ (not "
+             f"starting with a digit), other than {_names_of(RESERVED_SITE_NAMES)}")
+        need(s.name not in names[:i], _site_key(spec, i, "name"), s.name,
+             "a name no other site has")
+
+
+def _sites(spec: Spec, need: _Need) -> None:
+    """Each site's dimension, β, prior and posterior."""
+    names = [s.name for s in spec.sites]
+    for i, s in enumerate(spec.sites):
+        key = lambda part, i=i: _site_key(spec, i, part)  # noqa: E731
+        others = [n for n in names if n != s.name]
+        need(s.dim >= 1, key("dim"), s.dim, "an integer >= 1")
+        need(s.beta >= 0, key("beta"), s.beta, "a number >= 0")
+        _prior(spec, s.prior, others, key, need)
+        _posterior(spec, s.posterior, others, key, need)
+
+
+def _prior(spec: Spec, pr: PriorSpec, others: list[str], key, need: _Need) -> None:
+    need(pr.components >= 1, key("prior.components"), pr.components, "an integer >= 1")
+    need(all(h >= 1 for h in pr.hidden), key("prior.hidden"), list(pr.hidden),
+         "a list of positive widths ([] means linear)")
+    if pr.kind != "conditional":
+        need(not pr.parents, key("prior.parents"), list(pr.parents),
+             f"[] for prior.kind {pr.kind!r} (only a 'conditional' prior reads parents)")
+        return
+    for p in pr.parents:
+        need(p in others, key("prior.parents"), list(pr.parents),
+             f"names of other latent sites ({_names_of(others)})")
+    need(len(set(pr.parents)) == len(pr.parents), key("prior.parents"), list(pr.parents),
+         "each parent once")
+    need(bool(pr.parents) or spec.label.prior, key("prior.parents"), list(pr.parents),
+         "at least one parent site, or label.prior = true (p(z|label))")
+
+
+def _posterior(spec: Spec, post: PosteriorSpec, others: list[str], key, need: _Need) -> None:
+    need(bool(post.inputs), key("posterior.inputs"), list(post.inputs),
+         "at least one input: 'y' and/or latent sites")
+    for inp in post.inputs:
+        need(inp == graph.DATA or inp in others, key("posterior.inputs"), list(post.inputs),
+             f"'y' (the data) and/or names of other latent sites ({_names_of(others)})")
+    need(len(set(post.inputs)) == len(post.inputs), key("posterior.inputs"),
+         list(post.inputs), "each input once")
+    if not spec.latents:
+        need(post.inputs == (graph.DATA,), "posterior.inputs", list(post.inputs),
+             "['y'] in a one-site spec (declare [[latents]] for a graph of sites)")
+        need(not post.hidden, "posterior.hidden", list(post.hidden),
+             "[] in a one-site spec: its encoder's layers are encoder.hidden")
+    need(all(h >= 1 for h in post.hidden), key("posterior.hidden"), list(post.hidden),
+         "a list of positive widths ([] means linear)")
+    need(post.flow_steps >= 1, key("posterior.flow_steps"), post.flow_steps, "an integer >= 1")
+    need(all(h >= 1 for h in post.flow_hidden), key("posterior.flow_hidden"),
+         list(post.flow_hidden), "a list of positive widths ([] means a linear MADE)")
+
+
+def _orders(spec: Spec, need: _Need) -> None:
+    """Neither the priors nor the posteriors read each other in a circle; some posterior
+    reads the data."""
+    names = [s.name for s in spec.sites]
+    for order, part, what in ((graph.model_order, "prior.parents", "prior"),
+                              (graph.guide_order, "posterior.inputs", "posterior")):
+        try:
+            order(spec)
+        except graph.CycleError as err:
+            i = names.index(err.cycle[0])
+            field_value = getattr(getattr(spec.sites[i], what), part.split(".")[1])
+            need(False, _site_key(spec, i, part), list(field_value),
+                 f"no cycle; the {what}s read each other in a circle: {err}")
+    need(any(graph.DATA in s.posterior.inputs for s in spec.sites),
+         "latents" if spec.latents else "posterior.inputs", names,
+         "at least one site whose posterior reads 'y' (else the encoder never sees the data)")
+
+
+def _decoder_reads(spec: Spec, need: _Need) -> None:
+    """The decoder reads existing sites, each once, and every site leads to it."""
+    names, reads = [s.name for s in spec.sites], spec.decoder.reads
+    need(bool(reads), "decoder.reads", list(reads), f"at least one latent site "
+         f"({_names_of(names)}): a decoder that reads nothing ignores z")
+    for r in reads:
+        need(r in names, "decoder.reads", list(reads),
+             f"names of latent sites ({_names_of(names)})")
+    need(len(set(reads)) == len(reads), "decoder.reads", list(reads), "each site once")
+    used = graph.ancestors_in_prior(spec, reads)
+    for i, s in enumerate(spec.sites):
+        need(s.name in used, _site_key(spec, i, "name"), s.name,
+             "a site the decoder reads (decoder.reads) or that a prior on the way to it reads "
+             "(prior.parents): otherwise it carries no information about y")
+
+
+def _label(spec: Spec, need: _Need) -> None:
+    """The label switches: conditioning, a label-conditional prior, a latent label (M2)."""
+    lab = spec.label
+    need(lab.classes >= 2, "label.classes", lab.classes, "an integer >= 2")
+    need(not lab.prior or lab.condition, "label.prior", lab.prior,
+         "false unless label.condition = true (a label-conditional prior needs the label)")
+    if lab.prior:
+        need(any(s.prior.kind == "conditional" for s in spec.sites), "label.prior", lab.prior,
+             "false, or a site with prior.kind = 'conditional' (parents may be [] for "
+             "p(z|label))")
+    need(not lab.latent or lab.condition, "label.latent", lab.latent,
+         "false unless label.condition = true (the decoder and posteriors read the label)")
+    need(all(h >= 1 for h in lab.hidden), "label.hidden", list(lab.hidden),
+         "positive widths of the classifier's hidden layers")
+    if lab.condition and not lab.latent:
+        need(spec.data.labelled == 0, "data.labelled", spec.data.labelled,
+             "0 with label.condition = true (a conditional VAE reads every example's label); "
+             "set label.latent = true to infer the missing ones (M2)")
+
+
+def _max_halvings(side: int) -> int:
+    n = 0
+    while side % 2 == 0:
+        side //= 2
+        n += 1
+    return n
+
