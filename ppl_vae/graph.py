@@ -76,6 +76,14 @@ def posterior_sites(s: SiteSpec) -> tuple[str, ...]:
     return tuple(i for i in s.posterior.inputs if i != DATA)
 
 
+def guide_parents(s: SiteSpec) -> tuple[str, ...]:
+    """The sites the guide draws before `s`: those its posterior reads and, for a ladder
+    posterior (top-down, Sønderby et al. 2016), its prior's parents, whose draws the
+    precision-weighted merge evaluates the prior at."""
+    extra = prior_parents(s) if s.posterior.kind == "ladder" else ()
+    return posterior_sites(s) + tuple(p for p in extra if p not in posterior_sites(s))
+
+
 def model_order(spec: Spec) -> tuple[str, ...]:
     """The order in which the model draws the sites: each after its prior's parents."""
     return topological_order(list(site_names(spec)),
@@ -83,16 +91,16 @@ def model_order(spec: Spec) -> tuple[str, ...]:
 
 
 def guide_order(spec: Spec) -> tuple[str, ...]:
-    """The order in which the guide draws the sites: each after the sites its posterior reads."""
+    """The order in which the guide draws the sites: each after its `guide_parents`."""
     return topological_order(list(site_names(spec)),
-                             {s.name: posterior_sites(s) for s in spec.sites})
+                             {s.name: guide_parents(s) for s in spec.sites})
 
 
 def guide_descendants(spec: Spec, name: str) -> set[str]:
-    """The sites whose posterior reads `name`, directly or through other sites."""
+    """The sites the guide draws after `name` from it (`guide_parents`), directly or not."""
     children: dict[str, list[str]] = {s.name: [] for s in spec.sites}
     for s in spec.sites:
-        for i in posterior_sites(s):
+        for i in guide_parents(s):
             children.setdefault(i, []).append(s.name)
     out: set[str] = set()
     todo = list(children.get(name, ()))

@@ -22,13 +22,17 @@ from typing import Any
 DATA_SOURCES = ("digits", "mnist", "npz", "npy", "dsprites")  # or "synthetic:<population>"
 SYNTHETIC_POPULATIONS = ("bars",)  # data.source = "synthetic:bars"; see ppl_vae/populations.py
 BINARIZE = ("none", "static", "dynamic")
-PRIOR_KINDS = ("normal", "learned_normal", "mixture", "conditional")
-POSTERIOR_KINDS = ("diagonal", "full", "iaf")
+PRIOR_KINDS = ("normal", "learned_normal", "mixture", "conditional", "vamp")
+POSTERIOR_KINDS = ("diagonal", "full", "iaf", "ladder")
 ENCODER_KINDS = ("mlp", "conv")
 DECODER_KINDS = ("mlp", "conv", "autoregressive")
 LIKELIHOOD_KINDS = ("bernoulli", "gaussian", "binomial", "categorical")
 DISTORTIONS = ("nll", "mse", "l1")
 SCHEDULE_KINDS = ("constant", "linear", "cyclical")
+BOUNDS = ("elbo", "iwae")
+GRADIENTS = ("reparam", "stl", "dreg")
+LR_SCHEDULE_KINDS = ("constant", "exponential", "step", "cosine", "burda")
+WEIGHT_INITS = ("default", "normal")
 AUX_KINDS = ("infonce", "supervised")  # or a user function "package.module:function"
 ACTIVATIONS = ("relu", "tanh", "elu", "softplus", "gelu", "leaky_relu")
 DEVICES = ("auto", "cpu", "cuda")
@@ -95,11 +99,31 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class CapacitySpec:
+    """A capacity target (Burgess et al. 2018): the site's β · rate is replaced by
+    weight · |rate − C(t)|, the target C(t) rising linearly from 0 to `max` nats per example over
+    `steps` steps, then held. An objective change, not a bound: the logged ELBO stays the ELBO."""
+
+    max: float = 0.0
+    """C_max, nats per example (0 = no capacity target: the site's rate is weighted by β)."""
+    steps: int = 1000
+    """Steps over which C(t) rises from 0 to `max`; they must fit in train.steps."""
+    weight: float = 1000.0
+    """γ, the weight of |rate − C(t)|."""
+
+
+@dataclass(frozen=True)
 class LatentSpec:
     """The one latent site z of a one-site spec (for several sites, `[[latents]]`)."""
 
     dim: int = 8
     """Dimension of z."""
+    free_bits: float = 0.0
+    """Free bits (Kingma et al. 2016), nats per dimension: each dimension's rate enters the
+    loss as max(free_bits, its batch-mean rate) (0 = off); needs a factorised posterior and
+    prior. An objective change, not a bound: the logged ELBO stays the ELBO."""
+    capacity: CapacitySpec = CapacitySpec()
+    """A capacity target for the rate: a `[latent.capacity]` table."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +187,10 @@ class SiteSpec:
     """Its prior P̂_Φ(z_site | parents): a `[prior]` table."""
     posterior: PosteriorSpec = PosteriorSpec()
     """Its posterior P_Ψ(z_site | inputs): a `[posterior]` table."""
+    free_bits: float = 0.0
+    """Free bits of this site, nats per dimension (see `LatentSpec.free_bits`; 0 = off)."""
+    capacity: CapacitySpec = CapacitySpec()
+    """A capacity target for this site's rate (see `CapacitySpec`)."""
 
 
 @dataclass(frozen=True)
@@ -284,11 +312,40 @@ class ObjectiveSpec:
     analytic_kl: bool = True
     """The rate in closed form, KL(q ‖ p), where it exists and is valid; else Monte Carlo."""
     num_particles: int = 1
-    """Draws of z per example in each training step's estimate."""
+    """Draws of z per example in each training step's estimate (K of the IWAE bound)."""
+    bound: str = _choice("elbo", BOUNDS)
+    """elbo: the mean over the `num_particles` draws of ln p − ln q; iwae: the importance-weighted
+    bound ln (1/K) Σ_k w_k (Burda et al. 2016) with K = num_particles, w from the whole latent
+    graph. With β ≠ 1 each site's ln p − ln q enters w times its β: then no longer a bound."""
+    gradient: str = _choice("reparam", GRADIENTS)
+    """The encoder's gradient estimator: reparam (the path and score terms of
+    reparameterisation), stl (sticking the landing, Roeder et al. 2017: the score term of q
+    stopped; elbo), dreg (doubly reparameterised, Tucker et al. 2019; iwae)."""
     beta_schedule: ScheduleSpec = ScheduleSpec()
     """β over the steps: an `[objective.beta_schedule]` table."""
     aux: tuple[AuxSpec, ...] = ()
     """Encoder-only loss terms, any number: `[[objective.aux]]` tables."""
+
+
+@dataclass(frozen=True)
+class LRScheduleSpec:
+    """The learning rate over the steps, train.lr times a factor: constant 1; exponential
+    decay^(t / every); step decay^floor(t / every); cosine from 1 to `final` at train.steps;
+    burda 10^(−i/7) in stage i = 0, 1, … of 3^i epochs (Burda et al. 2016: 3280 epochs for all
+    eight stages). Any kind may start with a linear warm-up from 0 over `warmup` steps."""
+
+    kind: str = _choice("constant", LR_SCHEDULE_KINDS)
+    """constant | exponential | step | cosine | burda."""
+    warmup: int = 0
+    """Steps of linear warm-up from 0 to the schedule's value (0 = none)."""
+    decay: float = 0.1
+    """exponential, step: the factor per `every` steps."""
+    every: int = 1000
+    """exponential, step: steps per factor of `decay`."""
+    final: float = 0.0
+    """cosine: the factor reached at the last step."""
+    epoch_steps: int = 0
+    """burda: steps per epoch (0 = the training set's, ceil(n_train / batch_size))."""
 
 
 @dataclass(frozen=True)
@@ -300,9 +357,20 @@ class TrainSpec:
     batch_size: int = 128
     """Examples per step: the global batch, split over `devices`."""
     lr: float = 1e-3
-    """Adam's learning rate."""
+    """Adam's learning rate (times `lr_schedule`'s factor at each step)."""
+    lr_schedule: LRScheduleSpec = LRScheduleSpec()
+    """The learning rate over the steps: a `[train.lr_schedule]` table."""
     clip_norm: float = 0.0
     """Clip the gradient's global norm to this (0 = no clipping)."""
+    skip_grad_norm: float = 0.0
+    """Skip an update whose gradient norm is not finite or above this (Child 2021); the
+    skipped steps are counted in the metrics (`skipped`). 0 = never skip."""
+    weight_init: str = _choice("default", WEIGHT_INITS)
+    """The networks' initial weights: default (each framework's own, the same layouts) or normal:
+    every dense and convolution weight from N(0, weight_init_std²), biases 0 (as Pyro's
+    ss_vae_M2.py); drawn once by NumPy from train.seed, so both backends start equal."""
+    weight_init_std: float = 0.001
+    """weight_init = "normal": the standard deviation of the initial weights."""
     seed: int = 0
     """Seeds the initial parameters, the minibatches and every draw."""
     log_every: int = 50
@@ -383,7 +451,9 @@ class Spec:
         """The latent sites: `latents`, or the one site ``z`` of `latent`, `prior`, `posterior`."""
         if self.latents:
             return self.latents
-        return (SiteSpec("z", self.latent.dim, 1.0, self.prior, self.posterior),)
+        lat = self.latent
+        return (SiteSpec("z", lat.dim, 1.0, self.prior, self.posterior, lat.free_bits,
+                         lat.capacity),)
 
 
 # ---- conversion from plain data (TOML tables) ----------------------------------------------

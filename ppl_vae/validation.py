@@ -116,12 +116,32 @@ def _objective(spec: Spec, need: _Need) -> None:
     need(obj.beta >= 0, "objective.beta", obj.beta, "a number >= 0")
     need(obj.lam > 0, "objective.lam", obj.lam, "a number > 0")
     need(obj.num_particles >= 1, "objective.num_particles", obj.num_particles, "an integer >= 1")
-    sch = obj.beta_schedule
+    need(obj.gradient != "dreg" or obj.bound == "iwae", "objective.gradient", obj.gradient,
+         "'reparam' or 'stl' with bound = 'elbo' (DReG is the IWAE bound's estimator: set "
+         "objective.bound = 'iwae')")
+    need(obj.gradient != "stl" or obj.bound == "elbo", "objective.gradient", obj.gradient,
+         "'reparam' or 'dreg' with bound = 'iwae' (sticking the landing is biased for the IWAE "
+         "bound; DReG is its unbiased counterpart)")
+    _beta_schedule(spec, need)
+
+
+def _beta_schedule(spec: Spec, need: _Need) -> None:
+    """The β schedule is well formed and reaches β before the run ends (a warm-up longer than
+    the run would silently train a β < 1 model)."""
+    sch, steps = spec.objective.beta_schedule, spec.train.steps
     need(sch.start >= 0, "objective.beta_schedule.start", sch.start, "a number >= 0")
     need(sch.warmup >= 1, "objective.beta_schedule.warmup", sch.warmup, "an integer >= 1")
     if sch.kind == "cyclical":
-        need(sch.period >= sch.warmup, "objective.beta_schedule.period", sch.period,
-             f"an integer >= warmup ({sch.warmup})")
+        need(sch.period > sch.warmup, "objective.beta_schedule.period", sch.period,
+             f"an integer > warmup ({sch.warmup}): each cycle ends at β")
+        need((steps - 1) % sch.period >= sch.warmup, "objective.beta_schedule.period",
+             sch.period, f"a period after whose last cycle's warm-up ({sch.warmup} steps) the "
+             f"run still has steps: with train.steps = {steps} the run ends at β < "
+             f"objective.beta, mid-ramp (make train.steps − 1 mod period >= warmup)")
+    elif sch.kind == "linear":
+        need(sch.warmup < steps, "objective.beta_schedule.warmup", sch.warmup,
+             f"fewer steps than train.steps ({steps}): the warm-up must reach objective.beta "
+             "before the run ends")
 
 
 def _aux_terms(spec: Spec, need: _Need) -> None:
@@ -170,12 +190,28 @@ def _train(spec: Spec, need: _Need) -> None:
     need(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
     need(tr.clip_norm >= 0, "train.clip_norm", tr.clip_norm, "a number >= 0 (0 = off)")
     need(tr.threads >= 0, "train.threads", tr.threads, "an integer >= 0 (0 = the default)")
+    need(tr.skip_grad_norm >= 0, "train.skip_grad_norm", tr.skip_grad_norm,
+         "a number >= 0 (0 = never skip)")
+    need(tr.weight_init_std > 0, "train.weight_init_std", tr.weight_init_std, "a number > 0")
+    _lr_schedule(spec, need)
     for name in ("log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
         need(getattr(tr, name) >= 1, f"train.{name}", getattr(tr, name), "an integer >= 1")
     need(tr.eval_every % tr.log_every == 0, "train.eval_every", tr.eval_every,
          f"a multiple of train.log_every ({tr.log_every})")
     need(tr.checkpoint_every % tr.log_every == 0, "train.checkpoint_every", tr.checkpoint_every,
          f"a multiple of train.log_every ({tr.log_every})")
+
+
+def _lr_schedule(spec: Spec, need: _Need) -> None:
+    sch, steps = spec.train.lr_schedule, spec.train.steps
+    key = "train.lr_schedule"
+    need(0 <= sch.warmup < steps, f"{key}.warmup", sch.warmup,
+         f"an integer >= 0 and below train.steps ({steps}): the warm-up must end before the run")
+    need(0 < sch.decay <= 1, f"{key}.decay", sch.decay, "a number in (0, 1]")
+    need(sch.every >= 1, f"{key}.every", sch.every, "an integer >= 1")
+    need(0 <= sch.final <= 1, f"{key}.final", sch.final, "a number in [0, 1]")
+    need(sch.epoch_steps >= 0, f"{key}.epoch_steps", sch.epoch_steps,
+         "an integer >= 0 (0 = the training set's steps per epoch)")
 
 
 def _site_key(spec: Spec, i: int, part: str) -> str:
@@ -222,6 +258,7 @@ def _sites(spec: Spec, need: _Need) -> None:
         need(s.beta >= 0, key("beta"), s.beta, "a number >= 0")
         _prior(spec, s.prior, others, key, need)
         _posterior(spec, s.posterior, others, key, need)
+        _recipes(spec, s, key, need)
 
 
 def _prior(spec: Spec, pr: PriorSpec, others: list[str], key, need: _Need) -> None:
@@ -259,6 +296,54 @@ def _posterior(spec: Spec, post: PosteriorSpec, others: list[str], key, need: _N
     need(post.flow_steps >= 1, key("posterior.flow_steps"), post.flow_steps, "an integer >= 1")
     need(all(h >= 1 for h in post.flow_hidden), key("posterior.flow_hidden"),
          list(post.flow_hidden), "a list of positive widths ([] means a linear MADE)")
+
+
+def _site_prefix(spec: Spec, key) -> str:
+    """Where a site's free_bits and capacity live: ``latent`` in a one-site spec."""
+    return "latent" if not spec.latents else key("")[:-1]
+
+
+def _recipes(spec: Spec, s, key, need: _Need) -> None:
+    """A site's VampPrior, ladder posterior, free bits and capacity target, where they apply."""
+    pr, post, where = s.prior, s.posterior, _site_prefix(spec, key)
+    if pr.kind == "vamp":
+        need(post.inputs == (graph.DATA,) and not spec.label.condition, key("prior.kind"),
+             "vamp", "a prior of a site whose posterior reads the data alone, without a label "
+             "(the VampPrior is the mixture of that posterior at learned pseudo-inputs; "
+             "Tomczak & Welling 2018)")
+        need(post.kind in ("diagonal", "full"), key("prior.kind"), "vamp",
+             f"a prior of a site with a diagonal or full posterior (its mixture components; "
+             f"this one is {post.kind!r})")
+    if post.kind == "ladder":
+        need(pr.kind == "conditional", key("posterior.kind"), "ladder",
+             f"a posterior of a site with a conditional prior (the ladder merges the prior "
+             f"p̂(z | parents) with a bottom-up estimate; this site's prior is {pr.kind!r})")
+    need(s.free_bits >= 0, f"{where}.free_bits", s.free_bits, "a number of nats >= 0 (0 = off)")
+    cap = s.capacity
+    need(cap.max >= 0, f"{where}.capacity.max", cap.max, "a number of nats >= 0 (0 = off)")
+    need(cap.weight > 0, f"{where}.capacity.weight", cap.weight, "a number > 0")
+    need(cap.steps >= 1, f"{where}.capacity.steps", cap.steps, "an integer >= 1")
+    if s.free_bits == 0 and cap.max == 0:
+        return
+    obj = spec.objective
+    need(obj.bound == "elbo", "objective.bound", obj.bound,
+         f"'elbo' with free bits or a capacity target (site {s.name!r}): they change the ELBO's "
+         "rate term, which the IWAE bound does not have")
+    need(s.free_bits == 0 or cap.max == 0, f"{where}.free_bits", s.free_bits,
+         "0 when the site has a capacity target (one or the other)")
+    if s.free_bits > 0:
+        need(post.kind in ("diagonal", "ladder") and pr.kind in FACTORISED_PRIORS,
+             f"{where}.free_bits", s.free_bits, f"0 for site {s.name!r}: free bits are per "
+             "dimension, so its posterior must be diagonal (or ladder) and its prior one of "
+             f"{', '.join(FACTORISED_PRIORS)} (here {post.kind!r} and {pr.kind!r})")
+    if cap.max > 0:
+        need(cap.steps <= spec.train.steps, f"{where}.capacity.steps", cap.steps,
+             f"at most train.steps ({spec.train.steps}): the target must reach capacity.max "
+             "before the run ends")
+
+
+#: Priors whose density factorises over the dimensions (per-dimension rates exist).
+FACTORISED_PRIORS = ("normal", "learned_normal", "conditional")
 
 
 def _orders(spec: Spec, need: _Need) -> None:

@@ -179,7 +179,7 @@ class Model:
             onehot = self.built.label_input(labels)
             values = {}
             with numpyro.plate("data", n):
-                for name in graph.model_order(self.spec):
+                for name in self.built.plan.model_order:
                     values[name] = numpyro.sample(name, self.built.prior_of(name, values,
                                                                              onehot))
             return values
@@ -192,8 +192,8 @@ class Model:
     def prior_normal(self, site: str | None = None):
         """(loc, scale), each (d,), when the prior of `site` (default: the first) is a fixed or
         learned factorised normal; None otherwise."""
-        s = graph.site(self.spec, site or self.spec.sites[0].name)
-        prefix = graph.prior_module(self.spec, s.name)
+        s = self.built.plan.site(site or self.spec.sites[0].name)
+        prefix = s.prior_module
         if s.prior.kind == "normal":
             return np.zeros(s.dim), np.ones(s.dim)
         if s.prior.kind == "learned_normal":
@@ -272,7 +272,6 @@ class Model:
         guide_trace, model_trace = _traces(self.built, param_map, key, y, labels,
                                            enumerate_label=True)
         weight = _enumeration_weight(guide_trace)  # a latent label: q(label|y)
-        closed_form = graph.closed_form_rate_valid(self.spec)
         out = {}
         for s in self.spec.sites:
             gsite, msite = guide_trace[s.name], model_trace[s.name]
@@ -280,8 +279,8 @@ class Model:
             if q is None or p is None:
                 continue
             value = gsite["value"]
-            per = kl_divergence(q, p) if closed_form[s.name] else q.log_prob(value) - p.log_prob(
-                value)
+            closed_form = self.built.plan.site(s.name).closed_form
+            per = kl_divergence(q, p) if closed_form else q.log_prob(value) - p.log_prob(value)
             per = jnp.broadcast_to(per, value.shape)
             if weight is not None:
                 per = weight[..., None] * per

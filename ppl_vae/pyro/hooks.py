@@ -174,7 +174,7 @@ class Model:
         onehot = self.built.label_input(self._labels(labels))
         values = {}
         with self._seeded(seed), pyro.plate("data", n):
-            for name in graph.model_order(self.spec):
+            for name in self.built.plan.model_order:
                 values[name] = pyro.sample(name, self.built.prior_of(name, values, onehot))
         return {k: v.cpu().numpy() for k, v in values.items()}
 
@@ -182,7 +182,7 @@ class Model:
         """(loc, scale), each (d,), when the prior of `site` (default: the first) is a fixed or
         learned factorised normal; None otherwise."""
         name = site or self.spec.sites[0].name
-        prior = self.modules[graph.prior_module(self.spec, name)]
+        prior = self.modules[self.built.plan.site(name).prior_module]
         if prior.kind == "normal":
             return np.zeros(prior.dim), np.ones(prior.dim)
         if prior.kind == "learned_normal":
@@ -272,10 +272,9 @@ class Model:
     def _rate_per_dim(self, y, labels) -> dict[str, torch.Tensor]:
         """{site: (d,)} the rate of each coordinate summed over the batch, for sites whose
         posterior and prior both factorise into normals: the closed form KL where it is valid
-        (`graph.closed_form_rate_valid`), else ln q − ln p̂ of one draw."""
+        (`SitePlan.closed_form`), else ln q − ln p̂ of one draw."""
         guide_trace, model_trace = self._traces(y, labels, enumerate_label=True)
         weight = ScaledELBO._enumeration_weight(guide_trace)  # a latent label: q(label|y)
-        closed_form = graph.closed_form_rate_valid(self.spec)
         out = {}
         for s in self.spec.sites:
             gsite, msite = guide_trace.nodes[s.name], model_trace.nodes[s.name]
@@ -283,8 +282,8 @@ class Model:
             if q is None or p is None:
                 continue
             value = gsite["value"]
-            per = kl_divergence(q, p) if closed_form[s.name] else q.log_prob(value) - p.log_prob(
-                value)
+            closed_form = self.built.plan.site(s.name).closed_form
+            per = kl_divergence(q, p) if closed_form else q.log_prob(value) - p.log_prob(value)
             per = per.expand(value.shape)
             if weight is not None:
                 per = weight[..., None] * per
