@@ -13,8 +13,9 @@ alone: no evaluation, no checkpoints), after a warm-up window:
 It prints ms/step and the ratio x2 / x1 per backend (> 1: the two devices cost more). On a CPU
 both ways compute the same steps with the same cores, so the ratio is the price of splitting
 (collectives, per-device dispatch), not a speed-up: simulated devices share the host's cores.
-The spec is vae_mnist (784-400-20, batch 128) on the MNIST files beside the repository
-(vae_digits when they are missing). Nothing is asserted.
+The spec is vae_mnist (784-400-20, batch 128) on the MNIST files of --mnist (default
+$PPL_VAE_MNIST, else ../shared/data/mnist beside the repository; vae_digits when they are
+missing), 1000 examples of them with --smoke. Nothing is asserted.
 
     python benchmarks/bench_devices.py           # ~1 minute on 2 cores
     python benchmarks/bench_devices.py --smoke   # a few steps of the x2 ways (the x1 ways are
@@ -35,24 +36,27 @@ ROOT = Path(__file__).resolve().parent.parent
 WAYS = (("numpyro", 1), ("numpyro", 2), ("pyro", 1), ("pyro", 2))
 
 
-def _spec(devices: int, window: int):
+def _spec(devices: int, window: int, mnist: str, smoke: bool):
+    """vae_mnist on the folder `mnist` ("" : vae_digits); 1000 examples in a smoke run."""
     from ppl_vae.spec import load_spec
 
-    name = "vae_mnist" if (ROOT.parent / "shared" / "data" / "mnist").is_dir() else "vae_digits"
     overrides = [f"train.devices={devices}", "train.batch_size=128", f"train.log_every={window}"]
-    if name == "vae_mnist":
-        overrides.append(f'data.path="{ROOT.parent / "shared" / "data" / "mnist"}"')
-    return load_spec(name, overrides)
+    if mnist:
+        overrides.append(f'data.path="{mnist}"')
+    if smoke:
+        overrides.append("data.limit=1000")
+    return load_spec("vae_mnist" if mnist else "vae_digits", overrides)
 
 
-def worker(backend: str, devices: int, windows: int, window: int) -> None:
+def worker(backend: str, devices: int, windows: int, window: int, mnist: str,
+           smoke: bool) -> None:
     """Time `windows` windows of `window` steps after one warm-up window; rank 0 prints JSON."""
     import numpy as np
 
     from ppl_vae.backends import backend_module
     from ppl_vae.data import load_data
 
-    spec = _spec(devices, window)
+    spec = _spec(devices, window, mnist, smoke)
     train_mod = backend_module(backend, "train")
     rank = train_mod.process_rank(spec)
     trainer = train_mod.Trainer(spec, load_data(spec), "cpu")
@@ -67,9 +71,11 @@ def worker(backend: str, devices: int, windows: int, window: int) -> None:
                           "spec": spec.name, "step_mode": trainer.step_mode}))
 
 
-def run_way(backend: str, devices: int, windows: int, window: int) -> dict:
+def run_way(backend: str, devices: int, windows: int, window: int, mnist: str,
+            smoke: bool) -> dict:
     env = dict(os.environ)
-    args = ["--worker", backend, str(devices), "--windows", str(windows), "--window", str(window)]
+    args = ["--worker", backend, str(devices), "--windows", str(windows), "--window", str(window),
+            "--mnist", mnist or "", *(["--smoke"] if smoke else [])]
     cmd = [sys.executable, __file__, *args]
     if backend == "numpyro" and devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -90,16 +96,24 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "DEVICES"), help=argparse.SUPPRESS)
+    parser.add_argument("--mnist", metavar="DIR", help="folder of the MNIST IDX files (default "
+                        "$PPL_VAE_MNIST, else ../shared/data/mnist beside the repository; "
+                        "vae_digits where there are none)")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], int(args.worker[1]), args.windows, args.window)
+        worker(args.worker[0], int(args.worker[1]), args.windows, args.window, args.mnist,
+               args.smoke)
         return
+    from ppl_vae import experiments
+
+    mnist = experiments.optional_mnist(Path(args.mnist) if args.mnist else None, parser.prog)
     windows, window = (1, 5) if args.smoke else (args.windows, args.window)
     results = {}
     for backend, devices in WAYS:
         if args.smoke and devices == 1:
             continue
-        r = results[backend, devices] = run_way(backend, devices, windows, window)
+        r = results[backend, devices] = run_way(backend, devices, windows, window,
+                                                str(mnist or ""), args.smoke)
         print(f"{backend:8s} x{devices}  {r['ms_per_step']:8.3f} ms/step  ({r['step_mode']}; "
               f"{r['spec']}, batch 128, {os.cpu_count()} CPU cores)", flush=True)
     for backend in ("numpyro", "pyro"):

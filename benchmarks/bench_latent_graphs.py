@@ -17,7 +17,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 MODELS = {  # label -> (spec, overrides)
     "one layer (50)": ("iaf_mnist", ['posterior.kind="diagonal"']),
     "two layers (100, 50)": ("vae2_mnist", []),
@@ -26,12 +25,15 @@ MODELS = {  # label -> (spec, overrides)
 
 
 def main(argv=None) -> list[dict]:
+    from ppl_vae import experiments
     from ppl_vae.compare import compare_backends
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--smoke", action="store_true")
+    experiments.add_mnist_argument(parser)
     args = parser.parse_args(argv)
+    mnist = experiments.mnist_folder(args.mnist, parser.prog)
     steps = 40 if args.smoke else args.steps
     common = [f"train.steps={steps}", "train.log_every=20" if args.smoke else "train.log_every=100",
               f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
@@ -42,7 +44,7 @@ def main(argv=None) -> list[dict]:
     models = {k: v for k, v in MODELS.items() if k.startswith("two")} if args.smoke else MODELS
     with tempfile.TemporaryDirectory() as tmp:
         for label, (spec, overrides) in models.items():
-            extra = [f'data.path="{MNIST}"', *overrides, *common]
+            extra = [f'data.path="{mnist}"', *overrides, *common]
             for row in compare_backends(spec, extra, Path(tmp) / spec / str(len(rows))):
                 rows.append(row | {"model": label})
         for row in () if args.smoke else compare_backends("cvae_digits", common,

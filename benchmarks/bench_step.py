@@ -38,6 +38,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -62,13 +63,13 @@ RATIOS = [("ppl_vae_pyro", "torch_hand", 1.15, None), ("ppl_vae_pyro", "torch_gr
 GPU_MS = {("ppl_vae_pyro", 128): 0.5, ("ppl_vae_numpyro_conv", CONV_BATCH): 1.0}
 
 
-def make_data(n: int, seed: int = 0) -> np.ndarray:
-    """MNIST-sized grey images in [0, 1] (real MNIST when ../shared/data/mnist is there)."""
-    folder = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
-    path = os.path.join(folder, "t10k-images-idx3-ubyte.gz")
-    if os.path.exists(path):
-        from ppl_vae.data import read_idx
+def make_data(n: int, mnist: str | None, seed: int = 0) -> np.ndarray:
+    """MNIST-sized grey images in [0, 1]: MNIST's test images when `mnist` names their folder
+    (--mnist, else the default of `ppl_vae.experiments.optional_mnist`), else random values."""
+    if mnist:
+        from ppl_vae.data import MNIST_FILES, _find_file, read_idx
 
+        path = _find_file(Path(mnist), MNIST_FILES["test"][0])
         return (read_idx(path).reshape(-1, D)[:n] / 255.0).astype(np.float32)
     return np.random.default_rng(seed).random((n, D), dtype=np.float32)
 
@@ -338,7 +339,7 @@ def run_way(way: str, batch: int, device: str, a) -> float:
         backend = way.split("_")[2]
         return ppl_vae_backend(backend, "beta_vae_dsprites", make_conv_data(a.n), (64, 64),
                                batch, device, a)
-    x = make_data(a.n)
+    x = make_data(a.n, a.mnist)
     if way == "ppl_vae_numpyro_beside_torch":
         torch_hand(x, batch, device, argparse.Namespace(**{**vars(a), "repeats": 1}))
         return ppl_vae_backend("numpyro", "vae_mnist", x, (28, 28), batch, device, a)
@@ -352,7 +353,7 @@ def in_own_process(way: str, batch: int, device: str, a) -> float:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", way, "--batch", str(batch),
            "--device", device, "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--repeats", str(a.repeats), "--n", str(a.n), "--threads", str(a.threads),
-           "--log-every", str(a.log_every)]
+           "--log-every", str(a.log_every), *(["--mnist", str(a.mnist)] if a.mnist else [])]
     env = os.environ | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     sys.stderr.write("".join(f"  {line}\n" for line in done.stderr.splitlines()
@@ -414,7 +415,11 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="*", help="run only these ways")
     p.add_argument("--smoke", action="store_true", help="a few steps of each way")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # run one way, print its JSON
+    from ppl_vae import experiments
+
+    experiments.add_mnist_argument(p)
     a = p.parse_args(argv)
+    a.mnist = experiments.optional_mnist(a.mnist, p.prog)  # random images without MNIST
     if a.batch is None:
         a.batch = [128, 1024, 4096] if a.device == "cuda" else [128]
     if a.smoke:

@@ -8,8 +8,9 @@ Each times `Trainer.run_steps` (the training step alone: no evaluation, no check
 warm-up windows, the in-memory trainer first. It prints ms/step and the ratio streamed /
 in-memory per backend (> 1: streaming costs more).
 
-The data are vae_mnist's (60000 x 784 float32, 188 MB, from the MNIST files beside the
-repository; random values in [0, 1] of that size when they are missing), written to a temporary
+The data are vae_mnist's (60000 x 784 float32, 188 MB, from the MNIST files of --mnist,
+default $PPL_VAE_MNIST, else ../shared/data/mnist beside the repository; random values in
+[0, 1] of that size when they are missing), written to a temporary
 folder first, so x.npy sits in the page cache: this measures the gather and hand-over, not a
 disk. The spec is vae_mnist (784-400-20, batch 128). Nothing is asserted.
 
@@ -32,18 +33,18 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 
-def write_folder(folder: Path, smoke: bool) -> str:
-    """x.npy (and x_test.npy) of vae_mnist's size; returns where the values came from."""
+def write_folder(folder: Path, smoke: bool, mnist: Path | None) -> str:
+    """x.npy (and x_test.npy) of vae_mnist's size, from the MNIST folder `mnist` where there is
+    one; returns where the values came from."""
     if smoke:
         x, where = np.random.default_rng(0).random((2000, 784), dtype=np.float32), "random"
-    elif MNIST.is_dir():
+    elif mnist is not None:
         from ppl_vae.data import load_data
         from ppl_vae.spec import load_spec
 
-        d = load_data(load_spec("vae_mnist", [f'data.path="{MNIST}"']))
+        d = load_data(load_spec("vae_mnist", [f'data.path="{mnist}"']))
         x, where = d.x_train, "MNIST"
         np.save(folder / "x_test.npy", d.x_test)
     else:
@@ -94,13 +95,17 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "FOLDER"), help=argparse.SUPPRESS)
+    from ppl_vae import experiments
+
+    experiments.add_mnist_argument(parser)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], args.windows, args.window)
         return
+    mnist = None if args.smoke else experiments.optional_mnist(args.mnist, parser.prog)
     windows, window = (1, 5) if args.smoke else (args.windows, args.window)
     with tempfile.TemporaryDirectory(prefix="bench_streaming-") as tmp:
-        where = write_folder(Path(tmp), args.smoke)
+        where = write_folder(Path(tmp), args.smoke, mnist)
         for backend in ("numpyro", "pyro"):
             r = run_way(backend, Path(tmp), windows, window)
             for mode, label in (("off", "in memory"), ("on", "streamed ")):

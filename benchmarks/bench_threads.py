@@ -27,7 +27,8 @@ import json, sys, time
 from ppl_vae.data import load_data
 from ppl_vae.pyro.train import Trainer
 from ppl_vae.spec import load_spec
-spec = load_spec(sys.argv[1], ["train.threads=" + sys.argv[2], 'train.device="cpu"'])
+data = [f'data.path="{sys.argv[4]}"'] if sys.argv[4] else []
+spec = load_spec(sys.argv[1], ["train.threads=" + sys.argv[2], 'train.device="cpu"', *data])
 steps = int(sys.argv[3])
 trainer = Trainer(spec, load_data(spec), "cpu")
 trainer.run_steps([1.0] * 20, 1.0)  # warm-up: allocations, Pyro's first trace
@@ -42,15 +43,17 @@ def _spin(stop):
         pass
 
 
-def measure(spec: str, threads: int, contention: int, steps: int) -> float:
-    """ms/step of `steps` Pyro steps of `spec` with `threads` threads, `contention` spinners."""
+def measure(spec: str, threads: int, contention: int, steps: int, mnist: str = "") -> float:
+    """ms/step of `steps` Pyro steps of `spec` with `threads` threads, `contention` spinners
+    (`mnist`: the data.path of an MNIST spec)."""
     stop = multiprocessing.Event()
     spinners = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True)
                 for _ in range(contention)]
     for p in spinners:
         p.start()
     try:
-        out = subprocess.run([sys.executable, "-c", CHILD, spec, str(threads), str(steps)],
+        out = subprocess.run([sys.executable, "-c", CHILD, spec, str(threads), str(steps),
+                              mnist],
                              capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{spec}, {threads} threads: {out.stderr.strip()[-2000:]}")
@@ -68,9 +71,15 @@ def main(argv=None) -> int:
     p.add_argument("--contention", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--smoke", action="store_true", help="one spec, 10 steps: checks that it runs")
+    from ppl_vae import experiments
+
+    experiments.add_mnist_argument(p)
     a = p.parse_args(argv)
     if a.smoke:
         a.specs, a.steps, a.contention = a.specs[:1], 10, [0, 1]
+    # the bundled MNIST specs read data.path relative to the working directory: give it whole
+    mnist = (str(experiments.mnist_folder(a.mnist, p.prog))
+             if any(s.endswith("_mnist") for s in a.specs) else "")
     print(f"{os.cpu_count()} CPU cores; Pyro backend, ms/step ({a.steps} steps after 20 of "
           "warm-up); ratio to 1 thread under the same contention")
     print(f"{'spec':<12}{'busy procs':>11}" + "".join(f"{f'{t} thr':>10}" for t in a.threads)
@@ -78,7 +87,8 @@ def main(argv=None) -> int:
     for spec in a.specs:
         for busy in a.contention:
             t0 = time.perf_counter()
-            ms = {t: measure(spec, t, busy, a.steps) for t in a.threads}
+            ms = {t: measure(spec, t, busy, a.steps, mnist if spec.endswith("_mnist") else "")
+                  for t in a.threads}
             base = ms.get(1)
             ratios = "".join(f"{ms[t] / base:>8.2f}" for t in a.threads if t != 1 and base)
             print(f"{spec:<12}{busy:>11}" + "".join(f"{ms[t]:>10.2f}" for t in a.threads)

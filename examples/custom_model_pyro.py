@@ -60,6 +60,10 @@ class VAE(nn.Module):
 
 
 def main(args) -> dict:
+    # One intra-op thread, as ppl_vae's own runs use (train.threads, README "Speed"): PyTorch's
+    # default, a thread per core, is slower for networks this small, and far slower on a CPU
+    # that other processes share.
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()  # the stock SVI finds parameters through Pyro's global store
@@ -93,6 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="PyTorch intra-op threads (default 1)")
     p.add_argument("--smoke", action="store_true", help="a few steps, to check it runs")
     args = p.parse_args(argv)
     if args.smoke:

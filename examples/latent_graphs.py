@@ -32,16 +32,12 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ppl_vae import experiments
 
 NAME = "latent_graphs"
-#: The MNIST folder beside the repository (the specs' relative path, made independent of the
-#: working directory).
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 MODELS = {  # label -> (bundled spec, overrides)
     "one layer (50)": ("iaf_mnist", ['posterior.kind="diagonal"']),
     "two layers (100, 50)": ("vae2_mnist", []),
@@ -68,7 +64,8 @@ def main(args) -> dict:
     out = experiments.output_dir(args, NAME)
     rows = []
     for i, (label, (base, overrides)) in enumerate(MODELS.items()):
-        spec = experiments.make_spec(base, [*overrides, f'data.path="{MNIST}"'], args, STEPS)
+        spec = experiments.make_spec(base, [*overrides, f'data.path="{args.mnist}"'], args,
+                                     STEPS)
         report = experiments.train_and_evaluate(spec, out / f"model{i}", args, iwae_k=IWAE_K)
         sites = report["sites"]
         rows.append(report | {
@@ -180,4 +177,4 @@ def plot(rows: list[dict], path) -> None:
 
 
 if __name__ == "__main__":
-    main(experiments.parse_args(__doc__, NAME))
+    main(experiments.parse_args(__doc__, NAME, mnist=True))

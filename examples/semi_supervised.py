@@ -37,7 +37,6 @@ import numpy as np
 from ppl_vae import experiments, runs
 
 NAME = "semi_supervised"
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 LABELS = (100, 1000)
 AUX_WEIGHT = 46.0
 STEPS = 2000  # 50 epochs of 8000 images in batches of 200
@@ -59,7 +58,7 @@ def main(args) -> dict:
     for labelled, weight in settings(args):
         aux = (f'objective.aux=[{{kind="supervised", site="label", weight={weight}}}]'
                if weight else "objective.aux=[]")
-        overrides = [f'data.path="{MNIST}"', f"data.labelled={labelled}", aux]
+        overrides = [f'data.path="{args.mnist}"', f"data.labelled={labelled}", aux]
         spec = experiments.make_spec("m2_mnist", overrides, args, STEPS)
         if args.dump_split:
             dump_split(spec, Path(args.dump_split) / f"split_{labelled}.npz")
@@ -156,13 +155,16 @@ def plot(rows: list[dict], peer, best: dict, args, path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     experiments.add_arguments(parser, NAME)
+    experiments.add_mnist_argument(parser)
     parser.add_argument("--labels", type=int, nargs="+", default=list(LABELS),
                         help="label counts (default 100 1000)")
     parser.add_argument("--dump-split", metavar="DIR",
                         help="also write each label count's data as DIR/split_<N>.npz")
     parser.add_argument("--peer", metavar="JSON",
                         help="the peer's results, to put beside ours in the table and figure")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.mnist = experiments.mnist_folder(args.mnist, parser.prog)
+    return args
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ from ppl_vae.backends import BACKENDS
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train a spec (a TOML file or a bundled model name)")
-    p.add_argument("spec", help="path to a .toml spec, or a name from `ppl-vae models`")
+    p.add_argument("spec", help="path to a .toml spec, a name from `ppl-vae models`, or a run "
+                   "folder (the spec it was trained with, as its run.json records it)")
     p.add_argument("--backend", choices=list(BACKENDS), default="pyro")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec value by dotted key, e.g. objective.beta=4 (repeatable)")
-    p.add_argument("--out", help="run folder (default runs/<spec name>)")
+    p.add_argument("--out", help="run folder (default: the run folder given as the spec, else "
+                   "runs/<spec name>)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides train.device")
     p.add_argument("--devices", metavar="N", help='overrides train.devices: split each minibatch '
                    'over N devices, or "all" (pyro: starts torchrun with N processes; numpyro on '
@@ -40,10 +42,14 @@ def _add_eval(sub):
     p.add_argument("run", help="a run folder")
     p.add_argument("--backend", choices=list(BACKENDS), help="default: the one that trained it")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--bits", action="store_true", help="also print bits per dimension")
+    p.add_argument("--bits", action="store_true",
+                   help="also print bits per dimension: −ELBO / (D ln 2), D the data's "
+                        "dimensions, from the test ELBO (and from IWAE's ln p(y) where it ran)")
     p.add_argument("--iwae-k", type=int, default=1000,
-                   help="importance samples per example for IWAE and PSIS (0 skips them)")
-    p.add_argument("--n", type=int, help="evaluate only the first N test examples")
+                   help="importance samples per example for IWAE and PSIS, >= 1 (0 skips them; "
+                        "PSIS k̂ needs about 25 or more)")
+    p.add_argument("--n", type=int, help="evaluate only the first N test examples, N >= 1 "
+                   "(default: all of them)")
     p.add_argument("--particles", type=int,
                    help="draws of z per example behind the ELBO, rate and distortion, averaged "
                         "(default 16)")
@@ -120,6 +126,7 @@ def cmd_train(args) -> int:
     from dataclasses import replace
 
     from ppl_vae.backends import backend_module
+    from ppl_vae.runs import recorded_spec
     from ppl_vae.spec import load_spec, parse_override
     from ppl_vae.training import fit
 
@@ -127,14 +134,15 @@ def cmd_train(args) -> int:
     devices = ([(*parse_override(f"train.devices={args.devices}"), f"--devices {args.devices}")]
                if args.devices else [])
     overrides = [*args.overrides, *devices]
-    spec = load_spec(args.spec, overrides)
+    from_run = Path(args.spec).is_dir()  # a run folder: the spec its run.json records
+    spec = load_spec(recorded_spec(args.spec) if from_run else args.spec, overrides)
     if args.device:
         spec = spec.replace(train=replace(spec.train, device=args.device))
     # several devices: pyro starts torchrun (its exit code), numpyro asks XLA for CPU devices
     code = backend_module(args.backend, "devices").launch(spec, args.argv)
     if code is not None:
         return code
-    out = args.out or str(Path("runs") / spec.name)
+    out = args.out or (args.spec if from_run else str(Path("runs") / spec.name))
     run = fit(spec, backend=args.backend, device=args.device, out_dir=out, resume=args.resume,
               overwrite=args.overwrite, progress=not args.no_progress)
     if run is None:  # another process of a data-parallel run: rank 0 reports
@@ -158,6 +166,15 @@ def cmd_eval(args) -> int:
         print(f"note: --n {args.n} asked, but the test split has {report['n_test']} examples; "
               "all of them were used", file=sys.stderr)
     print(format_report(report, bits=args.bits))
+    if "in_use" in report:  # a run trains in it: its report would be stale, and is not saved
+        owner = report["in_use"]
+        who = f"process {owner['pid']}" if owner.get("pid") else "another process"
+        skipped = " (nor --plots or --export-draws)" if args.plots or args.export_draws else ""
+        print(f"note: {args.run} is in use ({who} is training in it): this evaluated step "
+              f"{report['step']} of a running run (train.steps = {report['steps']}), its latest "
+              f"checkpoint; report.json is not written{skipped}: evaluate it again when the run "
+              "has ended", file=sys.stderr)
+        return 0
     if not writable:
         from ppl_vae.runs import RunError
 
@@ -180,24 +197,25 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
-
-    from ppl_vae.runs import load_run
+    from ppl_vae.report import label_arrays, writable_folder
+    from ppl_vae.runs import load_run, save_array
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
-    from ppl_vae.report import label_arrays
-
+    out = Path(args.out)
+    if not out.suffix:  # matplotlib would add ".png" to the name; say what is written
+        out = out.with_suffix(".png")
+    writable_folder(out.parent)  # checked before anything is computed
     run = load_run(args.run)
     labels = label_arrays(run.spec, args.n, args.label, cycle=True)
     model = run.model(args.backend, args.device)
     means = model.decode_mean(model.sample_prior(args.n, seed=args.seed, labels=labels),
                               labels=labels)
-    out = Path(args.out)
-    if not out.suffix:  # matplotlib would add ".png" to the name; say what is written
-        out = out.with_suffix(".png")
     if out.suffix == ".npy":
-        np.save(out, means)
+        try:
+            save_array(out, means)  # atomically: a failed write leaves no half a file
+        except PermissionError:
+            raise ValueError(f"cannot write {out}: {out.parent} is not writable") from None
     else:
         shape = run.info.get("image_shape")
         if not shape:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +25,54 @@ from ppl_vae.spec import Spec, load_spec, spec_to_dict
 SMOKE_OVERRIDES = ("train.steps=20", "train.log_every=10", "train.eval_every=20",
                    "train.checkpoint_every=20", "train.batch_size=32", "train.eval_batch_size=500",
                    "data.limit=400")
+
+
+#: The environment variable naming the folder of MNIST IDX files that examples and benchmarks
+#: read (their --mnist DIR wins over it).
+MNIST_ENV = "PPL_VAE_MNIST"
+
+
+def default_mnist() -> Path:
+    """$PPL_VAE_MNIST, else ``../shared/data/mnist`` beside the repository (found from this
+    file, not from the working directory)."""
+    env = os.environ.get(MNIST_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def add_mnist_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mnist", type=Path, default=None, metavar="DIR",
+                        help="folder of the MNIST IDX files (t10k-*, and train-* if present; "
+                             f"default ${MNIST_ENV}, else ../shared/data/mnist beside the "
+                             f"repository: {default_mnist()})")
+
+
+def mnist_folder(given: Path | None, prog: str) -> Path:
+    """--mnist (`given`) or `default_mnist()`, as an absolute path; where it holds no MNIST
+    test files, one line on stderr naming the folder and what to do, and exit code 2."""
+    from ppl_vae.data import MNIST_FILES, _find_file
+
+    folder = (given or default_mnist()).expanduser().resolve()
+    images, labels = MNIST_FILES["test"]
+    if not (folder.is_dir() and _find_file(folder, images) and _find_file(folder, labels)):
+        what = "does not exist" if not folder.exists() else "holds no MNIST test files"
+        print(f"{prog}: error: the MNIST folder {folder} {what} ({images}[.gz] and {labels}"
+              f"[.gz] expected); pass --mnist DIR, or set {MNIST_ENV}, to a folder that "
+              "holds them", file=sys.stderr)
+        raise SystemExit(2)
+    return folder
+
+
+def optional_mnist(given: Path | None, prog: str) -> Path | None:
+    """For a benchmark that can do without MNIST: --mnist checked (`mnist_folder`) when given,
+    else the default folder where it holds the test files, else None."""
+    if given is not None:
+        return mnist_folder(given, prog)
+    from ppl_vae.data import MNIST_FILES, _find_file
+
+    folder = default_mnist().resolve()
+    return folder if folder.is_dir() and _find_file(folder, MNIST_FILES["test"][0]) else None
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -48,12 +98,18 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def parse_args(doc: str, name: str, argv=None) -> argparse.Namespace:
-    """The arguments of an experiment script (`add_arguments`), its docstring's first paragraph
-    as the description."""
+def parse_args(doc: str, name: str, argv=None, mnist: bool = False) -> argparse.Namespace:
+    """The arguments of an experiment script (`add_arguments`, and --mnist for one that reads
+    MNIST: `args.mnist` is then the checked folder), its docstring's first paragraph as the
+    description."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     add_arguments(parser, name)
-    return parser.parse_args(argv)
+    if mnist:
+        add_mnist_argument(parser)
+    args = parser.parse_args(argv)
+    if mnist:
+        args.mnist = mnist_folder(args.mnist, parser.prog)
+    return args
 
 
 def output_dir(args, name: str) -> Path:

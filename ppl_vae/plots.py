@@ -49,17 +49,27 @@ def save_image_grid(images: np.ndarray, path, title: str = "", ncols: int | None
         ax.set_axis_off()
     if lines:
         ax.set_title("\n".join(lines), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return save(fig, path)
 
 
 def save(fig, path) -> Path:
-    """Lay out `fig` and write it to `path` (the format from the suffix); returns the path."""
+    """Lay out `fig` and write it to `path` (the format from the suffix, PNG without one),
+    atomically: a temporary file in the same folder, renamed onto `path` once complete, so an
+    interrupted or failed write leaves the previous figure, not half of a new one. Returns the
+    path. A folder that cannot be written is a `RunError` naming it."""
+    from ppl_vae.runs import RunError, write_atomic
+
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fmt = path.suffix[1:].lower() or "png"
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt))
+    except PermissionError:
+        raise RunError(f"cannot write {path}: {path.parent} is not writable (make it writable, "
+                       "or choose another folder)") from None
+    except FileNotFoundError:
+        raise RunError(f"cannot write {path}: the folder {path.parent} does not exist "
+                       "(create it, or choose another folder)") from None
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,16 @@ def aggregate_pool(spec, dataset, n_eval: int, seed: int = 0):
     return x, (labels[index] if spec.label.condition else None)
 
 
+def unevaluated_aux(spec) -> list[str]:
+    """The aux terms the test metrics leave out: a supervised term of a latent label (M2) needs
+    the known labels, and eval sums the label out of every test example (its test labels are
+    not shown to the model), so such a term adds 0 to ``aux`` and to the ``objective``."""
+    if not spec.label.latent:
+        return []
+    return [f"{aux.kind} (weight {aux.weight:g})" for aux in spec.objective.aux
+            if aux.kind == "supervised"]
+
+
 #: Draws of z per example behind eval's ELBO, rate and distortion (`--particles`): one draw
 #: leaves Monte Carlo noise within each example that the examples' spread hides.
 EVAL_PARTICLES = 16
@@ -262,7 +273,11 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
     :param iwae_k: importance samples per example for the IWAE log-likelihood and PSIS (0: skip).
         Their mean log-weight is the ELBO of the same draws (``elbo_same_draws``), so
         ``elbo_gap`` = IWAE − ELBO carries no Monte Carlo noise of a second set of draws.
-    :param n: evaluate only the first n test examples (default: all).
+    :param n: evaluate only the first n test examples, n ≥ 1 (default None: all).
+    :param write: False: write nothing into the run folder. A folder in use (a run training in
+        it: `runs.in_use`) is never written either: its report is of the checkpoint the run
+        saved last (``report["in_use"]`` holds the owner, ``report["step"]`` the step) and
+        would be stale within minutes.
     :param particles: draws of z per example behind the ELBO, rate, distortion and their
         standard errors (averaged per example; default `EVAL_PARTICLES`); the rate is in
         closed form where it is exact.
@@ -270,11 +285,18 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
     particles = EVAL_PARTICLES if particles is None else particles
     if particles < 1:
         raise ValueError(f"--particles must be at least 1; got {particles}")
+    if iwae_k < 0:
+        raise ValueError(f"--iwae-k must be at least 1 importance sample per example (0 skips "
+                         f"IWAE and PSIS; PSIS needs about 25 or more); got {iwae_k}")
+    if n is not None and n < 1:
+        raise ValueError(f"--n must be at least 1 test example; got {n} (leave --n out to "
+                         "evaluate every test example)")
+    owner = runs.in_use(path)
     run = runs.load_run(path)
     spec = run.spec
     dataset = load_data(spec)
     x, labels = evaluation_data(spec, dataset)
-    if n:
+    if n is not None:
         x, labels = x[:n], labels[:n]
     model = run.model(backend, device)
     train = run.records("train")
@@ -294,15 +316,19 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
         "n_test": len(x),
         "particles": particles,
         "step": run.info.get("step"),
+        "steps": spec.train.steps,
         "beta": beta,
         "lam": spec.objective.lam,
         "elbo": metrics["elbo"],
-        "bits_per_dim": -metrics["elbo"] / (dim * math.log(2)),
+        "data_dim": dim,
+        "bits_per_dim": -metrics["elbo"] / (dim * math.log(2)),  # from the ELBO (a bound)
         "rate": metrics["rate"],
         "distortion": metrics["distortion"],
         "nll_distortion": metrics["nll"],
         "objective": metrics["objective"],
         "aux": metrics["aux"],
+        "aux_terms": len(spec.objective.aux),
+        "aux_not_evaluated": unevaluated_aux(spec),
         "latent_dim": graph.total_dim(spec),
         "active_units": sum(site["active_units"] for site in sites.values()),
         "elbo_stderr": stderr["elbo"], "rate_stderr": stderr["rate"],
@@ -321,6 +347,9 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
                                         "mutual_information_pool",
                                         "mutual_information_limited")
                    if k in site}
+    if owner is not None:
+        report["in_use"] = owner
+        write = False
     if iwae_k:
         iwae = importance_sampling(model, x, iwae_k, seed=spec.train.seed, progress=progress,
                                    labels=label_input)
@@ -328,6 +357,7 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
             "iwae_k": iwae_k,
             "log_likelihood": iwae["mean"],
             "log_likelihood_stderr": iwae["stderr"],
+            "bits_per_dim_iwae": -iwae["mean"] / (dim * math.log(2)),
             "elbo_same_draws": iwae["elbo"],
             # ≈ E KL(q(z|y) ‖ p(z|y)) for large K; both bounds from one set of K draws
             "elbo_gap": iwae["mean"] - iwae["elbo"],
@@ -345,6 +375,36 @@ def evaluate_run(path, backend: str | None = None, device: str = "cpu", iwae_k: 
     if write:
         runs.write_json_atomic(Path(path) / "report.json", report)
     return report
+
+
+def ceiling_text(site: dict) -> str:
+    """The ceiling of I_q in words. Over M examples the aggregate posterior has M components:
+    I_q ≤ ln M; given the label, the ceiling is Σ_k p(k) ln M_k over the classes' pools
+    (`site_information`), about ln(M / classes), so M alone would not match the number."""
+    ceiling, pool = site["mutual_information_ceiling"], site["mutual_information_pool"]
+    if site.get("mutual_information_given_label"):
+        return (f"Σ_k p(k) ln M_k = {ceiling:.2f}, M_k the examples of label k among the "
+                f"{pool} (e^{ceiling:.2f} ≈ {math.exp(ceiling):.0f} per label)")
+    return f"ln M = {ceiling:.2f}, M = {pool} examples"
+
+
+def psis_line(report: dict) -> str:
+    """PSIS k̂ in one line; k̂ that could not be estimated (too few draws for the tail fit, or
+    equal weights) is said so, never printed as nan."""
+    psis, k = report["psis"], report["iwae_k"]
+    ess = f"; mean ESS {report['ess_mean']:.1f} of {k}"
+    missing = psis.get("n_not_estimable", 0)
+    if missing == psis["n"]:
+        return (f"  PSIS k̂: not estimable: K = {k} draws per example are too few for its tail "
+                f"fit (about 25 or more are needed; eval's default is 1000){ess}")
+    if psis["khat_max"] == -np.inf:
+        return ("  PSIS k̂: none (every example's weights are equal: q(z|y) is its posterior)"
+                + ess)
+    line = (f"  PSIS k̂: mean {psis['khat_mean']:.2f}, max {psis['khat_max']:.2f}, "
+            f"{100 * psis['share_above_0.7']:.1f}% of examples above 0.7")
+    if missing:
+        line += f" (of the {psis['n'] - missing} whose k̂ could be fitted)"
+    return line + ess
 
 
 def _site_lines(name: str | None, site: dict) -> list[str]:
@@ -365,15 +425,15 @@ def _site_lines(name: str | None, site: dict) -> list[str]:
                          f"{site['marginal_kl']:>16.3f}   (= rate − I_q)")
         if site.get("mutual_information_limited"):
             pad = "  " + ("" if name is None else "  ")
-            lines += [f"{pad}(I_q may be limited by its ceiling ln M = "
-                      f"{site['mutual_information_ceiling']:.2f}, M = "
-                      f"{site['mutual_information_pool']} examples: its upper bound, the rate "
-                      f"(or H(y)), comes within {INFORMATION_MARGIN:g} nats of it,",
+            lines += [f"{pad}(I_q may be limited by its ceiling {ceiling_text(site)}: its upper "
+                      f"bound, the rate (or H(y)), comes within {INFORMATION_MARGIN:g} nats of "
+                      "it,",
                       f"{pad} so the true I_q can be larger and KL(q({z}) ‖ p̂({z})) = rate − I_q "
                       "is not resolved, and not shown)"]
-    elif name is not None:
-        lines.append("    I_q: not estimated (q(z|y) of this site is not a diagonal Gaussian "
-                     "of the data)")
+    else:  # a full-covariance or IAF posterior, or a site that reads other latents
+        what = "of this site" if name is not None else ""
+        lines.append(f"  {'' if name is None else '  '}I_q: not estimated (q(z|y) {what}"
+                     f"{' ' if what else ''}is not a diagonal Gaussian of the data)")
     return lines
 
 
@@ -396,6 +456,14 @@ def format_report(report: dict, bits: bool = False) -> str:
         f"  {objective_label:<24}{report['objective']:>16.3f}",
         f"  {'aux':<24}{report['aux']:>16.3f}",
     ]
+    skipped = report.get("aux_not_evaluated")
+    if skipped:  # M2's α-term: the test labels are summed out, so it adds 0, not its value
+        why = (f"{', '.join(skipped)}: not evaluated, as it needs the known labels and eval "
+               "sums the label out")
+        lines[-2] += "   (without the aux terms not evaluated)"
+        lines[-1] = (f"  {'aux':<24}{'not evaluated':>16}   {why}"
+                     if len(skipped) == report.get("aux_terms", len(skipped)) else
+                     f"{lines[-1]}   (without {why})")
     if "accuracy" in report:
         lines += [f"  {'rate of the label':<24}{report['label_rate']:>16.3f}"
                   f"  ± {report['label_rate_stderr']:.3f}   KL(q(label|y) ‖ p̂(label)), in the rate",
@@ -405,7 +473,6 @@ def format_report(report: dict, bits: bool = False) -> str:
         lines += _site_lines(None, next(iter(sites.values())))
     if "log_likelihood" in report:
         iwae_label = f"IWAE ln p(y), K={report['iwae_k']}"
-        psis = report["psis"]
         lines += [
             f"  {iwae_label:<24}{report['log_likelihood']:>16.3f}"
             f"  ± {report['log_likelihood_stderr']:.3f}",
@@ -413,14 +480,14 @@ def format_report(report: dict, bits: bool = False) -> str:
             f"{report['elbo_gap_stderr']:.3f}   (IWAE and the ELBO of the same K draws, "
             f"{report['elbo_same_draws']:.3f})",
             "",
-            (f"  PSIS k̂: mean {psis['khat_mean']:.2f}, max {psis['khat_max']:.2f}, "
-             f"{100 * psis['share_above_0.7']:.1f}% of examples above 0.7"
-             if psis["khat_max"] != -np.inf else  # NaN (too few draws for a fit) is printed
-             "  PSIS k̂: none (every example's weights are equal: q(z|y) is its posterior)")
-            + f"; mean ESS {report['ess_mean']:.1f} of {report['iwae_k']}",
+            psis_line(report),
         ]
     if bits:
-        lines.append(f"  {'bits per dimension':<24}{report['bits_per_dim']:>16.4f}")
+        lines.append(f"  {'bits per dimension':<24}{report['bits_per_dim']:>16.4f}"
+                     f"   (−ELBO / (D ln 2), D = {report['data_dim']}: from the test ELBO)")
+        if "bits_per_dim_iwae" in report:
+            lines.append(f"  {'  from IWAE':<24}{report['bits_per_dim_iwae']:>16.4f}"
+                         "   (−ln p̂(y) / (D ln 2): from the tighter IWAE bound)")
     if "entropy" in report:
         lines += [
             "",
@@ -486,6 +553,28 @@ def label_arrays(spec, n: int, label: int | None, cycle: bool):
     return np.arange(n) % classes if cycle else np.zeros(n, np.int64)
 
 
+def writable_folder(folder: Path, create: bool = False) -> Path:
+    """`folder`, checked before anything is computed for it: it exists (made, with `create`,
+    inside an existing folder) and can be written; else a one-line `RunError` naming it and
+    what to do."""
+    folder = Path(folder)
+    if create and not folder.exists():
+        try:
+            folder.mkdir()
+        except FileNotFoundError:
+            pass  # said below
+        except OSError as err:
+            raise runs.RunError(f"cannot create {folder} ({err.strerror}): make {folder.parent} "
+                                f"writable (chmod u+w {folder.parent})") from None
+    if not folder.is_dir():
+        raise runs.RunError(f"the folder {folder} does not exist: create it first "
+                            f"(mkdir -p {folder}), or choose another")
+    if not os.access(folder, os.W_OK):
+        raise runs.RunError(f"cannot write into {folder}: it is read-only (chmod u+w {folder}), "
+                            "or choose another folder")
+    return folder
+
+
 def plot_run(path, others=(), backend: str | None = None, device: str = "cpu",
              label: int | None = None) -> list[Path]:
     """Write the figures of a run to RUN/plots/: prior samples, reconstructions, latent
@@ -499,8 +588,7 @@ def plot_run(path, others=(), backend: str | None = None, device: str = "cpu",
 
     run = runs.load_run(path)
     spec = run.spec
-    out = Path(path) / "plots"
-    out.mkdir(exist_ok=True)
+    out = writable_folder(Path(path) / "plots", create=True)
     model = run.model(backend, device)
     dataset = load_data(spec)
     written = [plots.training_curves(run.metrics, out / "curves.png", spec.objective.distortion)]

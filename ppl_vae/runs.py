@@ -4,7 +4,9 @@
 
     RUN/
       spec.toml        the resolved spec (defaults filled in, overrides applied)
-      run.json         backend, data shape, steps done, ppl_vae version
+      run.json         backend, data shape, steps done, ppl_vae version; the spec as trained
+                       ("spec") and a sha256 digest of spec.toml, params.npz and the
+                       checkpoint ("digests"), which resume, eval, plot and sample check
       metrics.jsonl    one JSON object per logged step: {"step", "split": "train"|"test", ...}
       params.npz       canonical parameters, the same names and layouts for both backends
       checkpoint.*     the backend's exact-resume state (optimizer, step, random state)
@@ -16,17 +18,27 @@ rename), so an interrupted write never leaves a half-written checkpoint behind. 
 appended a line per record: a crash mid-append can leave its last line torn, which
 `read_metrics` skips with a warning (and a resume drops). A damaged file is a `RunError` naming
 it and what to do.
+
+A folder cannot lie about its own files: whenever spec.toml, params.npz or the checkpoint is
+written, its digest goes into run.json (`write_recorded`), and a file that no longer matches
+(edited, truncated, swapped for another run's) is refused with one line naming it
+(`verified_bytes`). A resume compares the spec given with the spec recorded and names every
+dotted key that differs (`spec_differences`). A folder written before digests were recorded
+still loads, with a one-line note.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import io
 import json
 import os
 import secrets
 import shutil
 import socket
 import sys
+import tomllib
 import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -35,16 +47,28 @@ from pathlib import Path
 
 import numpy as np
 
-from ppl_vae.spec import Spec, load_spec, spec_to_dict, spec_to_toml
+from ppl_vae.spec import (
+    Spec,
+    SpecError,
+    load_spec,
+    spec_from_dict,
+    spec_to_toml,
+)
 
 SPEC_FILE, INFO_FILE, METRICS_FILE, PARAMS_FILE = "spec.toml", "run.json", "metrics.jsonl", \
     "params.npz"
 LOCK_FILE = ".lock"
 RETRAIN = "train the run again with --overwrite"
+#: Spec keys a resume may change: how long it trains (upward only) and where it runs.
+RESUMABLE_KEYS = ("train.steps", "train.device", "train.devices", "train.threads")
 
 
 class RunError(RuntimeError):
     """A run folder that cannot be used as asked (exists, missing, or from another spec)."""
+
+
+def _tmp_path(path: Path) -> str:
+    return str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -53,7 +77,7 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     `write` creates the file, so it gets the permissions the umask gives (a file made by
     `tempfile.mkstemp` would stay 0600)."""
     path = Path(path)
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = _tmp_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -70,12 +94,17 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_params(path: Path, params: dict[str, np.ndarray]) -> None:
+def params_writer(params: dict[str, np.ndarray]) -> Callable[[str], None]:
+    """``write(path)`` of a params.npz holding `params` (for `write_atomic`, `write_recorded`)."""
     def write(tmp):
         with open(tmp, "wb") as fh:  # a file object, so numpy does not append ".npz" to tmp
             np.savez(fh, **params)
 
-    write_atomic(path, write)
+    return write
+
+
+def save_params(path: Path, params: dict[str, np.ndarray]) -> None:
+    write_atomic(path, params_writer(params))
 
 
 def params_path(path) -> Path:
@@ -102,9 +131,10 @@ def damaged(path: Path, err: BaseException, fix: str = RETRAIN) -> RunError:
                     f"{text[0] if text else ''}); {fix}")
 
 
-def load_params(path: Path) -> dict[str, np.ndarray]:
+def load_params(path: Path, data: bytes | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a params.npz (`data`: its bytes, already read)."""
     try:  # our own file object: np.load leaves its own open when the zip is damaged
-        with open(path, "rb") as fh, np.load(fh) as npz:
+        with (open(path, "rb") if data is None else io.BytesIO(data)) as fh, np.load(fh) as npz:
             return {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
         if not Path(path).exists():
@@ -123,6 +153,157 @@ def read_info(run_dir: Path) -> dict:
     if not isinstance(info, dict):
         raise damaged(path, ValueError("not a JSON object"))
     return info
+
+
+# -- digests: a folder that cannot lie about its files ---------------------------------------
+def digest(data: bytes) -> str:
+    """"sha256:<hex>" of `data`."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def write_recorded(run_dir: Path, writes: dict[str, Callable[[str], None]],
+                   info: dict) -> dict:
+    """Write the files `writes` names ({file name: write(tmp_path)}) into `run_dir`, and
+    run.json: `info` with their sha256 digests merged into ``info["digests"]``. Returns what
+    run.json now holds.
+
+    At every moment each file matches a digest run.json records: the new files are written to
+    temporary names and hashed; run.json first records the new digests beside the old ones
+    (``"previous"``: the step and digests the files on disk still have); then the files are
+    renamed into place; then run.json is written without ``"previous"``. A crash anywhere leaves
+    a folder whose files are either the old or the new ones, both recorded."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / INFO_FILE
+    tmps: dict[str, str] = {}
+    try:
+        for name, write in writes.items():
+            tmps[name] = _tmp_path(run_dir / name)
+            write(tmps[name])
+        fresh = {name: file_digest(tmp) for name, tmp in tmps.items()}
+        new = info | {"digests": info.get("digests", {}) | fresh}
+        new.pop("previous", None)
+        old = read_info(run_dir) if info_path.exists() else {}
+        if old.get("digests"):
+            write_json_atomic(info_path, new | {"previous": {"step": old.get("step", 0),
+                                                             "digests": old["digests"]}})
+        for name, tmp in tmps.items():
+            os.replace(tmp, run_dir / name)
+        tmps = {}
+        write_json_atomic(info_path, new)
+        return new
+    finally:
+        for tmp in tmps.values():
+            Path(tmp).unlink(missing_ok=True)
+
+
+def recorded_step(info: dict, name: str, found: str) -> int | None:
+    """The step whose file `name` has the digest `found` (run.json's step, or the previous
+    one's while a save is under way); None when run.json records neither."""
+    if info.get("digests", {}).get(name) == found:
+        return info.get("step", 0)
+    previous = info.get("previous", {})
+    if previous.get("digests", {}).get(name) == found:
+        return previous.get("step", 0)
+    return None
+
+
+def has_digests(info: dict) -> bool:
+    return bool(info.get("digests"))
+
+
+def note_unverified(run_dir: Path) -> None:
+    """The one-line note for a folder without digests (written before they were recorded)."""
+    print(f"ppl-vae: note: {Path(run_dir) / INFO_FILE} records no digests (a run folder from "
+          "an older ppl_vae): its files are used unchecked; a resume records them",
+          file=sys.stderr)
+
+
+def verified_bytes(path: Path, info: dict, fix: str, parse: Callable[[bytes], object] | None
+                   = None) -> tuple[bytes, int | None]:
+    """(bytes of `path`, the step they belong to) after checking them against the digest
+    run.json records for the file; a `RunError` naming the file and `fix` where they differ.
+    `parse` (bytes -> anything) is tried first on a mismatch, so that a damaged file is named
+    as damaged (its own error) rather than only as changed. Without digests (an older folder):
+    the bytes, unchecked, and step None."""
+    path = Path(path)
+    data = path.read_bytes()
+    if not has_digests(info):
+        return data, None
+    expected = info["digests"].get(path.name)
+    if expected is None:
+        raise RunError(f"{path.parent / INFO_FILE} records no digest of {path.name} (the file "
+                       f"was added after training wrote the folder?); {fix}")
+    step = recorded_step(info, path.name, digest(data))
+    if step is None:
+        if parse is not None:
+            parse(data)  # raises its own one-line error for a damaged file
+        raise RunError(f"{path} is not the file training wrote (its sha256 differs from the one "
+                       f"{INFO_FILE} records: changed, truncated or replaced since); {fix}")
+    return data, step
+
+
+def spec_table(spec: Spec) -> dict:
+    """The plain data of `spec` as its spec.toml holds it (what run.json records as "spec")."""
+    return tomllib.loads(spec_to_toml(spec))
+
+
+def recorded_spec(run_dir: Path) -> Spec:
+    """The spec a run folder was trained with, as run.json records it (spec.toml may have been
+    changed since): ``ppl-vae train RUN --resume`` continues RUN with it."""
+    info = read_info(run_dir)
+    if "spec" not in info:
+        what = "has no run.json" if not (Path(run_dir) / INFO_FILE).exists() else (
+            f"records no spec in {INFO_FILE} (a run folder from an older ppl_vae)")
+        raise RunError(f"{run_dir} {what}: give a spec file (its spec.toml) instead of the "
+                       "folder")
+    return spec_from_dict(info["spec"], str(Path(run_dir) / INFO_FILE))
+
+
+def flatten_spec(table: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a spec's plain data (`spec_table`); a list of tables is keyed
+    by index (``latents[0].dim``)."""
+    out = {}
+    for k, v in table.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out |= flatten_spec(v, key)
+        elif isinstance(v, list | tuple) and v and all(isinstance(x, dict) for x in v):
+            for i, item in enumerate(v):
+                out |= flatten_spec(item, f"{key}[{i}]")
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def spec_differences(recorded: dict, given: dict, ignore=(), other: str = "given") -> list[str]:
+    """'key: recorded X, given Y' (`other` names the second spec) for each dotted key whose
+    value differs between two specs' plain data (`spec_table`), `ignore`d keys left out."""
+    a, b = flatten_spec(recorded), flatten_spec(given)
+    missing = object()
+
+    def show(v) -> str:
+        return "(absent)" if v is missing else repr(v)
+
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if key not in ignore and va != vb:
+            out.append(f"{key}: recorded {show(va)}, {other} {show(vb)}")
+    return out
+
+
+def describe_differences(differences: list[str], shown: int = 4) -> str:
+    more = len(differences) - shown
+    return "; ".join(differences[:shown]) + (f"; and {more} more key{'s' * (more > 1)}"
+                                              if more > 0 else "")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -225,6 +406,27 @@ def _release(lock: Path, fd: int) -> None:
         os.close(fd)
 
 
+def in_use(path: Path) -> dict | None:
+    """{"pid", "host"} of the process training in the run folder `path` (its lock is held;
+    {} when the lock names no owner yet), or None when no process holds it. Reads only: the
+    flock is tried shared and let go at once."""
+    lock = Path(path) / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:  # no lock file (or none readable): nothing trains here
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _lock_owner(lock) or {}
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        owner = _lock_owner(lock)  # unheld here; held elsewhere only if on another host
+        return owner if owner and owner["host"] != socket.gethostname() else None
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def run_lock(path: Path):
     """Hold the run folder `path` (created if missing) while the block runs.
@@ -280,23 +482,14 @@ def clear_run_dir(path: Path) -> None:
 
 
 # -- starting a run -----------------------------------------------------------------------------
-def _same_except_steps(a: Spec, b: Spec) -> bool:
-    da, db = spec_to_dict(a), spec_to_dict(b)
-    da["train"].pop("steps")
-    db["train"].pop("steps")
-    for key in ("device", "devices", "threads"):  # where it runs, not what it computes
-        da["train"].pop(key)
-        db["train"].pop(key)
-    return da == db
-
-
 def check_run_dir(path: Path, spec: Spec, *, resume: bool, overwrite: bool,
                   checkpoint_name: str) -> None:
     """Refuse (`RunError`) a run folder that cannot be used as asked; writes nothing.
 
     An existing folder is refused unless `resume` (continue from its checkpoint; the spec may
-    differ only in train.steps, .device, .devices and .threads) or `overwrite` (replace it:
-    `start_run_dir`).
+    differ from the recorded one only in `RESUMABLE_KEYS`, train.steps upward) or `overwrite`
+    (replace it: `start_run_dir`). A resume names every other key that differs, and refuses
+    a checkpoint that is not the one training wrote (`verified_bytes`).
     Call it holding the folder's lock (`run_lock`).
     """
     path = Path(path)
@@ -306,35 +499,69 @@ def check_run_dir(path: Path, spec: Spec, *, resume: bool, overwrite: bool,
         if resume:
             raise RunError(f"cannot resume {path}: the folder does not exist or is empty")
         return
-    if resume:
-        if not (path / checkpoint_name).exists():
-            raise RunError(f"cannot resume {path}: it has no {checkpoint_name} (was it trained "
-                           "with the other backend? resume with the backend that wrote it)")
-        old = load_spec(path / SPEC_FILE)
-        if not _same_except_steps(old, spec):
-            raise RunError(f"cannot resume {path}: its spec.toml differs from the spec given "
-                           "in more than train.steps/device/devices/threads; use another "
-                           "--out or --overwrite")
-        done = read_info(path).get("step", 0)
-        if spec.train.steps < done:  # checked before spec.toml is rewritten
-            raise RunError(f"cannot resume {path}: it has trained {done} steps and "
-                           f"train.steps = {spec.train.steps} asks for fewer; resume to "
-                           f"train.steps >= {done}, or use --overwrite")
-    elif not overwrite:
-        raise RunError(f"run folder {path} already exists; pass --resume to continue it or "
-                       "--overwrite to replace it (or choose another --out)")
+    if not resume:
+        if not overwrite:
+            raise RunError(f"run folder {path} already exists; pass --resume to continue it "
+                           "or --overwrite to replace it (or choose another --out)")
+        return
+    ckpt = path / checkpoint_name
+    if not ckpt.exists():
+        raise RunError(f"cannot resume {path}: it has no {checkpoint_name} (was it trained "
+                       "with the other backend? resume with the backend that wrote it)")
+    info = read_info(path)
+    spec_file = path / SPEC_FILE
+    changed = ""
+    if has_digests(info) and "spec" in info:
+        recorded = info["spec"]
+        if (not spec_file.exists()
+                or recorded_step(info, SPEC_FILE, file_digest(spec_file)) is None):
+            changed = (f"{spec_file} was changed after training wrote it (its sha256 differs "
+                       f"from {INFO_FILE}'s), and ")
+    else:
+        note_unverified(path)
+        recorded = spec_table(load_spec(spec_file))
+    differences = spec_differences(recorded, spec_table(spec), ignore=RESUMABLE_KEYS)
+    if differences:
+        raise RunError(
+            f"cannot resume {path}: {changed}the spec given differs from the one it was trained "
+            f"with: {describe_differences(differences)}; a resume may change only "
+            f"{', '.join(RESUMABLE_KEYS)} (steps upward): resume with the spec it was "
+            f"trained with (`ppl-vae train {path} --resume` reads it from {INFO_FILE}), or use "
+            "another --out or --overwrite")
+    if changed:
+        print(f"ppl-vae: note: {spec_file} had changed since training wrote it; the spec given "
+              "matches the recorded one and is written in its place", file=sys.stderr)
+    done = info.get("step", 0)
+    if spec.train.steps < done:  # checked before spec.toml is rewritten
+        raise RunError(f"cannot resume {path}: it has trained {done} steps and "
+                       f"train.steps = {spec.train.steps} asks for fewer; resume to "
+                       f"train.steps >= {done}, or use --overwrite")
+    if has_digests(info):
+        verified_bytes(ckpt, info, "this run cannot be resumed: train it again with "
+                       "--overwrite, or start a new run from its parameters with "
+                       f"--set train.init={path}")
 
 
-def start_run_dir(path: Path, spec: Spec, *, resume: bool, step: int = 0) -> None:
+def start_run_dir(path: Path, spec: Spec, *, resume: bool, step: int = 0) -> dict:
     """Write the folder of a run that can start (checked by `check_run_dir`, its trainer built):
     a new run empties it (an --overwrite deletes the old run here, not before) and a resumed
-    one drops the metrics after its checkpoint's `step`; then the resolved spec.toml."""
+    one drops the metrics after its checkpoint's `step`; then the resolved spec.toml, its digest
+    recorded in run.json where there is one (a resume). Returns {"spec": the spec's plain
+    data, "digests": {"spec.toml": digest}} for the run.json the trainer writes."""
     path = Path(path)
+    text = spec_to_toml(spec)
+    record = {"spec": tomllib.loads(text), "digests": {SPEC_FILE: digest(text.encode())}}
     if resume:
         truncate_metrics(path / METRICS_FILE, step)  # reads (and may refuse) before writing
+        info = read_info(path)
+        if has_digests(info):
+            written = write_recorded(path, {SPEC_FILE: lambda tmp: Path(tmp).write_text(text)},
+                                     info | {"spec": record["spec"]})
+            return {"spec": record["spec"], "digests": written["digests"]}
     else:
         clear_run_dir(path)
-    write_text_atomic(path / SPEC_FILE, spec_to_toml(spec))
+    write_text_atomic(path / SPEC_FILE, text)
+    return record
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -379,11 +606,52 @@ class Run:
 
 
 def load_run(path) -> Run:
-    """Load a run folder written by `ppl_vae.fit` or `ppl-vae train`."""
+    """Load a run folder written by `ppl_vae.fit` or `ppl-vae train`, its spec.toml and
+    params.npz checked against the digests run.json records (`verified_bytes`): a file that
+    no longer matches is a `RunError` naming it. ``info["step"]`` is the step of the params
+    loaded (a save under way in a folder in use may leave the previous step's)."""
     path = Path(path)
     for name in (SPEC_FILE, INFO_FILE, PARAMS_FILE):
         if not (path / name).exists():
             raise RunError(f"{path} is not a finished run folder: {name} is missing (train it "
                            "with `ppl-vae train SPEC --out DIR` first)")
-    return Run(path, load_spec(path / SPEC_FILE), read_info(path),
-               read_metrics(path / METRICS_FILE), load_params(path / PARAMS_FILE))
+    info = read_info(path)
+    if not has_digests(info):
+        note_unverified(path)
+    spec_file = path / SPEC_FILE
+    text, _ = verified_bytes(spec_file, info, _spec_fix(spec_file, info))
+    params_file = path / PARAMS_FILE
+    data, step = verified_bytes(params_file, info, RETRAIN,
+                                parse=lambda b: load_params(params_file, b))
+    if step is not None:
+        info["step"] = step
+    spec = _spec_from_text(spec_file, text)
+    return Run(path, spec, info, read_metrics(path / METRICS_FILE),
+               load_params(params_file, data))
+
+
+def _spec_fix(spec_file: Path, info: dict) -> str:
+    """What to do about a spec.toml that no longer matches: the keys that differ from the
+    spec recorded in run.json, where the file still reads as a spec."""
+    fix = (f"write back the spec it was trained with (`ppl-vae train {spec_file.parent} "
+           f"--resume` takes it from {INFO_FILE}), or train the run again with --overwrite")
+    if "spec" not in info:
+        return fix
+    try:
+        differences = spec_differences(info["spec"], spec_table(load_spec(spec_file)),
+                                       other="the file has")
+    except (SpecError, OSError):
+        return fix
+    return (f"it differs from the spec training recorded in "
+            f"{describe_differences(differences)}; {fix}") if differences else fix
+
+
+def _spec_from_text(spec_file: Path, text: bytes) -> Spec:
+    """The spec of spec.toml's bytes as read (and verified), named after the file."""
+    import tomllib
+
+    try:
+        table = tomllib.loads(text.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise damaged(spec_file, err) from None
+    return spec_from_dict(table, str(spec_file))

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ppl_vae import __version__, graph, runs
+from ppl_vae import graph, runs
 from ppl_vae.backends import backend_module
 from ppl_vae.data import Dataset, binarize, load_data
 from ppl_vae.objective import beta_schedule, site_betas, step_fields
 from ppl_vae.spec import LABEL_SITE, Spec, load_spec
+from ppl_vae.version import __version__
 
 
 class TrainingDiverged(RuntimeError):
@@ -126,6 +127,14 @@ def _fmt(record: dict) -> str:
                      if k in record)
 
 
+def _last_finite(record: dict, start: int) -> str:
+    """The last logged metrics before a divergence, or why there are none."""
+    if record:
+        return f"last finite metrics (step {record['step']}): {_fmt(record)}"
+    return ("it happened in the first window, before any metrics were logged" if start == 0
+            else f"it happened in the first window after step {start}, where the run resumed")
+
+
 def default_out_dir(spec: Spec) -> Path:
     return Path("runs") / f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
@@ -167,7 +176,7 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
                 "n_test": len(dataset.x_test), "device": str(trainer.device),
                 "matmul_precision": spec.train.matmul_precision, "step": start,
                 "wall_seconds": previous.get("wall_seconds", 0.0), "version": __version__}
-        runs.start_run_dir(out, spec, resume=resume, step=start)
+        info |= runs.start_run_dir(out, spec, resume=resume, step=start)  # spec, its digest
         try:
             _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress)
         except BaseException:
@@ -224,11 +233,13 @@ def _peak_memory_mb() -> float:
 
 
 def _save(trainer, out: Path, ckpt_path: Path, info: dict) -> None:
-    runs.save_params(out / runs.PARAMS_FILE, trainer.model.export_params())
-    runs.write_atomic(ckpt_path, trainer.save_checkpoint)
-    runs.write_json_atomic(out / runs.INFO_FILE, info | {"step": trainer.step,
-                                                         "step_mode": trainer.step_mode,
-                                                         "peak_memory_mb": _peak_memory_mb()})
+    """params.npz, the checkpoint and run.json, their digests recorded (`runs.write_recorded`)."""
+    written = runs.write_recorded(
+        out, {runs.PARAMS_FILE: runs.params_writer(trainer.model.export_params()),
+              ckpt_path.name: trainer.save_checkpoint},
+        info | {"step": trainer.step, "step_mode": trainer.step_mode,
+                "peak_memory_mb": _peak_memory_mb()})
+    info["digests"] = written["digests"]
 
 
 def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress):
@@ -259,18 +270,16 @@ def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, pr
                     raise TrainingDiverged(
                         f"the loss blew up: {values[:, 0].mean():.4g} nats per example in the "
                         f"window ending at step {last}, against {best_objective:.4g} at best "
-                        f"before (a window's mean or a window's first step); last finite "
-                        f"metrics (step {last_finite.get('step', '-')}): "
-                        f"{_fmt(last_finite) or 'none'}; {where}. Try a smaller train.lr or "
-                        "train.clip_norm > 0.")
+                        f"before (a window's mean or a window's first step); "
+                        f"{_last_finite(last_finite, start)}; {where}. Try a smaller train.lr "
+                        "or train.clip_norm > 0.")
                 if bad.any():
                     step = first + int(np.argmax(bad)) + 1
                     where = (f"the last good checkpoint (step {last_ckpt}) is in {ckpt_path}"
                              if last_ckpt else "no checkpoint was written yet")
                     raise TrainingDiverged(
-                        f"the loss became {values[np.argmax(bad), 0]} at step {step}; last finite "
-                        f"metrics (step {last_finite.get('step', '-')}): "
-                        f"{_fmt(last_finite) or 'none'}; {where}. Try a smaller train.lr, "
+                        f"the loss became {values[np.argmax(bad), 0]} at step {step}; "
+                        f"{_last_finite(last_finite, start)}; {where}. Try a smaller train.lr, "
                         "train.clip_norm > 0, or float64 (train.dtype).")
                 record = {"step": last, "split": "train", "beta": float(betas[-1]),
                           "lam": obj.lam}

@@ -307,3 +307,92 @@ def test_small_mistakes_get_clear_answers(tmp_path, capsys):
     for name in ("run.json", "params.npz", "spec.toml", "report.json"):
         mode = stat.S_IMODE((out / name).stat().st_mode)
         assert mode == 0o666 & ~umask, (name, oct(mode))
+
+
+# ---- issue 20: every mistake one line, nothing misread -----------------------------------------
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", "vae_digits", "--out", str(out), *FAST,
+                 "--set", "train.steps=20", "--set", "train.log_every=10",
+                 "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iwae-k", "-5"], "--iwae-k must be at least 1"),  # was torch.cat() of an empty list
+    (["--n", "-3"], "--n must be at least 1 test example; got -3"),  # was 356 of 359, exit 0
+    (["--n", "0"], "--n must be at least 1 test example; got 0"),  # was: all of them, silently
+])
+def test_eval_refuses_counts_below_one_in_one_line(args, message, small_run, capsys):
+    before = sorted(p.name for p in small_run.iterdir())
+    assert main(["eval", str(small_run), *args, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ppl-vae eval: error: {err.split(': error: ', 1)[1]}" and message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in small_run.iterdir()) == before  # no report.json
+
+
+def test_psis_with_too_few_draws_says_not_estimable_instead_of_nan(small_run, capsys):
+    """--iwae-k 10 printed "PSIS k̂: mean nan, max nan, nan%"."""
+    assert main(["eval", str(small_run), "--iwae-k", "10", "--n", "30", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    (line,) = [line for line in text.splitlines() if "PSIS" in line]
+    assert "nan" not in line.lower() and "not estimable: K = 10 draws per example" in line
+    assert main(["eval", str(small_run), "--iwae-k", "100", "--n", "30", "--no-progress"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "PSIS" in line]
+    assert "PSIS k̂: mean" in line and "nan" not in line.lower()
+
+
+def test_bits_say_what_they_are_computed_from(small_run, capsys):
+    assert main(["eval", str(small_run), "--iwae-k", "30", "--n", "30", "--bits",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((small_run / "report.json").read_text())
+    assert "(−ELBO / (D ln 2), D = 64: from the test ELBO)" in text
+    assert report["bits_per_dim"] == pytest.approx(-report["elbo"] / (64 * np.log(2)))
+    assert report["bits_per_dim_iwae"] == pytest.approx(
+        -report["log_likelihood"] / (64 * np.log(2)))
+    assert report["bits_per_dim_iwae"] < report["bits_per_dim"]  # IWAE is the tighter bound
+
+
+def test_a_learning_rate_of_ten_says_no_metrics_were_logged_not_step_dash(tmp_path, capsys):
+    """The message ended "last finite metrics (step -): none"."""
+    assert main(["train", "vae_digits", "--out", str(tmp_path / "r"), "--set", "train.lr=10",
+                 "--set", "train.steps=100", "--set", "train.log_every=100", "--set",
+                 "train.eval_every=100", "--set", "train.checkpoint_every=100",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "blew up" in err and "before any metrics were logged" in err
+    assert "(step -)" not in err and ": none" not in err
+
+
+def test_m2_eval_says_its_aux_term_was_not_evaluated(tmp_path, capsys):
+    """M2's eval printed "aux 0.000" for a model trained with a weight-20 α-term: eval sums the
+    label out, so the term on known labels is not evaluated."""
+    from tests.test_latent_label import M2
+
+    out = tmp_path / "m2"
+    small = [o for o in M2 if not o.startswith("train.")] + [
+        "train.steps=20", "train.log_every=10", "train.eval_every=20",
+        "train.checkpoint_every=20", "data.limit=400", "train.batch_size=32"]
+    assert main(["train", "vae_digits", "--out", str(out), "--no-progress",
+                 *(a for o in small for a in ("--set", o))]) == 0
+    assert main(["eval", str(out), "--iwae-k", "0", "--n", "50", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    (line,) = [line for line in text.splitlines() if line.strip().startswith("aux")]
+    assert "not evaluated" in line and "supervised (weight 20)" in line and "0.000" not in line
+    assert "(without the aux terms not evaluated)" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["aux_not_evaluated"] == ["supervised (weight 20)"]
+
+
+def test_a_one_site_full_covariance_posterior_says_i_q_is_not_estimated(tmp_path, capsys):
+    """The README promised the line; a one-site model printed nothing about I_q."""
+    out = tmp_path / "full"
+    assert main(["train", "vae_digits", "--out", str(out), *FAST, "--set",
+                 'posterior.kind="full"', "--set", "train.steps=20", "--set",
+                 "train.eval_every=20", "--set", "train.checkpoint_every=20"]) == 0
+    assert main(["eval", str(out), "--iwae-k", "0", "--n", "30", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "  I_q: not estimated (q(z|y) is not a diagonal Gaussian of the data)" in text

@@ -11,8 +11,8 @@ import pytest
 from ppl_vae.data import DataError, Dataset, binarize, check_support, load_data, read_idx
 from ppl_vae.spec import LikelihoodSpec, Spec, SpecError, load_spec
 
-MNIST = Path(__file__).parents[1].parent / "shared" / "data" / "mnist"
 MNIST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+MNIST_TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 IDX_CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B,
              np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
 
@@ -179,17 +179,27 @@ def test_read_idx_rejects_other_and_damaged_files(tmp_path):
 
 
 # ---- MNIST ----------------------------------------------------------------------------------
-def test_real_mnist_test_set():
-    if not MNIST.is_dir():
-        pytest.skip(f"the MNIST test set is not at {MNIST}")
-    images = read_idx(MNIST / "t10k-images-idx3-ubyte.gz")
-    labels = read_idx(MNIST / "t10k-labels-idx1-ubyte.gz")
+def _linked(folder: Path, source: Path, prefixes) -> Path:
+    """`folder` with links to the IDX files of `source` whose names start with `prefixes`."""
+    folder.mkdir()
+    for path in source.iterdir():
+        if path.name.startswith(tuple(prefixes)):
+            (folder / path.name).symlink_to(path)
+    return folder
+
+
+def test_real_mnist_test_files_alone_are_split_80_20(mnist_dir, tmp_path):
+    """A folder holding only the 10k test files (how ../shared first shipped MNIST): split,
+    seeded, into train and test by data.test_fraction."""
+    folder = _linked(tmp_path / "t10k", mnist_dir, ["t10k-"])
+    images = read_idx(next(folder.glob("t10k-images-idx3-ubyte*")))
+    labels = read_idx(next(folder.glob("t10k-labels-idx1-ubyte*")))
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == MNIST_LABEL_COUNTS
-    d = load_data(spec("data.source=mnist", f'data.path="{MNIST}"', "data.test_fraction=0.25"))
+    d = load_data(spec("data.source=mnist", f'data.path="{folder}"', "data.test_fraction=0.25"))
     assert_well_formed(d)
     assert d.x_train.shape == (7500, 784) and d.x_test.shape == (2500, 784)
-    assert d.image_shape == (28, 28) and d.name == f"mnist:{MNIST}"
+    assert d.image_shape == (28, 28) and d.name == f"mnist:{folder}"
     assert d.x_train.min() == 0.0 and d.x_train.max() == 1.0
     all_labels = np.concatenate([d.labels_train, d.labels_test])
     assert np.bincount(all_labels).tolist() == MNIST_LABEL_COUNTS
@@ -198,6 +208,24 @@ def test_real_mnist_test_set():
     np.testing.assert_allclose(np.sort(x.sum(axis=1) * 255),
                                np.sort(images.reshape(10000, -1).sum(axis=1)), rtol=1e-5)
     check_support(d.x_train, LikelihoodSpec(kind="binomial", total_count=255), "mnist")
+
+
+def test_real_mnist_folder_as_it_is(mnist_dir):
+    """The folder the examples read, whichever it holds: with the train files, the standard
+    60k/10k split in file order (data.test_fraction does not apply); without them, the test
+    files split (the test above)."""
+    d = load_data(spec("data.source=mnist", f'data.path="{mnist_dir}"', "data.test_fraction=0.25"))
+    assert_well_formed(d)
+    assert d.image_shape == (28, 28) and d.x_train.max() == 1.0
+    if any(mnist_dir.glob("train-images-idx3-ubyte*")):
+        assert d.x_train.shape == (60000, 784) and d.x_test.shape == (10000, 784)
+        assert np.bincount(d.labels_train).tolist() == MNIST_TRAIN_LABEL_COUNTS
+        assert np.bincount(d.labels_test).tolist() == MNIST_LABEL_COUNTS
+        test_images = read_idx(next(mnist_dir.glob("t10k-images-idx3-ubyte*")))
+        np.testing.assert_array_equal(np.rint(d.x_test * 255).astype(np.uint8),
+                                      test_images.reshape(10000, -1))  # in file order
+    else:
+        assert d.x_train.shape == (7500, 784) and d.x_test.shape == (2500, 784)
 
 
 def test_mnist_folder_with_train_files_uses_them(tmp_path):

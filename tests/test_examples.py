@@ -5,13 +5,22 @@ is quick (not the conv one), and leave the table, results and figure that exampl
 shows."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ppl_vae.experiments import MNIST_ENV
+from tests.conftest import mnist_missing
+
 ROOT = Path(__file__).parents[1]
+#: A smoke run that takes this long has hung (the slowest, bench_step, takes about 2 minutes on
+#: 2 idle cores; several times that under load).
+SMOKE_TIMEOUT_S = 1800
+#: Scripts that need the MNIST files (--mnist, $PPL_VAE_MNIST or ../shared/data/mnist).
+NEEDS_MNIST = ("latent_graphs", "semi_supervised", "bench_latent_graphs")
 SCRIPTS = sorted([*(ROOT / "examples").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
 #: experiment -> its figure
 EXPERIMENTS = {"posterior_collapse": "collapse.png", "rate_distortion": "rate_distortion.png",
@@ -26,9 +35,11 @@ CASES = [pytest.param(p, "pyro", id=p.stem) for p in SCRIPTS] + [
 
 @pytest.mark.parametrize("path, backend", CASES)
 def test_example_smoke(path, backend, tmp_path):
+    if path.stem in NEEDS_MNIST and mnist_missing():
+        pytest.skip(mnist_missing())
     extra = ["--backend", backend, "--no-progress"] if path.stem in EXPERIMENTS else []
     done = subprocess.run([sys.executable, str(path), "--smoke", *extra], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+                          text=True, timeout=SMOKE_TIMEOUT_S, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     if path.stem in EXPERIMENTS:
         out = tmp_path / "runs" / f"{path.stem}-smoke"
@@ -36,6 +47,26 @@ def test_example_smoke(path, backend, tmp_path):
         assert {"results.json", "table.md", EXPERIMENTS[path.stem]} <= written
         results = json.loads((out / "results.json").read_text())
         assert results["backend"] == backend and results["smoke"] and results["rows"]
+
+
+@pytest.mark.parametrize("name", NEEDS_MNIST)
+def test_a_script_without_mnist_says_where_it_looked_in_one_line(name, tmp_path):
+    """A fresh clone has no ../shared: the scripts that read MNIST used to end in a traceback
+    (they hard-wired ../shared/data/mnist)."""
+    path = next(p for p in SCRIPTS if p.stem == name)
+    missing = tmp_path / "no_mnist"
+    env = os.environ | {MNIST_ENV: str(missing)}
+    done = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True,
+                          text=True, timeout=SMOKE_TIMEOUT_S, cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"the MNIST folder {missing} does not exist" in err and "--mnist DIR" in err
+    (missing / "sub").mkdir(parents=True)  # there, but without the files: said so, too
+    done = subprocess.run([sys.executable, str(path), "--smoke", "--mnist", str(missing)],
+                          capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, cwd=tmp_path)
+    assert done.returncode == 2 and "holds no MNIST test files" in done.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
@@ -77,3 +108,46 @@ def test_disentangle_summarises_seeds_and_calls_the_claim_against_their_spread()
     assert not dis.claim(dis.over_seeds(rows))["held"]
     one_seed = dis.over_seeds([r for r in rows if r["seed"] == 0])
     assert one_seed[0]["mig_sd"] == 0.0 and dis.claim(one_seed)["held"]  # 0.30 > 0.10
+
+
+def _readme_all_keys_block() -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("All the keys:")
+    start = readme.index("```toml\n", start) + len("```toml\n")
+    return readme[start:readme.index("```", start)]
+
+
+def test_readme_all_the_keys_block_is_the_specs_defaults_key_for_key():
+    """The README's "All the keys" block parses with the spec loader, names every key a spec
+    has, and shows each one's default (it showed data.binarize = "dynamic", the default being
+    "none"). Its [[objective.aux]] table is an example term, shown with the term's defaults."""
+    import dataclasses
+    import tomllib
+
+    from ppl_vae.runs import flatten_spec, spec_table
+    from ppl_vae.spec import AuxSpec, Spec, spec_from_dict
+
+    block = tomllib.loads(_readme_all_keys_block())
+    spec_from_dict(block, "README.md")  # every key known, every value valid
+    one_aux = Spec(objective=dataclasses.replace(Spec().objective, aux=(AuxSpec(),)))
+    assert block["objective"].pop("aux") == spec_table(one_aux)["objective"]["aux"]
+    shown, default = flatten_spec(block), flatten_spec(spec_table(Spec()))
+    default.pop("objective.aux", None)
+    # spec_table writes the one-site form: [latent], [prior], [posterior]
+    assert sorted(default.keys() - shown.keys()) == []  # every key is shown
+    assert sorted(shown.keys() - default.keys()) == []  # and no other
+    assert {k: v for k, v in shown.items() if default[k] != v} == {}
+
+
+def test_custom_model_pyro_trains_on_one_thread_by_default():
+    """It ran on PyTorch's default thread count, against the README's advice (24 s against
+    11 s with one thread on a busy machine)."""
+    torch = pytest.importorskip("torch")
+    example = _load_example("custom_model_pyro")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        example.main(example.parse_args(["--smoke", "--steps", "5"]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

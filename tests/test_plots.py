@@ -9,23 +9,25 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")
-from matplotlib.figure import Figure  # noqa: E402
-
-from ppl_vae import plots  # noqa: E402
+from ppl_vae import plots
 
 ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture
 def drawn(monkeypatch):
-    """The figures written while the test runs, {file name: Figure}, drawn (text laid out)."""
+    """The figures written while the test runs, {file name: Figure}, drawn (text laid out).
+    A figure is written to a temporary name (".t.png.<pid>.<hex>.tmp") and renamed: it is
+    recorded under its final name."""
+    from matplotlib.figure import Figure  # here, not at collection: matplotlib is slow to load
+
     figures = {}
     savefig = Figure.savefig
 
     def record(fig, path, *args, **kwargs):
         savefig(fig, path, *args, **kwargs)  # also lays out the text: extents are final
-        figures[Path(path).name] = fig
+        name = Path(path).name
+        figures[name[1:].rsplit(".", 3)[0] if name.endswith(".tmp") else name] = fig
 
     monkeypatch.setattr(Figure, "savefig", record)
     return figures
@@ -253,3 +255,37 @@ def test_plot_run_labels_traversals_with_the_runs_rates(tmp_path, drawn):
     labels = [t.get_text() for t in drawn["traversals.png"].axes[0].get_yticklabels()]
     assert labels == [f"dim {i}\n{rates[i]:.2f} nats" for i in np.argsort(rates)[::-1]]
     assert "mse" in drawn["curves.png"].axes[0].get_ylabel()
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Figures were written in place: a savefig that failed half-way left half a PNG where the
+    previous figure was. Now the old file stays, and no temporary file is left."""
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "s.png"
+    plots.save_image_grid(np.zeros((4, 3, 3)), path)
+    old = path.read_bytes()
+    savefig = Figure.savefig
+
+    def fails_half_way(fig, target, *args, **kwargs):
+        savefig(fig, target, *args, **kwargs)
+        with open(target, "r+b") as fh:
+            fh.truncate(100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", fails_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        plots.save_image_grid(np.ones((4, 3, 3)), path)
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]
+
+
+def test_every_figure_goes_through_the_atomic_save():
+    """No savefig (or imsave) outside `plots.save`, in the package, the examples and the
+    benchmarks: each figure they write is then written atomically."""
+    calls = []
+    for folder in ("ppl_vae", "examples", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if ".savefig(" in line or "imsave(" in line:
+                    calls.append(f"{path.relative_to(ROOT)}:{i}")
+    assert len(calls) == 1 and calls[0].startswith("ppl_vae/plots.py:"), calls

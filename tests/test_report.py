@@ -139,3 +139,24 @@ def test_a_resolved_information_gives_the_marginal_kl_and_same_draw_bounds(tmp_p
     tolerance = 4 * one_draw_sd / math.sqrt(len(y) * 64)
     assert report["particles"] == 64
     assert report["nll_distortion"] == pytest.approx(per_example.mean(), abs=tolerance)
+
+
+def test_the_ceiling_given_the_label_is_written_with_the_pool_it_comes_from():
+    """M2's note read "ln M = 5.35, M = 2100 examples", but ln 2100 = 7.65: given the label
+    the ceiling is Σ_k p(k) ln M_k over the classes' pools, ≈ ln(M / classes). The text now
+    says so, and its per-label count is the one the number is the log of."""
+    from ppl_vae.report import ceiling_text
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 210)  # 2100 examples, 210 of each label
+    loc, scale = rng.normal(size=(2100, 2)), np.ones((2100, 2))
+    _, ceiling = site_information(loc, scale, labels)
+    assert ceiling == pytest.approx(math.log(210))
+    site = {"mutual_information_ceiling": ceiling, "mutual_information_pool": 2100,
+            "mutual_information_given_label": True}
+    text = ceiling_text(site)
+    assert f"Σ_k p(k) ln M_k = {math.log(210):.2f}" in text and "≈ 210 per label" in text
+    assert "among the 2100" in text and "ln M = " not in text
+    site["mutual_information_given_label"] = False
+    site["mutual_information_ceiling"] = math.log(2100)
+    assert ceiling_text(site) == "ln M = 7.65, M = 2100 examples"

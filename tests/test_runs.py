@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ppl_vae.cli import main
@@ -360,3 +361,208 @@ def test_compare_into_a_folder_with_runs_says_overwrite_not_resume(trained, tmp_
     err = one_line_error(capsys, out, "the pyro run", "pass --overwrite")
     assert "--resume" not in err
     assert snapshot(out) == before
+
+
+# ---- a folder that cannot lie about its files (issue 20) -------------------------------------
+def test_run_json_records_the_spec_and_a_digest_of_each_file_it_wrote(trained):
+    from ppl_vae import runs
+    from ppl_vae.spec import load_spec
+
+    info = json.loads((trained / "run.json").read_text())
+    assert set(info["digests"]) == {"spec.toml", "params.npz", "checkpoint.pt"}
+    for name, recorded in info["digests"].items():
+        assert recorded == runs.file_digest(trained / name), name
+    assert info["spec"] == runs.spec_table(load_spec(trained / "spec.toml"))
+    assert "previous" not in info  # only while a save is under way
+
+
+def test_a_truncated_spec_toml_cannot_change_what_a_resume_trains(trained, tmp_path, capsys):
+    """The issue's case: spec.toml cut to its first 150 bytes (still valid TOML), then a resume
+    from it. The missing keys took their defaults (data.binarize "none" for the "dynamic" the
+    run was trained with), the run went on with another objective, and spec.toml was rewritten
+    with the defaults: exit 0, no warning."""
+    run = copy_of(trained, tmp_path)
+    spec_toml = run / "spec.toml"
+    spec_toml.write_bytes(spec_toml.read_bytes()[:150])
+    before = snapshot(run)
+    assert main(["train", str(spec_toml), "--out", str(run), "--resume", "--set",
+                 "train.steps=40", "--no-progress"]) == 2
+    err = one_line_error(capsys, f"{spec_toml} was changed after training wrote it",
+                         "data.binarize: recorded 'dynamic', given 'none'",
+                         f"ppl-vae train {run} --resume")
+    assert "data.limit: recorded 300, given 0" in err
+    assert snapshot(run) == before
+    # eval, plot and sample refuse it too, naming the file and a key
+    for args in (["eval", str(run), *EVAL], ["plot", str(run)],
+                 ["sample", str(run), "--out", str(tmp_path / "s.npy")]):
+        assert main(args) == 2
+        one_line_error(capsys, f"{spec_toml} is not the file training wrote",
+                       "data.binarize: recorded 'dynamic', the file has 'none'")
+    assert snapshot(run) == before and not (tmp_path / "s.npy").exists()
+    # the command the messages give: the recorded spec continues the run and writes it back
+    assert main(["train", str(run), "--resume", "--set", "train.steps=40", "--no-progress"]) == 0
+    assert f"{spec_toml} had changed since training wrote it" in capsys.readouterr().err
+    from ppl_vae.spec import load_spec
+
+    resumed = load_spec(spec_toml)
+    assert resumed.data.binarize == "dynamic" and resumed.train.steps == 40
+    assert main(["eval", str(run), *EVAL]) == 0
+
+
+def test_a_resume_names_each_key_that_differs_from_the_recorded_spec(trained, tmp_path, capsys):
+    run = copy_of(trained, tmp_path)
+    before = snapshot(run)
+    assert train(run, "--resume", *MORE, "--set", "latent.dim=5", "--set",
+                 "objective.beta=2") == 2
+    one_line_error(capsys, "latent.dim: recorded 4, given 5",
+                   "objective.beta: recorded 1.0, given 2.0", "train.steps")
+    assert snapshot(run) == before
+    # where it runs and how long are the resume's to change
+    assert train(run, "--resume", *MORE, "--set", "train.threads=2") == 0
+
+
+@pytest.mark.parametrize("swap, command, names", [
+    ("params.npz", ["eval"], ["params.npz is not the file training wrote", "--overwrite"]),
+    ("params.npz", ["sample", "--out", "s.npy"], ["params.npz is not the file training wrote"]),
+    ("params.npz", ["plot"], ["params.npz is not the file training wrote"]),
+    ("checkpoint.pt", ["resume"], ["checkpoint.pt is not the file training wrote",
+                                   "cannot be resumed", "train.init="]),
+], ids=["params-eval", "params-sample", "params-plot", "checkpoint-resume"])
+def test_a_file_swapped_for_another_runs_is_refused_in_one_line(
+        swap, command, names, trained, tmp_path, capsys):
+    """Another run's params.npz or checkpoint.pt, whole and readable, used to be evaluated (or
+    resumed) as if it were this run's."""
+    other = tmp_path / "other"
+    assert train(other, "--set", "train.seed=1") == 0
+    capsys.readouterr()
+    run = copy_of(trained, tmp_path)
+    shutil.copy(other / swap, run / swap)
+    before = snapshot(run)
+    if command == ["resume"]:
+        assert train(run, "--resume", *MORE) == 2
+    else:
+        args = [command[0], str(run), *command[1:]]
+        args = [str(tmp_path / a) if a == "s.npy" else a for a in args]
+        assert main(args + (EVAL if command == ["eval"] else [])) == 2
+    one_line_error(capsys, *[str(run / n) if n.startswith(swap) else n for n in names])
+    assert snapshot(run) == before and not (tmp_path / "s.npy").exists()
+
+
+def test_a_folder_without_digests_still_works_with_a_note_and_gets_them_on_resume(
+        trained, tmp_path, capsys):
+    run = copy_of(trained, tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    old = {k: v for k, v in info.items() if k not in ("digests", "spec")}  # an older folder
+    (run / "run.json").write_text(json.dumps(old))
+    note = f"{run / 'run.json'} records no digests"
+    assert main(["eval", str(run), *EVAL]) == 0
+    err = capsys.readouterr().err
+    assert note in err and len([line for line in err.splitlines() if "note:" in line]) == 1
+    assert train(run, "--resume", *MORE) == 0
+    assert note in capsys.readouterr().err
+    assert set(json.loads((run / "run.json").read_text())["digests"]) == {
+        "spec.toml", "params.npz", "checkpoint.pt"}
+    assert main(["eval", str(run), *EVAL]) == 0
+    assert note not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("crash_at", ["before the renames", "before the last run.json"])
+def test_a_save_interrupted_anywhere_leaves_a_folder_that_verifies(crash_at, trained, tmp_path,
+                                                                   monkeypatch):
+    """run.json first records the new digests beside the old ones, then the files are renamed,
+    then run.json is written alone: a crash between leaves old or new files, both recorded."""
+    from ppl_vae import runs
+
+    run = copy_of(trained, tmp_path)
+    info = runs.read_info(run)
+    params = runs.load_params(run / "params.npz")
+    new_params = {k: v + 1.0 for k, v in params.items()}
+    real_replace, real_json = os.replace, runs.write_json_atomic
+    calls = {"json": 0}
+
+    def replace(src, dst):
+        if crash_at == "before the renames" and Path(dst).name == "params.npz":
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    def write_json(path, obj):
+        calls["json"] += 1
+        if crash_at == "before the last run.json" and calls["json"] == 2:
+            raise KeyboardInterrupt
+        return real_json(path, obj)
+
+    monkeypatch.setattr(runs.os, "replace", replace)
+    monkeypatch.setattr(runs, "write_json_atomic", write_json)
+    with pytest.raises(KeyboardInterrupt):
+        runs.write_recorded(run, {"params.npz": runs.params_writer(new_params)},
+                            info | {"step": 30})
+    monkeypatch.undo()
+    assert not list(run.glob(".*.tmp"))  # no temporary file left behind
+    loaded = runs.load_run(run)
+    expect = params if crash_at == "before the renames" else new_params
+    assert all(np.array_equal(loaded.params[k], expect[k]) for k in params)
+    assert loaded.info["step"] == (20 if crash_at == "before the renames" else 30)
+
+
+# ---- eval of a folder in use -----------------------------------------------------------------
+def test_eval_of_a_folder_in_use_says_which_step_it_saw_and_writes_nothing(
+        trained, tmp_path, capsys):
+    """eval of a folder while it trained wrote report.json (and khat.npy) from a mid-run
+    checkpoint into it, unflagged."""
+    run = copy_of(trained, tmp_path)
+    child = hold_lock(run)
+    try:
+        before = snapshot(run)
+        assert main(["eval", str(run), *EVAL, "--plots"]) == 0
+        out, err = capsys.readouterr()
+        assert "test ELBO" in out and "written:" not in out
+        assert (f"{run} is in use (process {child.pid} is training in it): this evaluated step "
+                "20 of a running run") in err
+        assert "report.json is not written (nor --plots or --export-draws)" in err
+        assert snapshot(run) == before
+    finally:
+        kill(child)
+    assert main(["eval", str(run), *EVAL]) == 0  # once it has ended: written
+    assert (run / "report.json").exists()
+
+
+# ---- figures and samples into folders that cannot take them ----------------------------------
+def _read_only_case(run: Path, tmp_path: Path, case: str):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if case == "plot, run folder read-only":
+        run.chmod(0o555)
+        return ["plot", str(run)], [f"cannot create {run / 'plots'}", f"chmod u+w {run}"]
+    if case == "plot, plots/ read-only":
+        (run / "plots").mkdir()
+        (run / "plots").chmod(0o555)
+        return ["plot", str(run)], [f"{run / 'plots'}", "read-only"]
+    if case == "sample into a read-only folder":
+        ro.chmod(0o555)
+        return ["sample", str(run), "--out", str(ro / "s.png")], [str(ro), "read-only"]
+    return (["sample", str(run), "--out", str(tmp_path / "missing" / "s.png")],
+            [f"the folder {tmp_path / 'missing'} does not exist", "mkdir -p"])
+
+
+@pytest.mark.parametrize("case", ["plot, run folder read-only", "plot, plots/ read-only",
+                                  "sample into a read-only folder", "sample into a missing one"])
+def test_figures_into_a_folder_that_cannot_take_them_are_one_line(case, trained, tmp_path,
+                                                                    capsys):
+    """These were PermissionError tracebacks, and a raw "[Errno 2]" line for a missing folder."""
+    if UNPRIVILEGED and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: root writes into read-only folders")
+    run = copy_of(trained, tmp_path)
+    args, names = _read_only_case(run, tmp_path, case)
+    before = snapshot(tmp_path)
+    try:
+        code, out, err = _cli(capsys, *args)
+    finally:
+        for folder in (run, run / "plots", tmp_path / "ro"):
+            if folder.exists():
+                folder.chmod(0o755)
+    assert code == 2, err
+    err = err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "Errno" not in err, err
+    for name in names:
+        assert name in err, (name, err)
+    assert snapshot(tmp_path) == before  # nothing written, not even half a figure
