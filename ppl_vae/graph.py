@@ -158,15 +158,15 @@ def sites_to_fill(spec: Spec, given) -> tuple[str, ...]:
 def is_gaussian_of_data(s: SiteSpec) -> bool:
     """Is q(z_s|y, label) a Gaussian in closed form: a diagonal or full posterior that reads the
     data (and the label) only?"""
-    return not posterior_sites(s) and s.posterior.kind != "iaf"
+    return not guide_parents(s) and s.posterior.kind != "iaf"
 
 
 def gaussian_data_site(spec: Spec, name: str | None = None) -> SiteSpec:
     """The site `name` (default: the first), checked to have a Gaussian posterior of the data
     alone, q(z|y, label), whose mean and standard deviations an `encode` hook can return."""
     s = site(spec, name or spec.sites[0].name)
-    if posterior_sites(s):
-        raise ValueError(f"site {s.name!r}: its posterior reads {', '.join(posterior_sites(s))}, "
+    if guide_parents(s):
+        raise ValueError(f"site {s.name!r}: its posterior reads {', '.join(guide_parents(s))}, "
                          "so q(z|y) is a mixture, not a Gaussian: use posterior_draws")
     if s.posterior.kind == "iaf":
         raise ValueError(f"site {s.name!r}: an IAF posterior is not Gaussian: use "

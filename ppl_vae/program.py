@@ -63,8 +63,9 @@ class Primitives(Protocol):
     def plate(self, name: str, size: int, like) -> AbstractContextManager: ...
 
     def param(self, name: str, shape: tuple[int, ...], init: str = "zeros"):
-        """The parameter with canonical name `name` (``prior.loc``); `init` ("zeros" or
-        "normal") is its initial value where the framework creates parameters lazily."""
+        """The parameter with canonical name `name` (``prior.loc``); `init` ("zeros",
+        "normal": N(0, 1), "uniform": U(0, 1)) is its initial value where the framework
+        creates parameters lazily (the Pyro backend's modules create them)."""
 
     def network(self, name: str) -> Callable:
         """The module `name` as a callable; ``net(*args, method="flow_params")`` calls a method."""
@@ -147,16 +148,30 @@ class Program:
             log_scale = P.param(f"{s.prior_module}.log_scale", (d,))
             return D.Normal(loc, P.exp(log_scale)).to_event(1)
         if kind == "conditional":
-            inputs = P.concat([values[p] for p in s.parents]
-                              + ([onehot] if self.spec.label.prior else []))
-            loc, scale = P.network(s.prior_module)(inputs)
-            return D.Normal(loc, scale).to_event(1)
-        k = s.prior.components  # mixture
-        logits = P.param(f"{s.prior_module}.logits", (k,))
+            return D.Normal(*self._conditional_prior(s, values, onehot)).to_event(1)
+        k = s.prior.components
+        if kind == "vamp":
+            return self._vamp_prior(s)
+        logits = P.param(f"{s.prior_module}.logits", (k,))  # mixture
         loc = P.param(f"{s.prior_module}.loc", (k, d), "normal")
         log_scale = P.param(f"{s.prior_module}.log_scale", (k, d))
         return D.MixtureSameFamily(D.Categorical(logits=logits),
                                    D.Normal(loc, P.exp(log_scale)).to_event(1))
+
+    def _conditional_prior(self, s, values: dict, onehot):
+        """(loc, scale), each (..., d), of a conditional prior at its parents' values."""
+        inputs = self.P.concat([values[p] for p in s.parents]
+                               + ([onehot] if self.spec.label.prior else []))
+        return self.P.network(s.prior_module)(inputs)
+
+    def _vamp_prior(self, s):
+        """The VampPrior (Tomczak & Welling 2018): p̂(z) = (1/K) Σ_k q(z | u_k), the site's own
+        posterior at K learned pseudo-inputs u_k (K, D) in data space (initialised from
+        training images by `ppl_vae.init`). No closed-form KL: its rate is Monte Carlo."""
+        P, k = self.P, s.prior.components
+        pseudo = P.param(f"{s.prior_module}.pseudo_inputs", (k, self.plan.data_dim), "uniform")
+        components, _, _ = self.posterior_of(s.name, pseudo, {}, None)  # batch (K,)
+        return P.dist.MixtureSameFamily(P.dist.Categorical(logits=P.zeros((k,))), components)
 
     def data_features(self, y):
         """What a graph's posteriors read as "y": the `[encoder]` network's features of y, or
@@ -176,6 +191,9 @@ class Program:
             label = [onehot] if self.spec.label.condition else []
             loc, scale, below, h = net(None, P.concat(parts + label))
         kind = s.posterior.kind
+        if kind == "ladder":
+            loc, scale = _precision_weighted(loc, scale,
+                                             *self._conditional_prior(s, values, onehot))
         if kind == "full":
             q = P.dist.MultivariateNormal(loc, scale_tril=P.lower_cholesky(scale, below))
         else:
@@ -281,3 +299,13 @@ class Program:
             return P.aux.supervised_loss(P.network(f"aux_{aux.name}"), loc, labels)
         return self._user_fns[aux.name](y=y, z=z, loc=loc, scale=scale, labels=labels,
                                         backend=P.name)
+
+
+def _precision_weighted(loc, scale, prior_loc, prior_scale):
+    """The ladder posterior's merge (Sønderby et al. 2016, eq. 19-20): the product of the
+    bottom-up Gaussian N(loc, scale²) and the prior p̂(z | parents) = N(prior_loc, prior_scale²),
+    renormalised: precision τ = scale⁻² + prior_scale⁻², mean (loc·scale⁻² + prior_loc·
+    prior_scale⁻²) / τ, standard deviation τ^(−1/2). Plain arithmetic: any array type."""
+    tau_bu, tau_prior = scale ** -2, prior_scale ** -2
+    precision = tau_bu + tau_prior
+    return (loc * tau_bu + prior_loc * tau_prior) / precision, precision ** -0.5

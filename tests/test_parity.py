@@ -75,6 +75,14 @@ CASES = {
            'label.class_prior="learned"',
            'objective.aux=[{kind="supervised", site="label", weight=3.0}]'],
     "full": ['posterior.kind="full"'],
+    # the VampPrior (the posterior at pseudo-inputs) and a ladder (top-down, precision-weighted)
+    # two-layer graph (issue 22)
+    "vamp": ['prior.kind="vamp"', "prior.components=3"],
+    "vamp-full-graph": ['latents=[{name="a", dim=2, prior={kind="vamp", components=2}, '
+                        'posterior={kind="full", hidden=[4]}}]', 'decoder.reads=["a"]'],
+    "ladder": ['latents=[{name="z2", dim=2, posterior={hidden=[4]}}, {name="z1", dim=3, '
+               'prior={kind="conditional", parents=["z2"], hidden=[5]}, posterior={kind='
+               '"ladder", hidden=[4]}}]', 'decoder.reads=["z1"]'],
     "iaf": ['posterior.kind="iaf"', "posterior.flow_steps=3", "posterior.flow_hidden=[6]"],
     "iaf-linear-graph": ['latents=[{name="a", dim=2, posterior={kind="iaf", flow_steps=1, '
                          'flow_hidden=[]}}, {name="b", dim=3, posterior={kind="full", inputs='

@@ -58,9 +58,10 @@ class Primitives:
 
     @staticmethod
     def param(name, shape, init="zeros"):
-        if init == "normal":  # drawn from the param's own key under `handlers.seed`
-            return numpyro.param(name, lambda key: jax.random.normal(key, shape))
-        return numpyro.param(name, jnp.zeros(shape))
+        if init == "zeros":
+            return numpyro.param(name, jnp.zeros(shape))
+        draw = {"normal": jax.random.normal, "uniform": jax.random.uniform}[init]
+        return numpyro.param(name, lambda key: draw(key, shape))  # the param's own key
 
     def network(self, name):
         module, shapes = self.networks[name]

@@ -245,10 +245,11 @@ class MADE(nn.Module):
 class Prior(nn.Module):
     """P̂_Φ(z) of one site: `normal` N(0, I) (no parameters), `learned_normal`
     N(loc, diag exp(log_scale)²), `mixture` Σ_k softmax(logits)_k N(loc_k, diag exp(log_scale_k)²),
-    or `conditional` N(loc(h), diag scale(h)²) with h = body(parents, label): `body`, `loc`,
+    `vamp` (1/K) Σ_k q(z | pseudo_inputs_k) (the pseudo-inputs (K, D) its only parameter), or
+    `conditional` N(loc(h), diag scale(h)²) with h = body(parents, label): `body`, `loc`,
     `scale` as in an encoder."""
 
-    def __init__(self, spec: PriorSpec, latent_dim: int, in_width: int = 0):
+    def __init__(self, spec: PriorSpec, latent_dim: int, in_width: int = 0, data_dim: int = 0):
         super().__init__()
         self.kind, self.dim = spec.kind, latent_dim
         if spec.kind == "learned_normal":
@@ -260,6 +261,8 @@ class Prior(nn.Module):
             # Spread the components so they do not start identical (they would stay identical).
             self.loc = nn.Parameter(torch.randn(k, latent_dim))
             self.log_scale = nn.Parameter(torch.zeros(k, latent_dim))
+        elif spec.kind == "vamp":  # U(0, 1) images until `ppl_vae.init` sets training images
+            self.pseudo_inputs = nn.Parameter(torch.rand(spec.components, data_dim))
         elif spec.kind == "conditional":
             self.body = MLP([in_width, *spec.hidden], spec.activation)
             width = spec.hidden[-1] if spec.hidden else in_width
@@ -342,7 +345,7 @@ def build_networks(plan: graph.Plan) -> dict[str, nn.Module]:
                                             post.activation, s.dim, post)
     modules["decoder"] = decoder
     for s in plan.sites:
-        modules[s.prior_module] = Prior(s.prior, s.dim, s.prior_width)
+        modules[s.prior_module] = Prior(s.prior, s.dim, s.prior_width, data_dim)
     modules["likelihood"] = Likelihood(spec.likelihood, data_dim)
     for aux in plan.aux:
         if aux.spec.kind == "supervised" and aux.site != LABEL_SITE:
