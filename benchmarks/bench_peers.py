@@ -275,7 +275,7 @@ def summary(r: Result, target: float) -> dict:
             "train_seconds": secs[-1] if secs else math.nan,
             "final_elbo": r.elbos[-1] if r.elbos else math.nan, "final_elbo_se": r.elbo_se,
             "best_elbo": max(r.elbos) if r.elbos else math.nan, "elbos": r.elbos,
-            "process_wall_s": r.wall_seconds,
+            "seconds": secs, "cpu_seconds": cpu, "process_wall_s": r.wall_seconds,
             "cpu_per_wall": r.cpu_seconds / r.wall_seconds if r.wall_seconds else math.nan}
 
 
@@ -312,6 +312,33 @@ def format_table(rows: list[dict], target: float) -> str:
     return "\n".join(lines)
 
 
+def format_milestones(rows: list[dict], targets) -> str:
+    """For each trainer and test-ELBO level: the first epoch that reached it, with the wall and
+    CPU seconds on its clock at that epoch's end ("—": not within the epochs run)."""
+    targets = sorted(targets)
+    lines = ["| trainer | " + " | ".join(f"to {t:g}: epoch, s (CPU s)" for t in targets) + " |",
+             "|---|" + "---|" * len(targets)]
+    for r in rows:
+        if r["status"] == "skipped":
+            continue
+        cells = []
+        for t in targets:
+            i = next((i for i, e in enumerate(r["elbos"]) if e >= t), None)
+            cells.append("—" if i is None else
+                         f"{i + 1}, {r['seconds'][i]:.0f} ({r['cpu_seconds'][i]:.0f})")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_tables(table: list[dict], target: float, milestones, load_before, load_after) -> None:
+    print(format_table(table, target))
+    print(f"\nload average before {' '.join(load_before)}, after {' '.join(load_after)}; "
+          f"×ref: ratio to {REFERENCE} (below 1 is faster); s/epoch: median of epochs 2.., "
+          "wall and the process's CPU seconds; 1st epoch holds building and compiling; CPU "
+          "s/s: the whole process's CPU seconds per wall second (1 = one core, all the time)\n")
+    print(format_milestones(table, {*milestones, target}))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
@@ -341,7 +368,16 @@ def main(argv=None) -> int:
                    "one, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the snapshots and run folders")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--milestones", type=float, nargs="*", default=[-110.0, -105.0, -102.0],
+                   help="more test-ELBO levels for the second table (with --target)")
+    p.add_argument("--table-from", metavar="JSON", help="print the tables of an earlier "
+                   "run's --json file, without training")
     args = p.parse_args(argv)
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        print_tables(saved["rows"], saved["args"]["target"], args.milestones,
+                     saved["load_before"], saved["load_after"])
+        return 0
     if args.smoke:
         args.epochs = SMOKE_EPOCHS
 
@@ -386,11 +422,7 @@ def main(argv=None) -> int:
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     table = [summary(r, args.target) for r in results]
     print()
-    print(format_table(table, args.target))
-    print(f"\nload average before {' '.join(load_before)}, after {' '.join(load_after)}; "
-          f"×ref: ratio to {REFERENCE} (below 1 is faster); s/epoch: median of epochs 2.., "
-          "wall and the process's CPU seconds; 1st epoch holds building and compiling; CPU "
-          "s/s: the whole process's CPU seconds per wall second (1 = one core, all the time)")
+    print_tables(table, args.target, args.milestones, load_before, load_after)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"args": vars(args), "load_before": load_before, "load_after": load_after,

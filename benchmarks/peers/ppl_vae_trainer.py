@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     parser.add_argument("--spec", default=str(ROOT / "models" / "vae_mnist.toml"))
     parser.add_argument("--test-data", help="test.npy (uint8) for ppl_vae's own final "
                         "evaluation (default: the first 1000 training images)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="another spec override, after the "
+                        "benchmark's (e.g. train.init=PARAMS.npz); repeatable")
     args = parser.parse_args(argv)
 
     import ppl_vae
@@ -69,7 +72,8 @@ def main(argv=None) -> int:
     overrides = [f"train.steps={steps}", f"train.batch_size={args.batch_size}",
                  f"train.lr={args.lr}", f"train.seed={args.seed}", f"train.threads={args.threads}",
                  f"train.log_every={log_window(steps_per_epoch)}", f"train.eval_every={steps}",
-                 f"train.checkpoint_every={steps_per_epoch}", 'train.device="cpu"']
+                 f"train.checkpoint_every={steps_per_epoch}", 'train.device="cpu"',
+                 *args.overrides]
     spec = ppl_vae.load_spec(args.spec, overrides)
 
     clock = protocol.Clock()
