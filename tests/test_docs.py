@@ -280,7 +280,8 @@ def test_the_pages_have_code_to_run_and_their_markers_are_known():
     assert len(RUN_PAGES) >= 10, RUN_PAGES
     for block in ALL_BLOCKS:
         for marker in block.markers:
-            assert re.match(r"^(skip( .*)?|needs [\w, ]+|write \S+|replace \".*\" \".*\")$",
+            assert re.match(r"^(skip( .*)?|needs [\w, ]+|write \S+|replace \".*\" \".*\"|"
+                            r"backend as written)$",
                             marker), f"{block.name}: unknown marker <!-- test: {marker} -->"
             if marker.startswith("needs "):
                 for resource in marker[6:].split(","):
@@ -316,7 +317,9 @@ def smoke_overrides(steps):
 '''
 
 PPL_VAE_SHIM = '''#!{python}
-"""ppl-vae at smoke size: train and compare get small --set overrides, eval small estimates."""
+"""ppl-vae at smoke size: train and compare get small --set overrides, eval small estimates, and
+train runs on Pyro (no XLA compilation) unless the block is marked `backend as written`."""
+import os
 import sys
 
 sys.path.insert(0, {here!r})
@@ -330,22 +333,47 @@ if args and args[0] in ("train", "compare"):
     parsed = build_parser().parse_args(args)
     steps = load_spec(parsed.spec, parsed.overrides).train.steps
     args += [word for o in smoke_overrides(steps) for word in ("--set", o)]
-elif args and args[0] == "eval":
-    args += ["--iwae-k", "50", "--particles", "2"]
+    if args[0] == "train" and not os.environ.get("DOCS_BACKEND_AS_WRITTEN"):
+        args += ["--backend", "pyro"]
+elif args and args[0] == "eval":  # either backend evaluates a run of either; Pyro starts faster
+    args += ["--iwae-k", "10", "--particles", "1", "--n", "100", "--backend", "pyro"]
 sys.exit(main(args))
 '''
 
 PYTHON_SHIM = '''#!/bin/bash
-# python at smoke size: an example script gets --smoke
+# python, but an example script's command line is only parsed (tests/test_examples.py runs them)
 case "$1" in
-  examples/*.py) exec {python} "$@" --smoke ;;
+  examples/*.py) exec {python} {here}/parse_only.py "$@" ;;
   *) exec {python} "$@" ;;
 esac
+'''
+
+PARSE_ONLY = '''
+"""Run an example script until its arguments are parsed, then stop: the command line of a page
+is checked here, and tests/test_examples.py runs every example at --smoke size."""
+import argparse
+import runpy
+import sys
+
+script, args = sys.argv[1], sys.argv[2:]
+parse_args = argparse.ArgumentParser.parse_args
+
+
+def parse_and_stop(self, argv=None, namespace=None):
+    parse_args(self, argv, namespace)
+    print(f"{script}: its arguments {args} parse (tests/test_examples.py runs it)")
+    raise SystemExit(0)
+
+
+argparse.ArgumentParser.parse_args = parse_and_stop
+sys.argv = [script, *args]
+runpy.run_path(script, run_name="__main__")
 '''
 
 DRIVER = '''
 """Run one page's code blocks in order: python blocks in one namespace, bash blocks in bash."""
 import json
+import os
 import subprocess
 import sys
 
@@ -375,7 +403,9 @@ for block in json.load(open(sys.argv[1])):
         code = "\\n" * (block["line"] - 1) + block["code"]  # tracebacks name the page's lines
         exec(compile(code, block["page"], "exec"), namespace)
     else:
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", block["code"]])
+        keep = {{"DOCS_BACKEND_AS_WRITTEN": "1"}} if block["as_written"] else {{}}
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", block["code"]],
+                              env={{**os.environ, **keep}})
         if done.returncode:
             sys.exit(f"{{block['name']}}: the bash block exited with {{done.returncode}}")
 print("=== all blocks ran", flush=True)
@@ -392,7 +422,7 @@ def _prepare(block: Block) -> dict:
         elif marker.startswith("write "):
             write = marker[6:].strip()
     return {"name": block.name, "page": block.page, "line": block.line, "lang": block.lang,
-            "code": code, "write": write}
+            "code": code, "write": write, "as_written": "backend as written" in block.markers}
 
 
 @pytest.mark.slow
@@ -412,14 +442,17 @@ def test_the_code_blocks_of_a_page_run_at_smoke_size(page, tmp_path):
         (tmp_path / "shared").symlink_to(SHARED)
     (here / "smoke.py").write_text(SMOKE)
     (bin_dir / "ppl-vae").write_text(PPL_VAE_SHIM.format(python=sys.executable, here=str(here)))
-    (bin_dir / "python").write_text(PYTHON_SHIM.format(python=sys.executable))
+    (bin_dir / "python").write_text(PYTHON_SHIM.format(python=sys.executable, here=here))
+    (here / "parse_only.py").write_text(PARSE_ONLY)
     for shim in bin_dir.iterdir():
         shim.chmod(0o755)
     (here / "driver.py").write_text(DRIVER.format(here=str(here)))
     (here / "blocks.json").write_text(json.dumps(blocks))
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
-           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+           # (XLA ignores the flags after a word it does not know, such as a bare
+           # intra_op_parallelism_threads=1, which would hide the device count `--devices` adds)
+           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
            "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, str(here / "driver.py"), str(here / "blocks.json")],
                           cwd=work, env=env, capture_output=True, text=True, timeout=900)
@@ -511,7 +544,8 @@ def test_the_math_renders_the_figures_load_and_the_search_finds_a_spec_key(serve
     box = browser.find_element("css selector", "input.md-search__input")
     box.send_keys("num_particles")
     _wait(browser, "return [...document.querySelectorAll('.md-search-result__link')]"
-                   ".some(a => a.href.includes('reference/spec/#objective-num_particles'))",
+                   ".some(a => a.pathname.endsWith('/reference/spec/') "
+                   "&& a.hash === '#objective-num_particles')",
           "the search to find objective.num_particles")
     assert missing == [], f"the site asked for files it does not have: {missing}"
 
