@@ -32,7 +32,9 @@ just before it builds the model, and is read at the end of every epoch; it holds
 model, compiling, the data pipeline and the steps, and not the writing of the epoch's weights
 (``epoch_NNN.npz``), test evaluations or plots, which run with the clock stopped. Threads: every
 trainer gets ``--threads`` intra-op threads (OMP/MKL/OpenBLAS variables, torch.set_num_threads,
-XLA_FLAGS); the table shows CPU seconds per wall second as a check.
+XLA_FLAGS); XLA keeps more threads busy than that (measured: ~1.8 cores with one thread asked),
+so ``--pin CPU ...`` also holds every trainer to the same CPUs. The table shows each epoch's CPU
+seconds beside its wall seconds, and the process's CPU seconds per wall second.
 
 Evaluation. After each trainer finishes (so that nothing else runs while one trains), every
 epoch's weights are scored by one NumPy estimator in float64: the test ELBO per example, nats,
@@ -224,8 +226,10 @@ def run_trainer(t: Trainer, args, work: Path, x_bin, eps) -> Result:
     t0 = time.perf_counter()
     with open(out / "log.txt", "w") as log:
         try:
+            pin = (lambda: os.sched_setaffinity(0, args.pin)) if args.pin else None
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  env=thread_env(args.threads), timeout=args.timeout)
+                                  env=thread_env(args.threads), timeout=args.timeout,
+                                  preexec_fn=pin)
             code = done.returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
@@ -353,6 +357,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for every trainer")
+    p.add_argument("--pin", type=int, nargs="+", metavar="CPU",
+                   help="run every trainer on these CPUs only (sched_setaffinity): XLA on a "
+                        "CPU does not keep to XLA_FLAGS' one thread (jax 0.10: about 1.8 "
+                        "cores busy with --threads 1), affinity does")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per trainer")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these trainers")
     p.add_argument("--smoke", action="store_true",
@@ -403,7 +411,8 @@ def main(argv=None) -> int:
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     print(f"load average before: {' '.join(load_before)}; {os.cpu_count()} CPUs; "
           f"{len(x_train)} training images, {len(x_test)} test images, {args.epochs} epochs, "
-          f"{args.threads} thread(s) per trainer", flush=True)
+          f"{args.threads} thread(s) per trainer"
+          + (f", pinned to CPU(s) {args.pin}" if args.pin else ""), flush=True)
     try:
         np.save(work / "train.npy", x_train)
         results = []
