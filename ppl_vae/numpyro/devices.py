@@ -77,7 +77,8 @@ def simulate_host_devices(n: int, environ=os.environ) -> None:
     the command line calls it first; a GPU's devices are unaffected."""
     flags = environ.get("XLA_FLAGS", "")
     if HOST_DEVICES_FLAG not in flags:
-        environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={n}".strip()
+        # first: XLA stops reading at a word that is not a flag, so an appended one could be lost
+        environ["XLA_FLAGS"] = f"{HOST_DEVICES_FLAG}={n} {flags}".strip()
 
 
 def launch(spec: Spec, argv) -> int | None:
