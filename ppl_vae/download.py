@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
-from ppl_vae import __version__
 from ppl_vae.data import DataError, _find_file
+from ppl_vae.version import __version__
 
 #: Folders holding the four .gz files, tried in this order (torchvision's two, Google's copy for
 #: TensorFlow's datasets, then Y. LeCun's original site, which often refuses scripted downloads).
