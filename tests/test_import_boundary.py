@@ -7,8 +7,8 @@ from pathlib import Path
 #: Every module of the package outside the two backends, found from the files (so a new
 #: module is checked without being listed here).
 _PACKAGE = Path(__file__).resolve().parents[1] / "ppl_vae"
-BACKEND_FREE = ["ppl_vae"] + sorted(
-    "ppl_vae." + ".".join(p.relative_to(_PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+BACKEND_FREE = sorted(
+    ".".join(("ppl_vae", *p.relative_to(_PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
     for p in _PACKAGE.rglob("*.py")
     if p.relative_to(_PACKAGE).parts[0] not in ("pyro", "numpyro") and p.name != "__main__.py")
 
