@@ -527,12 +527,21 @@ def _tail_split(columns: dict[str, np.ndarray], test_fraction: float, name: str)
             {k: np.array(v[n - n_test:]) for k, v in columns.items()})
 
 
-def _keep_labels(labels: np.ndarray, keep: int, seed: np.random.SeedSequence) -> np.ndarray:
-    """`labels` with all but `keep` of them (a seeded random choice) set to -1 (unknown)."""
+def _keep_labels(labels: np.ndarray, keep: int, seed: np.random.SeedSequence,
+                 balanced: bool = False) -> np.ndarray:
+    """`labels` with all but `keep` of them (a seeded random choice) set to -1 (unknown);
+    `balanced`: keep // (number of classes) of each class, chosen at random within it."""
     if keep == 0 or keep >= len(labels):
         return labels
     out = np.full_like(labels, -1)
-    chosen = np.random.default_rng(seed).choice(len(labels), size=keep, replace=False)
+    rng = np.random.default_rng(seed)
+    if balanced:
+        classes = np.unique(labels[labels >= 0])
+        per_class = keep // len(classes)
+        chosen = np.concatenate([rng.choice(np.flatnonzero(labels == c), size=per_class,
+                                            replace=False) for c in classes])
+    else:
+        chosen = rng.choice(len(labels), size=keep, replace=False)
     out[chosen] = labels[chosen]
     return out
 
@@ -606,6 +615,7 @@ def load_data(spec: Spec) -> Dataset:
     return Dataset(x_train=np.ascontiguousarray(x, np.float32),
                    x_test=np.ascontiguousarray(x_test, np.float32),
                    labels_train=np.ascontiguousarray(
-                       _keep_labels(train["labels"], d.labelled, label_seed), np.int64),
+                       _keep_labels(train["labels"], d.labelled, label_seed, d.balanced_labels),
+                       np.int64),
                    labels_test=np.ascontiguousarray(test_columns["labels"], np.int64),
                    image_shape=shape, name=name, **extras, **factors)

@@ -91,6 +91,9 @@ class DataSpec:
     """Generated sources (synthetic:*, dsprites): examples drawn, train + test (0 = 20000)."""
     labelled: int = 0
     """Keep the labels of only this many training examples, the rest become -1 (0 = all)."""
+    balanced_labels: bool = False
+    """With `labelled`: keep labelled / (number of classes) of each class (Pyro's ss_vae_M2
+    protocol), instead of a random choice of `labelled` examples."""
     stream: str = _choice("auto", STREAM_MODES)
     """Training data larger than `device_memory_mb` (MiB, as the device holds it) stays in host
     memory and is read in prefetched minibatches ("auto"); "on" and "off" force either way."""

@@ -68,6 +68,9 @@ def _data(spec: Spec, need: _Need) -> None:
          f"0 for source {d.source!r} (only generated sources, synthetic:* and dsprites, draw a "
          "number of examples)")
     need(d.labelled >= 0, "data.labelled", d.labelled, "an integer >= 0 (0 = keep every label)")
+    need(not d.balanced_labels or d.labelled >= spec.label.classes, "data.balanced_labels",
+         d.balanced_labels, f"false unless data.labelled keeps at least one label of each of "
+         f"the label.classes ({spec.label.classes})")
     need(0.0 < d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
     need(d.limit >= 0, "data.limit", d.limit, "an integer >= 0 (0 = all)")
     need(d.device_memory_mb > 0, "data.device_memory_mb", d.device_memory_mb,

@@ -481,3 +481,12 @@ def test_an_mnist_path_that_is_a_file_says_so(tmp_path):
     (tmp_path / "images.npz").write_bytes(b"not a folder")
     with pytest.raises(DataError, match="is a file; data.source = 'mnist' reads a folder"):
         load_data(spec("data.source=mnist", f'data.path="{tmp_path / "images.npz"}"'))
+
+
+def test_balanced_labels_keep_as_many_of_each_class():
+    d = load_data(load_spec("vae_digits", ["data.labelled=50", "data.balanced_labels=true"]))
+    kept = d.labels_train[d.labels_train >= 0]
+    assert np.bincount(kept).tolist() == [5] * 10
+    other = load_data(load_spec("vae_digits", ["data.labelled=50", "data.balanced_labels=true",
+                                               "train.seed=1"]))
+    assert not np.array_equal(other.labels_train, d.labels_train)  # a seeded choice per class
