@@ -177,6 +177,10 @@ def resolve_spec_path(path_or_name: str | Path) -> Path:
     )
 
 
+#: The table of a spec file that `ppl-vae sweep` reads (`ppl_vae.sweep`) and `load_spec` leaves out.
+SWEEP_TABLE = "sweep"
+
+
 def load_spec(path_or_name: str | Path | Spec, overrides=()) -> Spec:
     """Load a spec from a TOML file or a bundled model name, apply dotted overrides, validate.
 
@@ -195,6 +199,8 @@ def load_spec(path_or_name: str | Path | Spec, overrides=()) -> Spec:
         except UnicodeDecodeError:  # a binary file: often data given where a spec belongs
             raise SpecError("(file)", path.name, "a TOML spec (this file is binary; data such "
                             "as an .npz goes in the spec's data.path)", source) from None
+    # a [sweep] table declares a grid of runs of this spec (`ppl_vae.sweep`), not the spec
+    table.pop(SWEEP_TABLE, None)
     overrides = list(overrides)
     table = apply_overrides(table, overrides, source)
     try:

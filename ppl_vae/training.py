@@ -141,7 +141,8 @@ def default_out_dir(spec: Spec) -> Path:
 
 def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = None,
         out_dir: str | Path | None = None, *, overrides=(), resume: bool = False,
-        overwrite: bool = False, progress: bool = True, dataset: Dataset | None = None):
+        overwrite: bool = False, progress: bool = True, dataset: Dataset | None = None,
+        on_record=None, should_stop=None, make_trainer=None):
     """Train `spec` with `backend`; return the finished `Run` (its folder, metrics, params), or
     None in the other processes of a data-parallel run (train.devices; rank 0 returns the run).
 
@@ -151,6 +152,11 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
     :param resume: continue the run in `out_dir` from its checkpoint (to ``train.steps``).
     :param overwrite: replace an existing `out_dir`.
     :param dataset: use these arrays instead of loading ``spec.data`` (tests, notebooks).
+    :param on_record: called with each record as it is appended to metrics.jsonl (tracking).
+    :param should_stop: polled once per window: True stops as Ctrl-C does (a checkpoint, then
+        `TrainingInterrupted`), for a run that receives no signal (a sweep's thread or task).
+    :param make_trainer: ``make_trainer(spec, dataset, device)`` instead of the backend's
+        `Trainer` (a sweep's vmapped points: `ppl_vae.numpyro.sweep`).
     """
     spec = load_spec(spec, overrides)
     if device is not None:
@@ -168,7 +174,7 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
         # state, the trainer (device, dtype, memory), the initial parameters, the checkpoint.
         runs.check_run_dir(out, spec, resume=resume, overwrite=overwrite,
                            checkpoint_name=ckpt_name)
-        trainer = train_mod.Trainer(spec, dataset, spec.train.device)
+        trainer = (make_trainer or train_mod.Trainer)(spec, dataset, spec.train.device)
         start = _start_from(trainer, spec, ckpt_path, resume)
         previous = runs.read_info(out) if resume else {}
         info = {"backend": backend, "data_dim": dataset.dim, "image_shape": dataset.image_shape,
@@ -178,7 +184,8 @@ def fit(spec: Spec | str | Path, backend: str = "pyro", device: str | None = Non
                 "wall_seconds": previous.get("wall_seconds", 0.0), "version": __version__}
         info |= runs.start_run_dir(out, spec, resume=resume, step=start)  # spec, its digest
         try:
-            _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress)
+            _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress,
+                   on_record or (lambda record: None), should_stop or (lambda: False))
         except BaseException:
             # A new run that fails before its first window is logged (β = inf, out of memory
             # on the first step, a double Ctrl-C) leaves nothing that would block its --out.
@@ -242,7 +249,8 @@ def _save(trainer, out: Path, ckpt_path: Path, info: dict) -> None:
     info["digests"] = written["digests"]
 
 
-def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress):
+def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress,
+           on_record, should_stop):
     tr, obj = spec.train, spec.objective
     x_eval, labels_eval = evaluation_data(spec, dataset)
     nll_trained = obj.distortion == "nll"
@@ -288,6 +296,7 @@ def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, pr
                     record["elbo"] = -(record["rate"] + record["distortion"])
                 record["seconds"] = time.perf_counter() - t0
                 runs.append_metrics(metrics_path, record)
+                on_record(record)
                 last_finite = record
                 best_objective = min(best_objective, record["objective"])
                 if bar is not None:
@@ -298,10 +307,12 @@ def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, pr
                     test = evaluate(trainer.model, spec, x_eval, labels_eval, float(betas[-1]),
                                     obj.lam)
                     runs.append_metrics(metrics_path, {"step": last, "split": "test"} | test)
+                    on_record({"step": last, "split": "test"} | test)
                     if bar is not None:
                         bar.write(f"step {last}: test {_fmt(test)}")
                 info["wall_seconds"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
+                flag["stop"] = flag["stop"] or should_stop()
                 if last % tr.checkpoint_every == 0 or last == tr.steps or flag["stop"]:
                     _save(trainer, out, ckpt_path, info)
                     last_ckpt = last
