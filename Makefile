@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint experiments docs clean
+.PHONY: demo test test-fast bench lint experiments docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check ppl_vae tests examples benchmarks
 	$(BIN)/python -m pytest -q -n 2
+
+# The suite without the tests marked slow (the smoke runs of examples and benchmarks, launches of
+# data-parallel processes, longer trainings; tests/conftest.py and the test files mark them).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 # make bench DEVICE=cuda: the GPU benchmark (batches 128, 1024, 4096 and the conv step)
 DEVICE ?= cpu

@@ -25,3 +25,69 @@ def mnist_dir() -> Path:
     if reason:
         pytest.skip(reason)
     return default_mnist().resolve()
+
+
+#: Tests of 2 s or more (measured on 2 cores: `make test` with --durations), in files whose
+#: owners have not marked them with ``@pytest.mark.slow`` themselves: marked here, so that
+#: ``make test-fast`` (``pytest -m "not slow"``) leaves them out. A node id without its
+#: parameters marks every parameter set. Move an entry to a decorator in its file at will.
+SLOW = (
+    'tests/numpyro/test_elbo.py::test_a_factor_outside_the_plate_counts_once_beside_an_enumerated_site',
+    'tests/numpyro/test_elbo.py::test_autoguides_equal_the_stock_elbo',
+    'tests/numpyro/test_elbo.py::test_enumerated_terms_match_the_pyro_twin',
+    'tests/numpyro/test_elbo.py::test_aux_gradients_reach_the_encoder_only',
+    'tests/numpyro/test_elbo.py::test_batchnorm_state_is_carried_through_svi_run',
+    'tests/numpyro/test_elbo.py::test_identities_float32',
+    'tests/numpyro/test_elbo.py::test_identities_float64',
+    'tests/numpyro/test_elbo.py::test_model_and_guide_are_checked_as_the_stock_elbo_checks_them',
+    'tests/numpyro/test_elbo.py::test_stock_svi_accepts_it',
+    'tests/numpyro/test_train.py::test_a_numpyro_run_evaluates_with_pyro',
+    'tests/numpyro/test_train.py::test_a_run_with_a_changing_beta_compiles_once_per_window_length',
+    'tests/numpyro/test_train.py::test_conv_networks_on_a_cpu_take_one_step_per_call_with_the_same_result',
+    'tests/numpyro/test_train.py::test_nan_stops_with_the_step',
+    'tests/numpyro/test_train.py::test_resume_equals_straight_run',
+    'tests/numpyro/test_train.py::test_window_and_eval_are_compiled_in_the_spec_precision',
+    'tests/pyro/test_elbo.py::test_analytic_rate_matches_monte_carlo[normal]',
+    'tests/pyro/test_elbo.py::test_beta_one_equals_trace_elbo[1]',
+    'tests/pyro/test_train.py::test_a_learning_rate_of_ten_is_a_divergence_not_a_result[numpyro]',
+    'tests/pyro/test_train.py::test_resume_refuses_another_spec',
+    'tests/pyro/test_train.py::test_training_and_evaluation_run_on_train_threads_and_restore[2-2]',
+    'tests/test_arviz_compat.py::test_psis_shapes_normalisation_and_sign',
+    'tests/test_autoregressive.py::test_ancestral_draws_follow_the_scored_density',
+    'tests/test_autoregressive.py::test_each_pixel_depends_on_earlier_pixels_and_z_only_in_both_backends',
+    'tests/test_autoregressive.py::test_iaf_intermediates_and_inverse_agree_in_numpyro',
+    'tests/test_autoregressive.py::test_the_decoder_refuses_to_run_without_the_image',
+    'tests/test_backend_training.py::test_same_init_same_test_elbo',
+    'tests/test_backends.py::test_each_backend_meets_the_model_and_trainer_protocols[numpyro]',
+    'tests/test_backends.py::test_terms_are_for_reading_and_differentiable_terms_for_gradients',
+    'tests/test_bench_peers.py::test_smoke_with_the_two_ppl_vae_backends',
+    'tests/test_data_parallel.py::test_numpyro_asks_for_simulated_devices_when_there_are_too_few',
+    'tests/test_data_parallel.py::test_numpyro_two_devices_equal_one_and_checkpoints_move_between_them',
+    'tests/test_data_parallel.py::test_numpyro_two_processes_of_one_device_equal_one',
+    'tests/test_data_parallel.py::test_pyro_two_processes_equal_one_and_checkpoints_move_between_them',
+    'tests/test_diagnostics.py::test_iwae_with_wrong_proposal_climbs_to_the_evidence',
+    'tests/test_docs.py::test_the_code_blocks_of_a_page_run_at_smoke_size',
+    'tests/test_docs.py::test_the_math_renders_the_figures_load_and_the_search_finds_a_spec_key',
+    'tests/test_latent_label.py::test_m2_trains_and_evaluates_with_the_label_summed_out',
+    'tests/test_latent_label.py::test_the_label_summed_iwae_converges_to_ln_p_by_quadrature[numpyro]',
+    'tests/test_linear_gaussian.py::test_exact_posterior_makes_every_bound_exact[numpyro]',
+    'tests/test_linear_gaussian.py::test_iwae_climbs_to_the_evidence_with_a_wrong_encoder[numpyro]',
+    'tests/test_linear_gaussian.py::test_two_layer_exact_posterior_makes_every_importance_weight_the_evidence[numpyro]',
+    'tests/test_old_runs.py::test_an_old_run_evaluates_to_the_numbers_it_gave[one_site-numpyro]',
+    'tests/test_old_runs.py::test_an_old_run_evaluates_to_the_numbers_it_gave[two_layer-numpyro]',
+    'tests/test_old_runs.py::test_an_old_run_evaluates_to_the_numbers_it_gave[m2-numpyro]',
+    'tests/test_old_runs.py::test_old_parameters_load_unchanged_in_either_backend[numpyro]',
+    'tests/test_parity.py::test_both_backends_give_the_same_log_density_parts_and_ancestral_means',
+    'tests/test_parity.py::test_objectives_agree_float32',
+    'tests/test_parity.py::test_terms_and_gradients_agree_float32',
+    'tests/test_parity.py::test_terms_and_gradients_agree_float64',
+    'tests/test_program.py::test_the_ladder_posterior_is_the_precision_weighted_merge[numpyro]',
+    'tests/test_program.py::test_the_vamp_prior_is_the_posterior_mixture_at_the_pseudo_inputs[numpyro]',
+    'tests/test_streaming.py::test_numpyro_streams_a_data_set_over_the_limit_with_the_in_memory_result',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in SLOW or item.nodeid.split("[")[0] in SLOW:
+            item.add_marker(pytest.mark.slow)

@@ -91,6 +91,7 @@ def test_console_script_is_installed():
     assert done.returncode == 0 and "vae_digits" in done.stdout
 
 
+@pytest.mark.slow
 def test_a_pyro_run_evaluates_and_samples_with_numpyro(tmp_path, capsys):
     pytest.importorskip("numpyro")
     out = tmp_path / "run"
@@ -107,6 +108,7 @@ def test_a_pyro_run_evaluates_and_samples_with_numpyro(tmp_path, capsys):
                  "--out", str(tmp_path / "n.npy")]) == 0
 
 
+@pytest.mark.slow
 def test_compare_prints_both_backends(tmp_path, capsys):
     pytest.importorskip("numpyro")
     more = [a for a in FAST if a != "--no-progress"]
@@ -118,6 +120,7 @@ def test_compare_prints_both_backends(tmp_path, capsys):
     assert "steps (pyro): " in table and "steps (numpyro): lax.scan" in table
 
 
+@pytest.mark.slow
 def test_eval_reports_iwae_psis_and_information(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "vae_digits", "--out", str(out), *FAST,
@@ -142,6 +145,7 @@ def test_eval_reports_iwae_psis_and_information(tmp_path, capsys):
     assert "I_q" in r["verdict"]
 
 
+@pytest.mark.slow
 def test_both_backends_give_the_same_iwae_estimate(tmp_path):
     pytest.importorskip("numpyro")
     from ppl_vae.report import evaluate_run
@@ -155,6 +159,7 @@ def test_both_backends_give_the_same_iwae_estimate(tmp_path):
     assert a["mutual_information"] == pytest.approx(b["mutual_information"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_plot_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "vae_digits", "--out", str(out), *FAST]) == 0
@@ -166,6 +171,7 @@ def test_plot_writes_every_figure(tmp_path, capsys):
     assert all((out / "plots" / n).stat().st_size > 5000 for n in names)
 
 
+@pytest.mark.slow
 def test_eval_exports_posterior_draws_for_arviz(tmp_path, capsys):
     arviz = pytest.importorskip("arviz")
     out = tmp_path / "run"
@@ -182,6 +188,7 @@ def test_eval_exports_posterior_draws_for_arviz(tmp_path, capsys):
     assert (out / "plots" / "curves.png").exists()
 
 
+@pytest.mark.slow
 def test_eval_places_a_run_against_a_known_entropy(tmp_path, capsys):
     """On a synthetic population the report adds H(y) and the lecture's bounds, and the
     autoregressive decoder evaluates, samples and plots (ancestral draws) like any other."""
@@ -222,6 +229,7 @@ FAMILIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, trained, evaluated", [
     ("two-layer-iaf", "pyro", "numpyro"), ("cvae-full", "numpyro", "pyro")])
 def test_each_family_trains_with_one_backend_and_evaluates_with_the_other(

@@ -33,6 +33,7 @@ CASES = [pytest.param(p, "pyro", id=p.stem) for p in SCRIPTS] + [
     for name in NUMPYRO_TOO]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path, backend", CASES)
 def test_example_smoke(path, backend, tmp_path):
     if path.stem in NEEDS_MNIST and mnist_missing():

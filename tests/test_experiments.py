@@ -28,6 +28,7 @@ def test_make_spec_takes_steps_or_the_smoke_settings(tmp_path):
     assert spec.train.threads == 2
 
 
+@pytest.mark.slow
 def test_a_finished_run_with_the_same_spec_is_reused(tmp_path, capsys):
     args = _args(tmp_path, "--smoke")
     spec = experiments.make_spec("vae_bars", ["data.size=500"], args, 0)

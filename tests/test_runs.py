@@ -212,8 +212,9 @@ def _numpyro_without_x64() -> bool:
     pytest.param(["--set", "objective.beta=inf"], [], id="beta-inf"),
     pytest.param(["--backend", "numpyro", "--set", 'train.dtype="float64"'],
                  ["--backend", "numpyro"], id="float64-without-x64",
-                 marks=pytest.mark.skipif(not _numpyro_without_x64(),
-                                          reason="needs numpyro with JAX's 64-bit mode off")),
+                 marks=[pytest.mark.slow,
+                        pytest.mark.skipif(not _numpyro_without_x64(),
+                                           reason="needs numpyro with JAX's 64-bit mode off")]),
 ])
 def test_a_failed_start_leaves_nothing_that_blocks_its_out(bad, fixed, tmp_path, capsys):
     """A start that fails (no GPU, β = inf diverging at step 1, float64 without x64) used to
@@ -328,6 +329,7 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
     return done.returncode, done.stdout, done.stderr
 
 
+@pytest.mark.slow
 def test_eval_of_a_read_only_folder_prints_the_report_then_says_it_was_not_saved(
         trained, tmp_path, capsys):
     if UNPRIVILEGED and not shutil.which("setpriv"):
@@ -409,6 +411,7 @@ def test_a_truncated_spec_toml_cannot_change_what_a_resume_trains(trained, tmp_p
     assert main(["eval", str(run), *EVAL]) == 0
 
 
+@pytest.mark.slow
 def test_a_resume_names_each_key_that_differs_from_the_recorded_spec(trained, tmp_path, capsys):
     run = copy_of(trained, tmp_path)
     before = snapshot(run)
