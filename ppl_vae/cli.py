@@ -6,6 +6,7 @@ Examples::
     ppl-vae train vae_digits --set objective.beta=4 --out runs/beta4
     ppl-vae eval runs/beta4
     ppl-vae sample runs/beta4 --n 64 --out samples.png
+    ppl-vae data mnist ~/data/mnist
 """
 
 from __future__ import annotations
@@ -242,11 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_compare(sub)
     _add_plot(sub)
+    from ppl_vae import download  # standard library only: no backend is imported
+
+    download.add_parser(sub)  # ppl-vae data mnist DIR
     return parser
 
 
+def cmd_data(args) -> int:
+    from ppl_vae import download
+
+    return download.main(args)
+
+
 COMMANDS = {"models": cmd_models, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
-            "compare": cmd_compare, "plot": cmd_plot}
+            "compare": cmd_compare, "plot": cmd_plot, "data": cmd_data}
 
 
 def main(argv=None) -> int:

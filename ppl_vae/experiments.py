@@ -59,7 +59,7 @@ def mnist_folder(given: Path | None, prog: str) -> Path:
         what = "does not exist" if not folder.exists() else "holds no MNIST test files"
         print(f"{prog}: error: the MNIST folder {folder} {what} ({images}[.gz] and {labels}"
               f"[.gz] expected); pass --mnist DIR, or set {MNIST_ENV}, to a folder that "
-              "holds them", file=sys.stderr)
+              "holds them (`ppl-vae data mnist DIR` downloads them)", file=sys.stderr)
         raise SystemExit(2)
     return folder
 

@@ -10,13 +10,15 @@ from ppl_vae.data import MNIST_FILES, _find_file
 from ppl_vae.experiments import MNIST_ENV, default_mnist
 
 
-def mnist_missing() -> str | None:
-    """Why the MNIST test files are not available (the skip reason), or None when they are."""
+def mnist_missing(train: bool = False) -> str | None:
+    """Why the MNIST test files (and with `train` the training files) are not available (the
+    skip reason), or None when they are."""
     folder = default_mnist()
-    if folder.is_dir() and all(_find_file(folder, n) for n in MNIST_FILES["test"]):
+    splits = ("test", "train") if train else ("test",)
+    if folder.is_dir() and all(_find_file(folder, n) for s in splits for n in MNIST_FILES[s]):
         return None
-    return (f"needs the MNIST IDX files (t10k-*) at {folder}: set {MNIST_ENV} to a folder "
-            "holding them")
+    return (f"needs the MNIST IDX files ({'train-* and ' if train else ''}t10k-*) at {folder}: "
+            f"set {MNIST_ENV} to a folder holding them (`ppl-vae data mnist DIR`)")
 
 
 @pytest.fixture(scope="session")

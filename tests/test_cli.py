@@ -404,3 +404,23 @@ def test_a_one_site_full_covariance_posterior_says_i_q_is_not_estimated(tmp_path
     assert main(["eval", str(out), "--iwae-k", "0", "--n", "30", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "  I_q: not estimated (q(z|y) is not a diagonal Gaussian of the data)" in text
+
+
+def test_data_mnist_is_a_command(tmp_path, capsys, monkeypatch):
+    """The missing-MNIST messages point at `ppl-vae data mnist DIR` (ppl_vae.download, tested
+    against a local server in tests/test_download.py): it is wired into the command line."""
+    from ppl_vae import download
+
+    asked = {}
+    monkeypatch.setattr(download, "download_mnist",
+                        lambda folder, **kw: asked.update(folder=folder, **kw))
+    assert main(["data", "mnist", str(tmp_path / "m"), "--no-progress"]) == 0
+    assert asked["folder"] == str(tmp_path / "m") and asked["progress"] is False
+    assert f"MNIST is in {tmp_path / 'm'}" in capsys.readouterr().out
+
+    def refuse(folder, **kw):
+        raise download.DownloadError("no mirror answered")
+
+    monkeypatch.setattr(download, "download_mnist", refuse)
+    assert main(["data", "mnist", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.strip() == "ppl-vae data: error: no mirror answered"

@@ -21,6 +21,8 @@ ROOT = Path(__file__).parents[1]
 SMOKE_TIMEOUT_S = 1800
 #: Scripts that need the MNIST files (--mnist, $PPL_VAE_MNIST or ../shared/data/mnist).
 NEEDS_MNIST = ("latent_graphs", "semi_supervised", "bench_latent_graphs")
+#: ... and those that need its 60 000 training images too.
+NEEDS_MNIST_TRAIN = ("bench_peers",)
 SCRIPTS = sorted([*(ROOT / "examples").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
 #: experiment -> its figure
 EXPERIMENTS = {"posterior_collapse": "collapse.png", "rate_distortion": "rate_distortion.png",
@@ -36,8 +38,10 @@ CASES = [pytest.param(p, "pyro", id=p.stem) for p in SCRIPTS] + [
 @pytest.mark.slow
 @pytest.mark.parametrize("path, backend", CASES)
 def test_example_smoke(path, backend, tmp_path):
-    if path.stem in NEEDS_MNIST and mnist_missing():
-        pytest.skip(mnist_missing())
+    if path.stem in (*NEEDS_MNIST, *NEEDS_MNIST_TRAIN):
+        reason = mnist_missing(train=path.stem in NEEDS_MNIST_TRAIN)
+        if reason:
+            pytest.skip(reason)
     extra = ["--backend", backend, "--no-progress"] if path.stem in EXPERIMENTS else []
     done = subprocess.run([sys.executable, str(path), "--smoke", *extra], capture_output=True,
                           text=True, timeout=SMOKE_TIMEOUT_S, cwd=tmp_path)
