@@ -55,12 +55,13 @@ def worker(backend: str, devices: int, windows: int, window: int, mnist: str,
 
     from ppl_vae.backends import backend_module
     from ppl_vae.data import load_data
+    from ppl_vae.schedules import step_scalars
 
     spec = _spec(devices, window, mnist, smoke)
     train_mod = backend_module(backend, "train")
     rank = train_mod.process_rank(spec)
     trainer = train_mod.Trainer(spec, load_data(spec), "cpu")
-    betas = np.ones(window)
+    betas = step_scalars(spec, np.arange(window), trainer.n_train)
     trainer.run_steps(betas, 1.0)  # compilation, allocation, Adam's state
     t0 = time.perf_counter()
     for _ in range(windows):

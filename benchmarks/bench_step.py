@@ -221,12 +221,13 @@ def spec_for_benchmark(name: str, log_every: int, batch: int, threads: int = 0):
 def ppl_vae_backend(backend, name, x, image_shape, batch, device, a):
     from ppl_vae.backends import backend_module
     from ppl_vae.data import Dataset
+    from ppl_vae.schedules import step_scalars
 
     spec = spec_for_benchmark(name, a.log_every, batch, a.threads)
     data = Dataset(x, x[:10], np.full(len(x), -1), np.full(10, -1), image_shape, "bench")
     trainer = backend_module(backend, "train").Trainer(spec, data, device)
     windows = max(1, a.steps // a.log_every)
-    betas = np.ones(a.log_every)
+    betas = step_scalars(spec, np.arange(a.log_every), trainer.n_train)
     # the first windows compile (NumPyro) or capture the CUDA graph (Pyro): warm-up, untimed
     seconds = timed(lambda: trainer.run_steps(betas, 1.0), windows,
                     max(2, a.warmup // a.log_every), lambda: None, a.repeats)

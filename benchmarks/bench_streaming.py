@@ -59,15 +59,17 @@ def worker(backend: str, folder: str, windows: int, window: int) -> None:
     """Time `windows` windows of `window` steps per way after two warm-up windows; print JSON."""
     from ppl_vae.backends import backend_module
     from ppl_vae.data import load_data
+    from ppl_vae.schedules import step_scalars
     from ppl_vae.spec import load_spec
 
     train_mod = backend_module(backend, "train")
-    betas, out = np.ones(window), {"backend": backend}
+    out = {"backend": backend}
     for mode in ("off", "on"):
         spec = load_spec("vae_mnist", ['data.source="npy"', f'data.path="{folder}"',
                                        "train.batch_size=128", f"train.log_every={window}",
                                        f"data.stream={mode}"])
         trainer = train_mod.Trainer(spec, load_data(spec), "cpu")
+        betas = step_scalars(spec, np.arange(window), trainer.n_train)
         for _ in range(2):  # compilation (NumPyro compiles again for its donated state),
             trainer.run_steps(betas, 1.0)  # allocation, Adam's state, the thread
         t0 = time.perf_counter()

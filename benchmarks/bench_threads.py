@@ -26,14 +26,15 @@ CHILD = r"""
 import json, sys, time
 from ppl_vae.data import load_data
 from ppl_vae.pyro.train import Trainer
+from ppl_vae.schedules import step_scalars
 from ppl_vae.spec import load_spec
 data = [f'data.path="{sys.argv[4]}"'] if sys.argv[4] else []
 spec = load_spec(sys.argv[1], ["train.threads=" + sys.argv[2], 'train.device="cpu"', *data])
 steps = int(sys.argv[3])
 trainer = Trainer(spec, load_data(spec), "cpu")
-trainer.run_steps([1.0] * 20, 1.0)  # warm-up: allocations, Pyro's first trace
+trainer.run_steps(step_scalars(spec, range(20), trainer.n_train), 1.0)  # warm-up: allocations
 t0 = time.perf_counter()
-trainer.run_steps([1.0] * steps, 1.0)
+trainer.run_steps(step_scalars(spec, range(steps), trainer.n_train), 1.0)
 print(json.dumps({"ms": 1000 * (time.perf_counter() - t0) / steps}))
 """
 

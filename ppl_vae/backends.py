@@ -98,10 +98,15 @@ class Trainer(Protocol):
     model: Model
     step: int  #: SVI steps done
     step_mode: str  #: how the steps run, in words (recorded in run.json)
+    n_train: int  #: training examples (`schedules.steps_per_epoch` counts an epoch by them)
 
-    def run_steps(self, betas: np.ndarray, lam: float) -> np.ndarray:
-        """One step per entry of `betas` (the global β of each step); returns
-        (len(betas), F) per-example values of `objective.step_fields`, nats."""
+    def run_steps(self, scalars: dict[str, np.ndarray], lam: float) -> np.ndarray:
+        """One step per entry of the per-step `scalars`, {key: (steps,)} with exactly the keys
+        `schedules.scalar_keys(spec)` (beta: the global β, lr: Adam's learning rate,
+        capacity/<site>: C_site in nats per example), as `schedules.step_scalars` computes them;
+        none of them recompiles or recaptures the step. Returns (steps, F) per-example values
+        of `objective.step_fields` (the terms in nats; `skipped` 1 where the step's update was
+        skipped, train.skip_grad_norm)."""
 
     def save_checkpoint(self, path) -> None: ...
 

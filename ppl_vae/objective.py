@@ -58,8 +58,11 @@ def step_term_keys(spec: Spec) -> tuple[str, ...]:
 
 
 def step_fields(spec: Spec) -> tuple[str, ...]:
-    """The metric names of `step_term_keys` (the weighted loss is the ``objective``)."""
-    return tuple("objective" if k == "loss" else k for k in step_term_keys(spec))
+    """The metric names of the trainers' rows: those of `step_term_keys` (the weighted loss is
+    the ``objective``), then ``skipped`` (1 where the step's update was skipped, else 0) when
+    train.skip_grad_norm > 0; the driver logs its count per window."""
+    terms = tuple("objective" if k == "loss" else k for k in step_term_keys(spec))
+    return (*terms, *(("skipped",) if spec.train.skip_grad_norm > 0 else ()))
 
 
 def weight_for(weight, site: str):

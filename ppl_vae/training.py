@@ -3,8 +3,9 @@
 The driver owns everything that is the same for both backends: β per step from the schedule,
 windows of `train.log_every` steps, metrics (per example, nats), evaluation on the test split,
 atomic checkpoints, the progress bar, NaN/inf detection and Ctrl-C. A backend's `Trainer` runs
-the steps of one window (`run_steps(betas, lam)`) and hands back one array per window, so the host
-waits for the device once per window, not once per step.
+the steps of one window (`run_steps(scalars, lam)`: the per-step β, lr and capacity targets of
+`ppl_vae.schedules.step_scalars`) and hands back one array per window, so the host waits for
+the device once per window, not once per step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import numpy as np
 from ppl_vae import graph, runs
 from ppl_vae.backends import backend_module
 from ppl_vae.data import Dataset, binarize, load_data
-from ppl_vae.objective import beta_schedule, site_betas, step_fields
+from ppl_vae.objective import site_betas, step_fields
+from ppl_vae.schedules import step_scalars
 from ppl_vae.spec import LABEL_SITE, Spec, load_spec
 from ppl_vae.version import __version__
 
@@ -204,7 +206,7 @@ def _follow(spec: Spec, trainer, ckpt_path: Path, resume: bool) -> None:
     try:
         start = _start_from(trainer, spec, ckpt_path, resume)
         for first, last in _windows(start, spec.train.steps, spec.train.log_every):
-            trainer.run_steps(beta_schedule(spec.objective, np.arange(first, last)),
+            trainer.run_steps(step_scalars(spec, np.arange(first, last), trainer.n_train),
                               spec.objective.lam)
     finally:
         trainer.close()
@@ -249,6 +251,17 @@ def _save(trainer, out: Path, ckpt_path: Path, info: dict) -> None:
     info["digests"] = written["digests"]
 
 
+def _window_means(spec: Spec, values: np.ndarray) -> dict:
+    """A window's (steps, F) trainer rows as metrics: the mean of each `step_fields` term
+    over the steps, and `skipped` (where updates may be skipped) as the count of skipped
+    updates."""
+    fields = step_fields(spec)
+    out = dict(zip(fields, values.mean(0).tolist()))
+    if "skipped" in out:
+        out["skipped"] = int(round(values[:, fields.index("skipped")].sum()))
+    return out
+
+
 def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, progress,
            on_record, should_stop):
     tr, obj = spec.train, spec.objective
@@ -267,8 +280,8 @@ def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, pr
     try:
         with _interrupt_flag() as flag:
             for first, last in _windows(start, tr.steps, tr.log_every):
-                betas = beta_schedule(obj, np.arange(first, last))
-                values = trainer.run_steps(betas, obj.lam)
+                scalars = step_scalars(spec, np.arange(first, last), trainer.n_train)
+                values = trainer.run_steps(scalars, obj.lam)
                 bad = ~np.isfinite(values[:, 0])
                 if np.isfinite(values[0, 0]):  # the first step's loss: before its update
                     best_objective = min(best_objective, float(values[0, 0]))
@@ -289,9 +302,10 @@ def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, pr
                         f"the loss became {values[np.argmax(bad), 0]} at step {step}; "
                         f"{_last_finite(last_finite, start)}; {where}. Try a smaller train.lr, "
                         "train.clip_norm > 0, or float64 (train.dtype).")
-                record = {"step": last, "split": "train", "beta": float(betas[-1]),
-                          "lam": obj.lam}
-                record |= dict(zip(step_fields(spec), values.mean(0).tolist()))
+                # β, lr and each capacity target as at the window's last step
+                record = {"step": last, "split": "train"}
+                record |= {k: float(v[-1]) for k, v in scalars.items()} | {"lam": obj.lam}
+                record |= _window_means(spec, values)
                 if nll_trained:
                     record["elbo"] = -(record["rate"] + record["distortion"])
                 record["seconds"] = time.perf_counter() - t0
@@ -304,8 +318,8 @@ def _drive(spec, trainer, dataset, out, metrics_path, ckpt_path, start, info, pr
                     bar.set_postfix(rate=f"{record['rate']:.3g}",
                                     distortion=f"{record['distortion']:.4g}")
                 if last % tr.eval_every == 0 or last == tr.steps:
-                    test = evaluate(trainer.model, spec, x_eval, labels_eval, float(betas[-1]),
-                                    obj.lam)
+                    test = evaluate(trainer.model, spec, x_eval, labels_eval,
+                                    float(scalars["beta"][-1]), obj.lam)
                     runs.append_metrics(metrics_path, {"step": last, "split": "test"} | test)
                     on_record({"step": last, "split": "test"} | test)
                     if bar is not None:

@@ -12,6 +12,7 @@ import pytest
 from ppl_vae import backends
 from ppl_vae.data import Dataset
 from ppl_vae.program import Program
+from ppl_vae.schedules import step_scalars
 from ppl_vae.spec import load_spec
 
 BACKENDS = ("pyro", "numpyro")
@@ -50,7 +51,7 @@ def test_each_backend_meets_the_model_and_trainer_protocols(backend):
                 have = list(inspect.signature(getattr(obj, name)).parameters)
                 assert have == want, (backend, name, have, want)
         assert isinstance(trainer.model.built, Program)
-        rows = trainer.run_steps(np.ones(2), 1.0)
+        rows = trainer.run_steps(step_scalars(spec, np.arange(2), trainer.n_train), 1.0)
         assert rows.shape == (2, 4) and np.isfinite(rows).all()
     finally:
         trainer.close()

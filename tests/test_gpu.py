@@ -71,6 +71,7 @@ def test_numpyro_convolutions_run_inside_the_scan_on_a_gpu():
         pytest.skip("JAX sees no GPU (install jax[cuda12])")
     from ppl_vae.data import Dataset
     from ppl_vae.numpyro.train import Trainer
+    from ppl_vae.schedules import step_scalars
     from ppl_vae.spec import load_spec
 
     spec = load_spec("beta_vae_dsprites", ["train.log_every=10", "train.batch_size=16"])
@@ -78,5 +79,5 @@ def test_numpyro_convolutions_run_inside_the_scan_on_a_gpu():
     data = Dataset(x, x[:8], np.full(64, -1), np.full(8, -1), (64, 64), "random")
     trainer = Trainer(spec, data, "cuda")
     assert trainer.steps_per_call == 10
-    values = trainer.run_steps(np.ones(10), 1.0)
+    values = trainer.run_steps(step_scalars(spec, np.arange(10), trainer.n_train), 1.0)
     assert values.shape[0] == 10 and np.isfinite(values).all()

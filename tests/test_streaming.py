@@ -212,11 +212,13 @@ def test_the_streamed_pyro_step_never_waits_for_the_device(npy_folder):
     import pyro
 
     from ppl_vae.pyro.train import Trainer
+    from ppl_vae.schedules import step_scalars
     from tests.pyro.test_train import HostReads
 
     spec = load_spec("vae_digits", _sets(npy_folder, "data.stream=on"))
     trainer = Trainer(spec, load_data(spec), "cpu")
-    trainer.run_steps(np.ones(2), 1.0)  # Adam's state exists; the buffers hold a step's rows
+    # Adam's state exists; the buffers hold a step's rows
+    trainer.run_steps(step_scalars(spec, np.arange(2), trainer.n_train), 1.0)
     trainer.optimizer.step = lambda: None  # capturable=True keeps Adam sync-free (CUDA only)
     trainer.optimizer.zero_grad(set_to_none=True)
     with pyro.validation_enabled(False), HostReads() as reads:

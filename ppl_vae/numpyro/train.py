@@ -2,12 +2,18 @@
 
 * The dataset is placed on the device once; minibatch indices, dynamic binarisation and the
   ELBO's draws come from JAX keys on the device.
-* β and λ enter as traced arrays, so a schedule never recompiles. The window function is compiled
-  once per window length (`Trainer.compilations` counts them): every window is `train.log_every`
-  steps but a run's last one when `train.steps` is not a multiple of it. Windows are not padded to
-  one length: a padding step needs a `lax.cond` (or a select over every parameter), and XLA on a
-  GPU runs a conditional by copying its predicate to the host and waiting for it, a host
-  synchronisation in every step. A scan's loop has a known trip count and needs none.
+* The per-step scalars (`ppl_vae.schedules.step_scalars`: β, the learning rate, the capacity
+  targets) are scan inputs and λ a traced argument, so a schedule never recompiles. The learning
+  rate scales Adam's direction (`optax.adam(1.0)`, then × lr_t): Adam's state is the one
+  `optax.adam(train.lr)` keeps, and at a constant rate the update is the same to the bit.
+* An update whose gradient norm is not finite or above train.skip_grad_norm is skipped
+  (Child 2021): `jnp.where` keeps the parameters and Adam's state (moments and count).
+* The window function is compiled once per window length (`Trainer.compilations` counts them):
+  every window is `train.log_every` steps but a run's last one when `train.steps` is not a
+  multiple of it. Windows are not padded to one length: a padding step needs a `lax.cond` (or a
+  select over every parameter), and XLA on a GPU runs a conditional by copying its predicate to
+  the host and waiting for it, a host synchronisation in every step. A scan's loop has a known
+  trip count and needs none.
 * The parameters, Adam's state and the key are donated to the window function, so XLA updates
   them in place instead of allocating a second copy each window.
 * The driver (`ppl_vae.training`) receives one array per window: the only host transfer.
@@ -38,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppl_vae import streaming
+from ppl_vae import init, schedules, streaming
 from ppl_vae.data import Dataset
 from ppl_vae.numpyro import devices
 from ppl_vae.numpyro.elbo import ScaledELBO
@@ -73,6 +79,9 @@ class Trainer:
         devices.start_distributed(spec)  # before JAX initialises its devices
         init_key, self.key = jax.random.split(jax.random.PRNGKey(tr.seed))
         self.model = Model(spec, dataset.dim, dataset.image_shape, device, rng_key=init_key)
+        if init.needed(spec):  # NumPy's draws: the key chain stays a default run's
+            self.model.import_params(init.initial_params(spec, self.model.export_params(),
+                                                         dataset.x_train))
         self.device = self.model.device
         self.n_train = len(dataset.x_train)
         # streamed: the data stay on the host (`_prefetcher` gathers each window's rows)
@@ -95,7 +104,9 @@ class Trainer:
         if self.mesh is not None:
             self.x, self.labels, self.key = self.mesh.replicate((self.x, self.labels, self.key))
         parts = [optax.clip_by_global_norm(tr.clip_norm)] if tr.clip_norm > 0 else []
-        self.optimizer = optax.chain(*parts, optax.adam(tr.lr))
+        # Adam's direction with the sign of a descent step; each step scales it by its own lr.
+        # adam(1.0) keeps the state adam(train.lr) keeps (checkpoints stay readable).
+        self.optimizer = optax.chain(*parts, optax.adam(1.0))
         self.opt_state = self.optimizer.init(self.model.param_map)
         if self.mesh is not None:
             self.opt_state = self.mesh.replicate(self.opt_state)
@@ -103,7 +114,8 @@ class Trainer:
             # code on that too, so an uncommitted first input would compile the window twice
             self.key, self.opt_state = jax.device_put((self.key, self.opt_state), self.device)
         self.elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl,
-                               max_plate_nesting=1)
+                               max_plate_nesting=1, **schedules.elbo_options(spec))
+        self.capacity_sites = schedules.capacity_sites(spec)
         self.step = 0
         self.compilations = 0
         convolutional = "conv" in (spec.encoder.kind, spec.decoder.kind)
@@ -121,27 +133,32 @@ class Trainer:
         self._window = jax.jit(with_precision(self._window_fn, tr.matmul_precision),
                                donate_argnums=(0, 1, 2), **shardings)
 
-    def _window_fn(self, params, opt_state, key, x, labels, betas, lam, rows=None):
-        """`len(betas)` SVI steps; returns the new state and the (len(betas), F) terms.
+    def _window_fn(self, params, opt_state, key, x, labels, scalars, lam, rows=None):
+        """One SVI step per entry of `scalars` ({key: (steps,)}, `schedules.step_scalars`);
+        returns the new state and the (steps, F) rows of `objective.step_fields`.
 
         Each step draws its minibatch's indices from the key and reads those rows of x (N, D)
         and labels (N,); streamed, x and labels are None and `rows` holds the rows those
-        indices select, (len(betas), batch, D) and (len(betas), batch), one per step."""
+        indices select, (steps, batch, D) and (steps, batch), one per step."""
         self.compilations += 1  # runs only while JAX traces, i.e. once per compilation
         tr, built = self.spec.train, self.model.built
         dynamic = self.spec.data.binarize == "dynamic"
         n, batch = self.n_train, tr.batch_size
+        skip_above = tr.skip_grad_norm
 
         keys = step_term_keys(self.spec)
 
-        def loss_fn(p, k, y, lab, beta):
-            t = self.elbo.with_weights(site_betas(self.spec, beta), lam).differentiable_terms(
-                k, p, built.model, built.guide, y, lab)
+        def loss_fn(p, k, y, lab, scalar):
+            capacity = ({site: scalar[f"capacity/{site}"] for site in self.capacity_sites}
+                        if self.capacity_sites else None)
+            elbo = self.elbo.with_weights(site_betas(self.spec, scalar["beta"]), lam,
+                                          **({"capacity": capacity} if capacity else {}))
+            t = elbo.differentiable_terms(k, p, built.model, built.guide, y, lab)
             return t["loss"] / batch, jnp.stack([t[name] for name in keys]) / batch
 
         def sgd_step(carry, inputs):
             params, opt_state, key = carry
-            beta, given = inputs  # given: this step's (rows, labels) when streamed, else None
+            scalar, given = inputs  # given: this step's (rows, labels) when streamed, else None
             key, k_idx, k_bin, k_elbo = jax.random.split(key, 4)
             if given is None:
                 idx = jax.random.randint(k_idx, (batch,), 0, n)  # = `_indices_fn`'s
@@ -153,16 +170,27 @@ class Trainer:
             if dynamic:
                 y = jax.random.bernoulli(k_bin, y).astype(y.dtype)
             (_, row), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, k_elbo, y, lab, beta)
-            updates, opt_state = self.optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, key), row
+                params, k_elbo, y, lab, scalar)
+            updates, new_state = self.optimizer.update(grads, opt_state, params)
+            lr = scalar["lr"]
+            updates = jax.tree_util.tree_map(lambda u: lr * u, updates)
+            new_params = optax.apply_updates(params, updates)
+            if skip_above > 0:  # Child (2021); the norm before clipping
+                norm = optax.tree.norm(grads)
+                skip = ~jnp.isfinite(norm) | (norm > skip_above)
+                keep = functools.partial(jax.tree_util.tree_map,
+                                         lambda new, old: jnp.where(skip, old, new))
+                new_params, new_state = keep(new_params, params), keep(new_state, opt_state)
+                row = jnp.concatenate([row, skip[None].astype(row.dtype)])
+            return (new_params, new_state, key), row
 
-        if len(betas) == 1:  # one step per call: no loop around it
-            first = None if rows is None else jax.tree_util.tree_map(lambda a: a[0], rows)
-            (params, opt_state, key), row = sgd_step((params, opt_state, key), (betas[0], first))
+        steps = len(scalars["beta"])
+        if steps == 1:  # one step per call: no loop around it
+            first = jax.tree_util.tree_map(lambda a: a[0], (scalars, rows))
+            (params, opt_state, key), row = sgd_step((params, opt_state, key), first)
             return params, opt_state, key, row[None]
         (params, opt_state, key), terms = jax.lax.scan(sgd_step, (params, opt_state, key),
-                                                       (betas, rows))
+                                                       (scalars, rows))
         return params, opt_state, key, terms
 
     def _rows(self, steps: int):
@@ -186,22 +214,25 @@ class Trainer:
         rows = (y, labels.astype(np.int32))
         return rows if self.mesh is None else self.mesh.replicate(rows)
 
-    def run_steps(self, betas: np.ndarray, lam: float) -> np.ndarray:
-        """One SVI step per entry of `betas`; returns (len(betas), F) per-example values of
-        `objective.step_fields`, nats."""
+    def run_steps(self, scalars: dict[str, np.ndarray], lam: float) -> np.ndarray:
+        """One SVI step per entry of the per-step `scalars` (`schedules.step_scalars`: beta,
+        lr, capacity/<site>); returns (steps, F) per-example values of `objective.step_fields`
+        (the terms, nats; then `skipped`, 0 or 1, where updates may be skipped)."""
+        steps = schedules.check_scalars(self.spec, scalars)
         dtype = np.dtype(self.model.dtype)
         params = self._params()
-        given = self._rows(len(betas)) if self.streaming else None
+        given = self._rows(steps) if self.streaming else None
         calls = []
-        for start in range(0, len(betas), self.steps_per_call):
-            chunk = betas[start:start + self.steps_per_call]
-            part = None if given is None else tuple(a[start:start + len(chunk)] for a in given)
+        for start in range(0, steps, self.steps_per_call):
+            stop = min(start + self.steps_per_call, steps)
+            chunk = {k: np.asarray(v[start:stop], dtype) for k, v in scalars.items()}
+            part = None if given is None else tuple(a[start:stop] for a in given)
             params, self.opt_state, self.key, rows = self._window(
-                params, self.opt_state, self.key, self.x, self.labels,
-                np.asarray(chunk, dtype), np.asarray(lam, dtype), part)
+                params, self.opt_state, self.key, self.x, self.labels, chunk,
+                np.asarray(lam, dtype), part)
             calls.append(rows)  # stays on the device until the window ends
         self._set_params(params)
-        self.step += len(betas)
+        self.step += steps
         if self.mesh is not None:
             calls = self.mesh.local(calls)
         return np.asarray(jnp.concatenate(calls), np.float64)

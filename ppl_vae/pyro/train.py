@@ -7,7 +7,9 @@ ends. Pyro's param store is not used (parameters are optimised directly), so bui
 process trains each model correctly.
 
 One step (`Trainer._step`) never waits for the device: minibatch indices and dynamic
-binarisation are drawn on the device, β (per site) and λ are 0-d device tensors filled in place,
+binarisation are drawn on the device, the per-step scalars (β per site, λ, the capacity targets;
+under a CUDA graph the learning rate, Adam's Tensor lr) are 0-d device tensors filled in place,
+an update to skip (train.skip_grad_norm) is decided and undone on the device (`_UpdateGuard`),
 and nothing calls ``.item()``. So on CUDA the step can be captured once in a CUDA graph and
 replayed (``train.cuda_graphs = "auto"``): a replay launches the step's few hundred kernels with
 no Python, no Pyro tracing and no allocation, which is what makes a small network fast on a GPU
@@ -35,7 +37,7 @@ import numpy as np
 import pyro
 import torch
 
-from ppl_vae import streaming
+from ppl_vae import init, schedules, streaming
 from ppl_vae.data import Dataset
 from ppl_vae.objective import rate_sites, site_betas, step_term_keys
 from ppl_vae.pyro import devices
@@ -69,6 +71,9 @@ class Trainer:
         torch.manual_seed(tr.seed)  # initial weights and every draw after them
         self.spec = spec
         self.model = Model(spec, dataset.dim, dataset.image_shape, device)
+        if init.needed(spec):  # NumPy's draws: torch's random state stays a default run's
+            self.model.import_params(init.initial_params(spec, self.model.export_params(),
+                                                         dataset.x_train))
         self.device = self.model.device
         self.n_train = len(dataset.x_train)
         # streamed: the data stay on the host; each step reads its rows from `_given`
@@ -84,27 +89,45 @@ class Trainer:
             self.x = self.model.tensor(dataset.x_train)
             self.labels = torch.as_tensor(dataset.labels_train, device=self.device)
         cuda = self.device.type == "cuda"
-        # β of each latent site and λ: device tensors the step reads and `run_steps` fills, so a
-        # schedule changes them without rebuilding anything (or recapturing a graph).
+        # β of each latent site, λ and each capacity target C_site(t): device tensors the step
+        # reads and `run_steps` fills, so a schedule changes them without rebuilding anything
+        # (or recapturing a graph).
         scalar = dict(device=self.device, dtype=self.model.dtype)
         self.beta = {name: torch.ones((), **scalar) for name in rate_sites(spec)}
         self.lam = torch.ones((), **scalar)
+        self.capacity = {name: torch.zeros((), **scalar)
+                         for name in schedules.capacity_sites(spec)}
         obj = spec.objective
+        options = schedules.elbo_options(spec)
+        if self.capacity:
+            options["capacity"] = self.capacity
         self.elbo = ScaledELBO(beta=self.beta, lam=self.lam, num_particles=obj.num_particles,
                                analytic_kl=obj.analytic_kl,
-                               vectorize_particles=obj.num_particles > 1, max_plate_nesting=1)
+                               vectorize_particles=obj.num_particles > 1, max_plate_nesting=1,
+                               **options)
         self.params = list(self.model.modules.parameters())
         self._terms = self._elbo_terms
         if self.group is not None:  # the same function, in DDP, on this process's rows
             self._terms = self.group.data_parallel(self.model.modules, self._elbo_terms)
-        # capturable: Adam keeps its step count on the device and never reads it on the host
-        # (not across processes: DDP's all-reduce is not captured here)
-        self._capturable = cuda and tr.cuda_graphs == "auto" and self.group is None
-        self.optimizer = torch.optim.Adam(self.params, lr=tr.lr, capturable=self._capturable)
+        # A CUDA graph of the step (not across processes: DDP's all-reduce is not captured here)
+        self._graphs = cuda and tr.cuda_graphs == "auto" and self.group is None
+        # capturable: Adam keeps its step count on the device and never reads it on the host;
+        # needed by a graph, and by update skipping on a GPU (`_UpdateGuard` restores the count
+        # on the device)
+        self._capturable = cuda and (self._graphs or tr.skip_grad_norm > 0)
+        # The learning rate of each step: a float set in the param group, or under a CUDA graph
+        # a 0-d device tensor filled in place (Adam takes a Tensor lr with capturable=True; its
+        # step count is float32 there, and so is this)
+        self._lr = (torch.full((), tr.lr, device=self.device, dtype=torch.float32)
+                    if self._graphs else None)
+        self.optimizer = torch.optim.Adam(self.params, lr=tr.lr if self._lr is None else self._lr,
+                                          capturable=self._capturable)
+        self._guard = (_UpdateGuard(self.params, self.optimizer) if tr.skip_grad_norm > 0
+                       else None)
         self.step = 0
         self.term_keys = step_term_keys(spec)
         self._graph = None  # (torch.cuda.CUDAGraph, the row tensor the replay writes)
-        self._try_graph = self._capturable
+        self._try_graph = self._graphs
         self.step_mode = ("eager (train.cuda_graphs = off)" if cuda and tr.cuda_graphs == "off"
                           else "eager")
         if self.group is not None:
@@ -115,9 +138,11 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------
     def _step(self) -> torch.Tensor:
-        """One SVI step from zeroed (or absent) gradients; returns the (F,) summed terms.
+        """One SVI step from zeroed (or absent) gradients; returns the (F,) summed terms, and
+        with train.skip_grad_norm > 0 a last entry 1 where the update was skipped, else 0.
 
         Host-synchronisation free (tests/pyro/test_train.py checks it), hence capturable."""
+        tr = self.spec.train
         y, labels = self._batch()
         if self.spec.data.binarize == "dynamic":
             y = torch.bernoulli(y)
@@ -126,10 +151,23 @@ class Trainer:
         terms = self._terms(y, labels)
         # the mean over this process's rows; DDP averages it over the processes
         (terms["loss"] / len(y)).backward()
-        if self.spec.train.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.spec.train.clip_norm)
+        norm = None
+        if tr.clip_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, tr.clip_norm)  # the norm before
+        row = [terms[k].detach() for k in self.term_keys]
+        if self._guard is None:
+            self.optimizer.step()
+            return torch.stack(row)
+        if norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params
+                                                  if p.grad is not None])
+        # Child (2021): skip an update whose gradient norm is not finite or above the threshold;
+        # decided on the device, the step taken and undone there (the host never waits)
+        skip = ~torch.isfinite(norm) | (norm > tr.skip_grad_norm)
+        self._guard.keep()
         self.optimizer.step()
-        return torch.stack([terms[k].detach() for k in self.term_keys])
+        self._guard.undo(skip)
+        return torch.stack([*row, skip.to(row[0].dtype)])
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's minibatch on the device, (batch, D) rows and (batch,) labels: drawn on
@@ -169,10 +207,18 @@ class Trainer:
         with pyro.validation_enabled(validate):
             return self._step()
 
-    def _set_weights(self, beta: float, lam: float) -> None:
-        for name, value in site_betas(self.spec, beta).items():
+    def _set_scalars(self, scalars: dict[str, float], lam: float) -> None:
+        """This step's β (per site), λ, capacity targets and learning rate, in place."""
+        for name, value in site_betas(self.spec, scalars["beta"]).items():
             self.beta[name].fill_(value)
         self.lam.fill_(lam)
+        for name, target in self.capacity.items():
+            target.fill_(scalars[f"capacity/{name}"])
+        if self._lr is not None:
+            self._lr.fill_(scalars["lr"])
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = scalars["lr"]
 
     # -- CUDA graphs -------------------------------------------------------------------------------
     def _snapshot(self):
@@ -251,16 +297,20 @@ class Trainer:
         return None
 
     # -- the window ------------------------------------------------------------------------------
-    def run_steps(self, betas: np.ndarray, lam: float) -> np.ndarray:
-        """One SVI step per entry of `betas`; returns (len(betas), F) per-example values of
-        `objective.step_fields` (the terms `step_term_keys`), nats."""
-        rows = torch.empty((len(betas), len(self.term_keys)), device=self.device,
+    def run_steps(self, scalars: dict[str, np.ndarray], lam: float) -> np.ndarray:
+        """One SVI step per entry of the per-step `scalars` (`schedules.step_scalars`: beta,
+        lr, capacity/<site>); returns (steps, F) per-example values of `objective.step_fields`
+        (the terms `step_term_keys`, nats; then `skipped`, 0 or 1, where updates may be
+        skipped)."""
+        steps = schedules.check_scalars(self.spec, scalars)
+        n_terms = len(self.term_keys)
+        rows = torch.empty((steps, n_terms + (self._guard is not None)), device=self.device,
                            dtype=self.model.dtype)
         tr = self.spec.train
-        given = self._window_rows(len(betas)) if self.streaming else None
+        given = self._window_rows(steps) if self.streaming else None
         with matmul_precision(tr.matmul_precision), intra_op_threads(tr.threads):
-            for i, beta in enumerate(betas):
-                self._set_weights(float(beta), lam)
+            for i in range(steps):
+                self._set_scalars({k: float(v[i]) for k, v in scalars.items()}, lam)
                 if given is not None:  # in place: a captured graph reads these buffers
                     self._given[0].copy_(given[0][i])
                     self._given[1].copy_(given[1][i])
@@ -276,7 +326,9 @@ class Trainer:
                 self.step += 1
         if self.group is not None:  # each process summed its rows' terms
             self.group.sum(rows)
-        return (rows / self.spec.train.batch_size).double().cpu().numpy()
+            rows[:, n_terms:] /= self.group.size  # every process skipped the same updates
+        terms = rows[:, :n_terms] / self.spec.train.batch_size
+        return torch.cat([terms, rows[:, n_terms:]], 1).double().cpu().numpy()
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, path) -> None:
@@ -306,11 +358,56 @@ class Trainer:
         for group in state["optimizer"]["param_groups"]:
             group["capturable"] = self._capturable
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the next step sets its own lr
+            group["lr"] = self.spec.train.lr if self._lr is None else self._lr
         torch.set_rng_state(state["torch_rng"].cpu())
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.step = int(state["step"])
         self.close()  # a prefetcher ran ahead from another step: start again
         self._graph = None  # Adam's state tensors are new objects: capture again
-        self._try_graph = self._capturable
+        self._try_graph = self._graphs
+        if self._guard is not None:
+            self._guard.forget()
         return self.step
+
+
+class _UpdateGuard:
+    """Undoes an optimiser step on the device when a 0-d bool tensor says so, with no host
+    synchronisation (so a CUDA graph can hold it): `keep` copies the parameters and Adam's state
+    (moments and step count) before the step, `undo(skip)` puts them back where `skip` is true.
+
+    Adam's state does not exist before the first step; a skipped first step leaves it as Adam
+    creates it (zero moments, step 0), which is the state it would have started from.
+    """
+
+    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer):
+        self.params, self.optimizer = params, optimizer
+        self._copies: list[torch.Tensor] | None = None
+
+    def _live(self) -> list[torch.Tensor]:
+        """The parameters, then every tensor of Adam's state, in a fixed order."""
+        state = [v for p in self.params for _, v in sorted(self.optimizer.state.get(p, {}).items())
+                 if torch.is_tensor(v)]
+        return [p.detach() for p in self.params] + state
+
+    @torch.no_grad()
+    def keep(self) -> None:
+        live = self._live()
+        if self._copies is None or len(self._copies) != len(live):
+            self._copies = [t.clone() for t in live]  # once, outside any capture
+        else:
+            torch._foreach_copy_(self._copies, live)
+
+    @torch.no_grad()
+    def undo(self, skip: torch.Tensor) -> None:
+        live = self._live()
+        for i, t in enumerate(live):
+            if i < len(self._copies):
+                torch.where(skip, self._copies[i], t, out=t)  # elementwise: in place is safe
+            else:  # created by this step (the first): back to Adam's initial zeros
+                t.masked_fill_(skip, 0)
+
+    def forget(self) -> None:
+        """The state tensors were replaced (a checkpoint): copy them afresh at the next step."""
+        self._copies = None

@@ -12,7 +12,7 @@ import jax  # noqa: E402
 from ppl_vae.numpyro import train as ntrain  # noqa: E402
 from ppl_vae.training import TrainingDiverged, fit  # noqa: E402
 from tests import aux_fns  # noqa: E402
-from tests.pyro.test_train import TINY, _close_records  # noqa: E402
+from tests.pyro.test_train import NAN_GRADIENT, SCHEDULE, TINY, _close_records  # noqa: E402
 
 
 def tiny_fit(tmp_path, name, extra=(), **kwargs):
@@ -125,8 +125,8 @@ def test_conv_networks_on_a_cpu_take_one_step_per_call_with_the_same_result(tmp_
     single, scanned = (ntrain.Trainer(spec, dataset, "cpu") for _ in range(2))
     assert single.steps_per_call == 1
     scanned.steps_per_call = 5
-    betas = np.linspace(0.5, 1.0, 5)
-    rows_single, rows_scanned = single.run_steps(betas, 1.0), scanned.run_steps(betas, 1.0)
+    scalars = {"beta": np.linspace(0.5, 1.0, 5), "lr": np.full(5, 1e-3)}
+    rows_single, rows_scanned = single.run_steps(scalars, 1.0), scanned.run_steps(scalars, 1.0)
     assert single.compilations == 1 and scanned.compilations == 1
     np.testing.assert_allclose(rows_single, rows_scanned, rtol=1e-4)
     for a, b in zip(*(jax.tree_util.tree_leaves(t.model.param_map) for t in (single, scanned))):
@@ -151,9 +151,103 @@ def test_window_and_eval_are_compiled_in_the_spec_precision(policy, hlo):
     trainer = ntrain.Trainer(spec, load_data(spec), "cpu")
     model = trainer.model
     window = trainer._window.lower(model.param_map, trainer.opt_state, trainer.key, trainer.x,
-                                   trainer.labels, jnp.ones(10), jnp.asarray(1.0)).as_text()
+                                   trainer.labels, {"beta": jnp.ones(10), "lr": jnp.ones(10)},
+                                   jnp.asarray(1.0)).as_text()
     evaluate = model._jit("eval/1", functools.partial(model._eval_batch, 1)).lower(
         model.param_map, trainer.key, trainer.x[:5], trainer.labels[:5], 1.0, 1.0).as_text()
     for text in (window, evaluate):
         found = set(re.findall(r"dot_general .*precision = \[(\w+), (\w+)\]", text))
         assert found == {(hlo, hlo)}
+
+
+# ---- learning-rate schedules, update skipping -----------------------------------------------
+def _trainer(extra):
+    from ppl_vae.data import load_data
+    from ppl_vae.spec import load_spec
+
+    spec = load_spec("vae_digits", [*TINY, "train.steps=40", *extra])
+    return spec, ntrain.Trainer(spec, load_data(spec), "cpu")
+
+
+def _scalars(spec, trainer, n):
+    from ppl_vae.schedules import step_scalars
+
+    return step_scalars(spec, np.arange(trainer.step, trainer.step + n), trainer.n_train)
+
+
+def _leaves(tree):
+    return [np.array(a) for a in jax.tree_util.tree_leaves(tree)]
+
+
+@pytest.mark.parametrize("aux", ["huge_gradient", "nan_gradient"])
+def test_a_skipped_update_leaves_parameters_and_adam_state_bit_equal(aux):
+    """Every step of this trainer has a huge (1e30 per coordinate) or NaN gradient and a finite
+    loss: each update is skipped and counted, the parameters and Adam's state (moments and
+    count) stay as they were, bit for bit, after real updates of a trainer without it."""
+    NAN_GRADIENT.update(calls=0, at=None)
+    skip = ["train.skip_grad_norm=1000"]
+    spec, plain = _trainer(skip)
+    assert plain.run_steps(_scalars(spec, plain, 10), 1.0)[:, -1].tolist() == [0] * 10
+    _, bad = _trainer([*skip, f'objective.aux=[{{kind="tests.pyro.test_train:{aux}"}}]'])
+    bad.model.param_map, bad.opt_state = plain.model.param_map, plain.opt_state  # same shapes
+    before = _leaves((plain.model.param_map, plain.opt_state))
+    rows = bad.run_steps(_scalars(spec, bad, 10), 1.0)
+    assert rows[:, -1].tolist() == [1] * 10 and np.isfinite(rows[:, 0]).all()
+    after = _leaves((bad.model.param_map, bad.opt_state))
+    assert len(after) == len(before)
+    assert all(np.array_equal(a, b) for a, b in zip(after, before))
+
+
+def test_skipped_updates_are_counted_and_training_goes_on(tmp_path):
+    """NaN gradients in every step (a finite loss): every update skipped and counted, the run
+    ends with its initial parameters; without skipping it diverges."""
+    from ppl_vae.data import load_data
+
+    NAN_GRADIENT.update(calls=0, at=None)
+    aux = ['objective.aux=[{kind="tests.pyro.test_train:nan_gradient"}]', "train.steps=20"]
+    run = tiny_fit(tmp_path, "skip", [*aux, "train.skip_grad_norm=1e4"])
+    assert [r["skipped"] for r in run.records("train")] == [10, 10]
+    first = ntrain.Trainer(run.spec, load_data(run.spec), "cpu")  # a fresh run's start
+    for k, v in first.model.export_params().items():
+        np.testing.assert_array_equal(run.params[k], v, err_msg=k)
+    with pytest.raises(TrainingDiverged, match="at step 2;"):
+        tiny_fit(tmp_path, "diverges", aux)
+
+
+def test_lr_is_logged_and_resume_equals_straight_run_with_a_schedule(tmp_path):
+    straight = tiny_fit(tmp_path, "straight", ["train.steps=40", *SCHEDULE])
+    assert [r["lr"] for r in straight.records("train")] == pytest.approx(
+        [1e-3, 0.5e-3, 0.5e-3, 0.25e-3])
+    assert [r["skipped"] for r in straight.records("train")] == [0, 0, 0, 0]
+    tiny_fit(tmp_path, "resumed", ["train.steps=20", *SCHEDULE])
+    resumed = tiny_fit(tmp_path, "resumed", ["train.steps=40", *SCHEDULE], resume=True)
+    _close_records(resumed.metrics, straight.metrics)
+    for k, v in straight.params.items():
+        np.testing.assert_allclose(resumed.params[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_a_constant_schedule_is_todays_adam_to_the_bit():
+    """optax.adam(1.0) times lr_t keeps optax.adam(train.lr)'s state (a checkpoint written
+    before reads the same) and, at a constant lr, its updates to the bit."""
+    import optax
+
+    spec, scheduled = _trainer([])
+    _, today = _trainer([])
+    today.optimizer = optax.chain(optax.adam(spec.train.lr))  # as it was built before
+    assert (jax.tree_util.tree_structure(today.optimizer.init(today.model.param_map))
+            == jax.tree_util.tree_structure(scheduled.opt_state))
+    today.opt_state = jax.device_put(today.optimizer.init(today.model.param_map), today.device)
+    scalars = _scalars(spec, scheduled, 10)
+    scheduled.run_steps(scalars, 1.0)
+    today.run_steps(scalars | {"lr": np.ones(10)}, 1.0)  # its own lr, times 1
+    a, b = _leaves(scheduled.model.param_map), _leaves(today.model.param_map)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], _leaves(_trainer([])[1].model.param_map)[0])
+
+
+def test_lr_enters_as_a_scan_input():
+    """Another schedule, a window of other learning rates: no new compilation."""
+    spec, trainer = _trainer(['train.lr_schedule={kind="cosine", warmup=3}'])
+    for _ in range(3):
+        trainer.run_steps(_scalars(spec, trainer, 10), 1.0)
+    assert trainer.compilations == 1

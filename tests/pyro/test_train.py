@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ppl_vae import runs
 from ppl_vae.backends import BackendError
 from ppl_vae.runs import RunError, load_run
 from ppl_vae.training import TrainingDiverged, TrainingInterrupted, fit
@@ -185,6 +186,7 @@ class HostReads(TorchDispatchMode):
 
 def host_reads_of_a_step(tmp_path, extra):
     from ppl_vae.data import load_data
+    from ppl_vae.objective import step_fields
     from ppl_vae.pyro.train import Trainer
     from ppl_vae.spec import load_spec
 
@@ -197,7 +199,7 @@ def host_reads_of_a_step(tmp_path, extra):
     trainer.optimizer.zero_grad(set_to_none=True)
     with pyro.validation_enabled(False), HostReads() as reads:
         row = trainer._step()
-    assert row.shape == (len(trainer.term_keys),)
+    assert row.shape == (len(step_fields(spec)),)  # the terms, and `skipped` where it skips
     return reads.seen
 
 
@@ -218,8 +220,10 @@ TWO_SITES = ['latents=[{name="z1", dim=3, prior={kind="conditional", parents=["z
     ['decoder.kind="autoregressive"'],
     ["label.condition=true", "label.latent=true", "data.labelled=100", "label.hidden=[8]",
      'objective.aux=[{kind="supervised", site="label", weight=5.0}]'],
+    ["train.skip_grad_norm=100", "latent.capacity={max=5.0, steps=10}"],
+    ["train.skip_grad_norm=100", "train.clip_norm=5"],
 ], ids=["vae", "mixture-mc", "aux-particles-clip", "gaussian", "binomial", "categorical",
-        "graph-iaf-full", "made", "m2-enumerated-label"])
+        "graph-iaf-full", "made", "m2-enumerated-label", "skip-capacity", "skip-clip"])
 def test_the_training_step_never_waits_for_the_device(tmp_path, extra):
     assert host_reads_of_a_step(tmp_path, extra) == []
 
@@ -291,7 +295,9 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path):
     state = torch.load(path, weights_only=False)
     for group in state["optimizer"]["param_groups"]:
         group["capturable"] = True
-    torch.save(state, path)
+    # written as the GPU run would have written it: the digest in run.json follows the file
+    runs.write_recorded(path.parent, {path.name: lambda tmp: torch.save(state, tmp)},
+                        runs.read_info(path.parent))
     resumed = tiny_fit(tmp_path, "resumed", ["train.steps=40"], resume=True)
     _close_records(resumed.metrics, straight.metrics)
 
@@ -344,3 +350,244 @@ def test_resume_to_fewer_steps_is_refused_and_changes_nothing(tmp_path):
     with pytest.raises(RunError, match="trained 40 steps.*train.steps >= 40"):
         tiny_fit(tmp_path, "r", ["train.steps=20"], resume=True)
     assert (tmp_path / "r" / "spec.toml").read_text() == before
+
+
+# ---- learning-rate schedules, update skipping, initialisation --------------------------------
+#: `nan_gradient`'s calls (one per step in an eager Pyro run; one per trace in NumPyro) at which
+#: its gradient is NaN; None: at every call.
+NAN_GRADIENT = {"calls": 0, "at": None}
+
+
+def nan_gradient(*, y, z, loc, scale, labels, backend):
+    """An aux term that is 0 in value (the loss stays finite) and whose gradient is NaN at the
+    calls `NAN_GRADIENT["at"]`: 0 · d√u/du at u = 0 (0 · ∞); a zero term otherwise."""
+    NAN_GRADIENT["calls"] += 1
+    at = NAN_GRADIENT["at"]
+    u = 0.0 * loc.sum()
+    return u ** 0.5 if at is None or NAN_GRADIENT["calls"] in at else u
+
+
+def nan_gradient_at_3(*, y, z, loc, scale, labels, backend):
+    """`nan_gradient` at the third call of its process only (a process of its own: torchrun)."""
+    NAN_AT_3["calls"] += 1
+    u = 0.0 * loc.sum()
+    return u ** 0.5 if NAN_AT_3["calls"] == 3 else u
+
+
+NAN_AT_3 = {"calls": 0}
+
+
+def huge_gradient(*, y, z, loc, scale, labels, backend):
+    """0 in value, a gradient of 1e30 on every coordinate of the posterior's mean: finite, far
+    above any threshold."""
+    if backend == "numpyro":
+        from jax.lax import stop_gradient
+    else:
+        stop_gradient = torch.Tensor.detach
+    total = loc.sum()
+    return 1e30 * (total - stop_gradient(total))
+
+
+def _state(trainer):
+    """Copies of the parameters and of every tensor of Adam's state."""
+    state = {(i, k): v.clone() for i, p in enumerate(trainer.params)
+             for k, v in trainer.optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
+    return [p.detach().clone() for p in trainer.params], state
+
+
+def _assert_same_state(trainer, before):
+    params, state = _state(trainer)
+    assert all(torch.equal(a, b) for a, b in zip(params, before[0]))
+    assert state.keys() == before[1].keys()
+    assert all(torch.equal(state[k], before[1][k]) for k in state), "Adam's state changed"
+
+
+def _trainer(extra):
+    from ppl_vae.data import load_data
+    from ppl_vae.pyro.train import Trainer
+    from ppl_vae.spec import load_spec
+
+    spec = load_spec("vae_digits", [*TINY, *extra])
+    return spec, Trainer(spec, load_data(spec), "cpu")
+
+
+def _scalars(spec, trainer, n):
+    from ppl_vae.schedules import step_scalars
+
+    return step_scalars(spec, np.arange(trainer.step, trainer.step + n), trainer.n_train)
+
+
+@pytest.mark.parametrize("gradient", ["inf", "huge", "nan"])
+def test_a_skipped_update_leaves_parameters_and_adam_state_bit_equal(gradient):
+    spec, trainer = _trainer(["train.skip_grad_norm=1000", "train.steps=40"])
+    assert trainer.run_steps(_scalars(spec, trainer, 3), 1.0)[:, -1].tolist() == [0, 0, 0]
+    before = _state(trainer)
+    bad = {"inf": lambda g: torch.full_like(g, float("inf")), "huge": lambda g: g * 1e30 + 1e30,
+           "nan": lambda g: g * float("nan")}[gradient]
+    hook = trainer.params[0].register_hook(bad)
+    rows = trainer.run_steps(_scalars(spec, trainer, 2), 1.0)
+    hook.remove()
+    assert rows[:, -1].tolist() == [1, 1] and np.isfinite(rows[:, 0]).all()
+    _assert_same_state(trainer, before)
+    assert trainer.step == 5
+    assert trainer.run_steps(_scalars(spec, trainer, 1), 1.0)[:, -1].tolist() == [0]
+    assert not torch.equal(trainer.params[0], before[0][0])  # the next update is taken
+
+
+def test_a_skipped_first_update_leaves_adams_initial_state():
+    spec, trainer = _trainer(["train.skip_grad_norm=1000", "train.steps=40"])
+    start = [p.detach().clone() for p in trainer.params]
+    hook = trainer.params[0].register_hook(lambda g: torch.full_like(g, float("inf")))
+    assert trainer.run_steps(_scalars(spec, trainer, 1), 1.0)[:, -1].tolist() == [1]
+    hook.remove()
+    assert all(torch.equal(p, q) for p, q in zip(trainer.params, start))
+    for p in trainer.params:  # as Adam creates it: zero moments, no step counted
+        for v in trainer.optimizer.state[p].values():
+            assert not v.any()
+
+
+def test_skipped_updates_are_counted_and_training_goes_on(tmp_path):
+    """NaN gradients at steps 5 and 12 (a finite loss): both updates skipped, counted in the
+    windows that hold them, and the run finishes; without skipping the same run diverges."""
+    aux = ['objective.aux=[{kind="tests.pyro.test_train:nan_gradient"}]', EAGER,
+           "train.steps=30"]
+    NAN_GRADIENT.update(calls=0, at=(5, 12))
+    run = tiny_fit(tmp_path, "skip", [*aux, "train.skip_grad_norm=1e4"])
+    train = run.records("train")
+    assert [r["skipped"] for r in train] == [1, 1, 0]
+    assert np.isfinite(run.final_test["elbo"])
+    assert all(np.isfinite(v).all() for v in run.params.values())
+    assert "skipped" not in tiny_fit(tmp_path, "plain", ["train.steps=10"]).records("train")[0]
+    NAN_GRADIENT.update(calls=0, at=(5, 12))
+    with pytest.raises(TrainingDiverged, match="at step 6;"):  # NaN parameters, NaN loss
+        tiny_fit(tmp_path, "diverges", aux)
+
+
+def test_a_nan_loss_still_stops_a_run_that_skips(tmp_path):
+    aux_fns.CALLS["n"] = 0
+    with pytest.raises(TrainingDiverged, match="at step 26"):
+        tiny_fit(tmp_path, "nan", [EAGER, "train.steps=40", "train.eval_every=40",
+                                   "train.skip_grad_norm=1e4",
+                                   'objective.aux=[{kind="tests.aux_fns:nan_after_25"}]'])
+
+
+SCHEDULE = ['train.lr_schedule={kind="step", decay=0.5, every=15, warmup=5}',
+            "train.skip_grad_norm=1e4", 'train.weight_init="normal"', "train.weight_init_std=0.05"]
+
+
+def test_lr_is_logged_and_resume_equals_straight_run_with_a_schedule(tmp_path):
+    """The lr of each window's last step beside β; a run resumed at step 20 takes the lr a
+    straight run takes (and is not initialised again)."""
+    straight = tiny_fit(tmp_path, "straight", ["train.steps=40", *SCHEDULE])
+    assert [r["lr"] for r in straight.records("train")] == pytest.approx(
+        [1e-3, 0.5e-3, 0.5e-3, 0.25e-3])  # steps 9, 19, 29, 39 (0-based)
+    assert [r["skipped"] for r in straight.records("train")] == [0, 0, 0, 0]
+    tiny_fit(tmp_path, "resumed", ["train.steps=20", *SCHEDULE])
+    resumed = tiny_fit(tmp_path, "resumed", ["train.steps=40", *SCHEDULE], resume=True)
+    _close_records(resumed.metrics, straight.metrics)
+    for k, v in straight.params.items():
+        np.testing.assert_allclose(resumed.params[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_a_constant_schedule_is_todays_adam_to_the_bit():
+    """The lr set in the param group every step changes nothing at a constant rate."""
+    spec, scheduled = _trainer(["train.steps=40"])  # torch's random state is the process's:
+    scheduled.run_steps(_scalars(spec, scheduled, 15), 1.0)  # one trainer after the other
+    _, fixed = _trainer(["train.steps=40"])
+    set_scalars = fixed._set_scalars
+
+    def without_lr(scalars, lam):
+        groups = [dict(g) for g in fixed.optimizer.param_groups]
+        set_scalars(scalars, lam)
+        for group, saved in zip(fixed.optimizer.param_groups, groups):
+            group["lr"] = saved["lr"]  # Adam(lr=train.lr) as built, never touched
+
+    fixed._set_scalars = without_lr
+    fixed.run_steps(_scalars(spec, fixed, 15), 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(scheduled.params, fixed.params))
+
+
+def test_the_lr_decays_the_steps():
+    """A schedule's lr reaches Adam: one update at lr = 0 (the warm-up's first) leaves the
+    parameters as they were, and Adam's first update moves each by about lr."""
+    spec, trainer = _trainer(['train.lr_schedule={kind="constant", warmup=4}', "train.steps=40"])
+    start = [p.detach().clone() for p in trainer.params]
+    trainer.run_steps(_scalars(spec, trainer, 1), 1.0)  # lr 0
+    assert all(torch.equal(p, q) for p, q in zip(trainer.params, start))
+    trainer.run_steps(_scalars(spec, trainer, 1), 1.0)  # lr = 1e-3 / 4; Adam's 2nd update
+    moved = max(float((p.detach() - q).abs().max()) for p, q in zip(trainer.params, start))
+    assert 0.5 * 0.25e-3 < moved < 1.5 * 0.25e-3 * 1.6
+
+
+def test_two_processes_skip_the_update_one_process_skips(tmp_path):
+    """DDP (two gloo processes): the all-reduced gradient is NaN in both at step 3, both skip
+    it, and the window counts it once; the run equals the one-process run."""
+    import os
+    import subprocess
+    import sys
+
+    sets = [*TINY, EAGER, "train.steps=20", "train.eval_every=20", "train.skip_grad_norm=1e4",
+            'objective.aux=[{kind="tests.pyro.test_train:nan_gradient_at_3"}]']
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "ppl_vae.cli", "train", "vae_digits", "--backend", "pyro",
+         *(a for o in [*sets, "train.devices=2"] for a in ("--set", o)),
+         "--out", str(tmp_path / "two"), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = load_run(tmp_path / "two")
+    assert "data-parallel over 2 processes" in two.info["step_mode"]
+    NAN_AT_3["calls"] = 0
+    one = tiny_fit(tmp_path, "one", sets[len(TINY):])
+    assert [r["skipped"] for r in two.records("train")] == [1, 0]
+    assert [r["skipped"] for r in one.records("train")] == [1, 0]
+    for k, v in one.params.items():
+        np.testing.assert_allclose(two.params[k], v, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+# ---- on a GPU only: the Tensor lr of capturable Adam, schedules and skipping in a CUDA graph ----
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                          reason="needs a CUDA GPU (PyTorch sees none); run on one by "
+                                 "benchmarks/gpu_check.sh")
+
+
+@CUDA
+def test_capturable_adam_takes_a_tensor_lr_and_gives_the_float_lrs_numbers():
+    """What the graphed trainer relies on (torch 2.13): Adam(capturable=True) with a 0-d
+    float32 device tensor as lr, filled in place, updates as with the same lr as a float."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    start = [torch.randn(s, device="cuda", generator=gen) for s in [(33, 7), (7,), (5, 33)]]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(6)]
+    lrs = [1e-3, 1e-3, 5e-4, 2.5e-4, 1e-4, 1e-4]
+    out = []
+    for tensor_lr in (False, True):
+        params = [p.clone().requires_grad_() for p in start]
+        lr = torch.full((), lrs[0], device="cuda") if tensor_lr else lrs[0]
+        opt = torch.optim.Adam(params, lr=lr, capturable=True)
+        for step, g in enumerate(grads):
+            if tensor_lr:
+                lr.fill_(lrs[step])
+            else:
+                opt.param_groups[0]["lr"] = lrs[step]
+            for p, gp in zip(params, g):
+                p.grad = gp.clone()
+            opt.step()
+        out.append([p.detach() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+@CUDA
+def test_graphed_steps_follow_the_lr_schedule_and_skip_like_eager_steps(tmp_path):
+    extra = ["train.steps=60", 'train.lr_schedule={kind="step", decay=0.5, every=20, warmup=5}',
+             "train.skip_grad_norm=1e4", "latent.capacity={max=3.0, steps=40, weight=10.0}"]
+    graphed = fit("vae_digits", device="cuda", out_dir=tmp_path / "graphed",
+                  overrides=[*TINY, *extra], progress=False)
+    eager = fit("vae_digits", device="cuda", out_dir=tmp_path / "eager",
+                overrides=[*TINY, *extra, EAGER], progress=False)
+    assert graphed.info["step_mode"] == "cuda graph"
+    assert [r["lr"] for r in graphed.records("train")] == [r["lr"] for r in eager.records(
+        "train")] == pytest.approx([1e-3, 1e-3, 0.5e-3, 0.5e-3, 0.25e-3, 0.25e-3])
+    assert all(r["skipped"] == 0 for r in graphed.records("train"))
+    for k, v in eager.params.items():  # same random stream, same kernels: float32 rounding
+        np.testing.assert_allclose(graphed.params[k], v, rtol=1e-3, atol=1e-4, err_msg=k)
