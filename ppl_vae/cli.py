@@ -231,6 +231,88 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _add_sweep(sub):
+    from ppl_vae.sweep import ENGINES
+    from ppl_vae.tracking import TRACKERS
+
+    p = sub.add_parser("sweep", help="train a grid of runs (overrides x seeds), each an "
+                       "ordinary run folder OUT/<index>-<name>/")
+    p.add_argument("spec", help="path to a .toml spec (its [sweep] table, if any, gives the "
+                   "grid and seeds) or a name from `ppl-vae models`")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a swept key and its values, e.g. objective.beta=0.25,0.5,1 "
+                        "(repeatable: the Cartesian product)")
+    p.add_argument("--seeds", help="seeds per setting: a count N (train.seed = the spec's "
+                   "seed + 0..N-1) or a list 0,3,7")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value in every point (repeatable)")
+    p.add_argument("--out", required=True, help="the sweep folder (sweep.json and one run "
+                   "folder per point); the same command again continues it")
+    p.add_argument("--backend", choices=list(BACKENDS), default="pyro")
+    p.add_argument("--engine", choices=list(ENGINES), help="local: a process pool; vmap "
+                   "(numpyro): same-shape points in one process, vmapped, the rest in the "
+                   "pool; ray: Ray tasks (default: the [sweep] table's, else local)")
+    p.add_argument("--workers", type=int, help="processes at a time (default: the cores)")
+    p.add_argument("--vmap-size", type=int, help="at most this many points in one vmapped "
+                   "process (default: all of a group)")
+    p.add_argument("--address", help="--engine ray: the cluster to join (default: a local Ray)")
+    p.add_argument("--gpus-per-point", type=float, default=0.0,
+                   help="--engine ray: GPUs each point asks for (fractions share one)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides train.device")
+    p.add_argument("--track", choices=list(TRACKERS), help="log params, metrics and figures "
+                   "to MLflow (./mlruns unless --tracking-uri) or scalars to TensorBoard "
+                   "(OUT/tensorboard)")
+    p.add_argument("--tracking-uri", help="MLflow: a server (http://host:5000), a database "
+                   "(sqlite:///mlflow.db) or a file store; TensorBoard: the log folder")
+    p.add_argument("--retry-failed", action="store_true", help="train failed points again")
+    p.add_argument("--overwrite", action="store_true", help="delete what OUT holds first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_sweep(args) -> int:
+    from ppl_vae.sweep import continue_command, load_sweep, run_sweep
+
+    sweep = load_sweep(args.spec, args.grid, args.seeds, args.overrides)
+    options = sweep.options
+    argv = [a for a in args.argv if a != "--overwrite"]
+    record = run_sweep(sweep, args.out, backend=args.backend,
+                       engine=args.engine or options.get("engine", "local"),
+                       workers=args.workers or options.get("workers"), device=args.device,
+                       address=args.address, gpus_per_point=args.gpus_per_point,
+                       vmap_size=args.vmap_size or options.get("vmap_size", 0),
+                       track=args.track, tracking_uri=args.tracking_uri,
+                       retry_failed=args.retry_failed, overwrite=args.overwrite,
+                       progress=not args.no_progress, command=continue_command(argv))
+    if record.get("stopped"):
+        return 130
+    return 0 if all(p["status"] == "done" for p in record["points"]) else 1
+
+
+def _add_sweep_report(sub):
+    p = sub.add_parser("sweep-report", help="evaluate a sweep's finished points; a table per "
+                       "grid setting (mean ± s.e. over seeds) and figures")
+    p.add_argument("out", help="a sweep folder (written by `ppl-vae sweep`)")
+    p.add_argument("--iwae-k", type=int, default=1000, help="importance samples per example "
+                   "for IWAE ln p (0 skips it; default 1000)")
+    p.add_argument("--particles", type=int, help="draws of z per example (default 16)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-disentanglement", action="store_true",
+                   help="skip the disentanglement scores of data with known factors")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_sweep_report(args) -> int:
+    from ppl_vae.sweep import sweep_report
+
+    result = sweep_report(args.out, iwae_k=args.iwae_k, particles=args.particles,
+                          device=args.device, disentanglement=not args.no_disentanglement,
+                          progress=not args.no_progress)
+    print(Path(result["files"][0]).read_text())
+    for path in result["files"]:
+        print(f"written: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppl-vae",
@@ -243,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_compare(sub)
     _add_plot(sub)
+    _add_sweep(sub)
+    _add_sweep_report(sub)
     from ppl_vae import download  # standard library only: no backend is imported
 
     download.add_parser(sub)  # ppl-vae data mnist DIR
@@ -256,7 +340,8 @@ def cmd_data(args) -> int:
 
 
 COMMANDS = {"models": cmd_models, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
-            "compare": cmd_compare, "plot": cmd_plot, "data": cmd_data}
+            "compare": cmd_compare, "plot": cmd_plot, "data": cmd_data,
+            "sweep": cmd_sweep, "sweep-report": cmd_sweep_report}
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,8 @@ Where the points run (`run_sweep`):
   libraries held to one, `THREAD_ENV`; Pyro's train.threads default is already one);
 * ``vmap`` (NumPyro): the points that differ only in `VMAPPABLE_KEYS` train together in ONE
   process, vmapped (`ppl_vae.numpyro.sweep`); the rest go to the pool, and the plan says so;
+* ``serial``: one point after another in this process (no pool, no isolation from a crash:
+  for debugging, and the baseline of benchmarks/bench_sweep.py);
 * ``ray``: each point a Ray task (``num_cpus=1``, ``num_gpus`` as asked, fractions allowed) on a
   local Ray or the cluster at ``address``, over the same folders on a shared file system.
 
@@ -64,7 +66,7 @@ from ppl_vae.spec import (
 )
 
 SWEEP_FILE, STOP_FILE = "sweep.json", ".stop"
-ENGINES = ("local", "vmap", "ray")
+ENGINES = ("local", "vmap", "ray", "serial")
 STATUSES = ("pending", "running", "done", "failed", "interrupted")
 #: Keys a vmapped group's points may differ in: what the NumPyro window takes as traced inputs
 #: (β and its schedule, λ: computed by the driver per step and passed in; the seed: the
@@ -495,7 +497,8 @@ def plan(points: Sequence[Point], engine: str, backend: str, vmap_size: int = 0
     only): points with equal `vmap_key` form a group (split into groups of at most `vmap_size`
     when > 0); a point alone in its group, or refused (`vmap_refusal`), goes to the pool."""
     if engine != "vmap":
-        where = "Ray tasks" if engine == "ray" else "the process pool"
+        where = {"ray": "Ray tasks", "serial": "this process, one after another"}.get(
+            engine, "the process pool")
         return [Task("point", [p]) for p in points], [f"{len(points)} point(s) in {where}"]
     if backend != "numpyro":
         raise SweepError("--engine vmap trains NumPyro points together; with --backend pyro "
@@ -667,6 +670,8 @@ def run_sweep(sweep: Sweep, out: str | Path, *, backend: str = "pyro", engine: s
             if engine == "ray":
                 stopped = _run_ray(payloads, address, gpus_per_point, started, finished,
                                    stop_file, log)
+            elif engine == "serial":
+                stopped = _run_serial(payloads, started, finished)
             else:
                 stopped = _run_local(payloads, workers or os.cpu_count() or 1, started,
                                      finished, stop_file, log)
@@ -791,6 +796,18 @@ def _run_local(payloads, workers: int, started, finished, stop_file: Path, log) 
             log("\nsweep: stopping: each running point saves a checkpoint at the end of its "
                 "window (Ctrl-C again to stop at once)")
     return stopping
+
+
+def _run_serial(payloads, started, finished) -> bool:
+    """Each payload in this process, in turn; a point stopped by Ctrl-C (it saved its
+    checkpoint) stops the sweep."""
+    for kind, payload, indices in payloads:
+        started(indices)
+        results = [run_point(payload)] if kind == "point" else run_group(payload)
+        finished(results)
+        if any(r["status"] == "interrupted" for r in results):
+            return True
+    return False
 
 
 def _import_ray():

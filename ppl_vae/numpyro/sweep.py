@@ -123,7 +123,16 @@ class Batcher:
             self._on_batch(len(slots))
 
     def _run(self, calls: list[tuple], slots: list[int]) -> list:
-        """One vmapped window over `calls` (the points' argument tuples, equal shapes)."""
+        """One vmapped window over `calls` (the points' argument tuples, equal shapes); a
+        point left alone runs its window unbatched."""
+        if len(calls) == 1:
+            if 1 not in self._compiled:
+                template = self._trainers[slots[0]]
+                self._compiled[1] = jax.jit(with_precision(
+                    template._window_fn, template.spec.train.matmul_precision))
+                self.compilations += 1
+            self.calls += 1
+            return [self._compiled[1](*calls[0])]
         n_args = len(calls[0])
         shared = tuple(all(c[i] is calls[0][i] for c in calls) for i in range(n_args))
         in_axes = tuple(None if s else 0 for s in shared)
