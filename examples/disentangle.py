@@ -16,17 +16,24 @@ Each model is `models/beta_vae_dsprites.toml` (conv encoder and decoder, 10 late
 the metrics use fresh factor draws, rendered and encoded (posterior means). The best model (by
 MIG) gets latent traversals.
 
-    python examples/disentangle.py                          # the full sweep (58 min, 2 cores)
-    python examples/disentangle.py --backend numpyro --device cuda --steps 30000 --seeds 3
+    python examples/disentangle.py                          # 3 β x 3 seeds, the CPU budget
+    python examples/disentangle.py --backend numpyro --device cuda --full --steps 30000
     python examples/disentangle.py --smoke                  # seconds, checks it runs
 
-With --seeds N each β is trained from N seeds (train.seed 0 .. N-1): Locatello et al. (2019)
-found the seed matters as much as β, so the table then gives each metric's mean ± standard
-deviation over the seeds, and the claim is called held only where a β > 1 beats β = 1 by more
-than that spread.
+The runs are one sweep (`ppl_vae.sweep`: β x seeds, each point a run folder; a process pool,
+one thread per process, as many as cores): re-running continues it, and Ctrl-C stops it at
+checkpoints. Each β is trained from --seeds N seeds (train.seed 0 .. N-1, default 3):
+Locatello et al. (2019) found the seed matters as much as β, so the table gives each metric's
+mean ± standard deviation over the seeds, and the claim is called held only where a β > 1
+beats β = 1 by more than that spread.
 
-Writes runs/disentangle/: one run folder per β, table.md, results.json, disentangle.png and
-traversals.png. On a CPU the Pyro backend is the faster one here (convolutions).
+By default the networks are halved (`CPU_BUDGET`: 16/32 channels, 128 hidden units, 10,000
+images) and trained for 2000 steps, so that 3 β x 3 seeds fit about 40 CPU-minutes; --full
+trains `models/beta_vae_dsprites.toml` as it is (for a GPU).
+
+Writes runs/disentangle/: the sweep (sweep/, with sweep_report.* and its figures), table.md,
+results.json, disentangle.png and traversals.png. On a CPU the Pyro backend is the faster one
+here (convolutions).
 """
 
 from __future__ import annotations
@@ -37,18 +44,22 @@ import time
 
 import numpy as np
 
-from ppl_vae import disentanglement, dsprites, experiments, runs
+from ppl_vae import dsprites, experiments, runs, sweep
 
 NAME = "disentangle"
 BETAS = (1.0, 4.0, 16.0)
 SMOKE_BETAS = (1.0, 4.0)
-#: Sized for a 2-core CPU (0.12-0.17 s a step with Pyro: 58 minutes for the sweep with the
-#: metrics); disentanglement_lib trains for 300,000 steps, so on a GPU use --steps 30000 or more.
-STEPS = 6000
+#: Sized for the CPU budget (0.07 s a step with Pyro on one thread for the halved networks);
+#: disentanglement_lib trains for 300,000 steps, so on a GPU use --full --steps 30000 or more.
+STEPS = 2000
+#: What the default (CPU) budget changes in the bundled spec; --full leaves it as it is.
+CPU_BUDGET = ["data.size=10000", "encoder.channels=[16, 16, 32, 32]",
+              "decoder.channels=[32, 32, 16, 16]", "encoder.hidden=[128]",
+              "decoder.hidden=[128]"]
 #: Metric sizes (disentanglement_lib's defaults are 10000 points for MIG and 10000 / 5000
 #: training / evaluation points of 64-image batches for the classifier metrics; smaller here to
 #: keep the encoding of rendered images to about a minute per model on a CPU).
-METRIC_SIZES = {"mig_points": 10000, "train": 2000, "eval": 1000, "variance": 5000}
+METRIC_SIZES = {"mig_points": 10000, "train": 1000, "eval": 500, "variance": 5000}
 SMOKE_METRIC_SIZES = {"mig_points": 500, "train": 40, "eval": 20, "variance": 200}
 COLUMNS = [("β", "beta", "{:g}"), ("test −ELBO", "neg_elbo", "{:.1f}"),
            ("rate Î", "rate", "{:.2f}"), ("distortion", "nll_distortion", "{:.1f}"),
@@ -67,19 +78,14 @@ def main(args) -> dict:
     sizes = SMOKE_METRIC_SIZES if args.smoke else METRIC_SIZES
     smoke_data = ["data.size=300", "latent.dim=4", "encoder.channels=[8, 8, 8, 8]",
                   "decoder.channels=[8, 8, 8, 8]", "encoder.hidden=[16]", "decoder.hidden=[16]"]
-    rows = []
-    for beta in args.betas or (SMOKE_BETAS if args.smoke else BETAS):
-        for seed in range(args.seeds):
-            overrides = [f"objective.beta={beta}", f"train.seed={seed}",
-                         *(smoke_data if args.smoke else [])]
-            spec = experiments.make_spec("beta_vae_dsprites", overrides, args, STEPS)
-            # seed 0 keeps the one-seed sweep's folder names, so its finished runs are re-used
-            folder = out / (f"beta{beta:g}" if seed == 0 else f"beta{beta:g}-seed{seed}")
-            report = experiments.train_and_evaluate(spec, folder, args)
-            scores = score(folder, args, sizes)
-            active = f"{report['active_units']}/{report['latent_dim']}"
-            rows.append(report | scores | {"neg_elbo": -report["elbo"], "folder": str(folder),
-                                           "active": active, "seed": seed})
+    betas = args.betas or (SMOKE_BETAS if args.smoke else BETAS)
+    budget = smoke_data if args.smoke else ([] if args.full else CPU_BUDGET)
+    reports = sweep.experiment_sweep(
+        "beta_vae_dsprites", [f"objective.beta={','.join(f'{b:g}' for b in betas)}"], args,
+        STEPS, out / "sweep", overrides=budget, disentanglement_sizes=sizes)
+    rows = [r | {"neg_elbo": -r["elbo"], "active": f"{r['active_units']}/{r['latent_dim']}"}
+            for r in reports]
+    spec = runs.load_run(rows[0]["folder"]).spec
     per_beta = over_seeds(rows)
     best = max(per_beta, key=lambda r: r["mig"])
     best_run = max((r for r in rows if r["beta"] == best["beta"]), key=lambda r: r["mig"])
@@ -139,28 +145,6 @@ def claim(per_beta: list[dict]) -> dict:
             "evidence": f"best β > 1 is β = {top['beta']:g}, MIG {top['mig_text']} against "
                         f"{base['mig_text']} at β = 1 (difference {margin:+.3f}, seed spread "
                         f"{spread:.3f}, {top['seeds']} seed(s))"}
-
-
-def score(folder, args, sizes: dict) -> dict:
-    """MIG, FactorVAE and β-VAE metrics of a run's posterior means on fresh factor draws."""
-    model = runs.load_run(folder).model(args.backend)
-
-    def represent(factors: np.ndarray) -> np.ndarray:
-        return model.encode(dsprites.render(factors), batch_size=512)[0]
-
-    rng = np.random.default_rng(0)
-    mig = disentanglement.mig_from_factors(represent, dsprites.FACTOR_SIZES, rng,
-                                           num_points=sizes["mig_points"])
-    factor_vae = disentanglement.factor_vae_score(
-        represent, dsprites.FACTOR_SIZES, rng, num_train=sizes["train"], num_eval=sizes["eval"],
-        num_variance_estimate=sizes["variance"])
-    beta_vae = disentanglement.beta_vae_score(represent, dsprites.FACTOR_SIZES, rng,
-                                              num_train=sizes["train"], num_eval=sizes["eval"])
-    return {"mig": mig.score, "mig_per_factor": mig.gaps.tolist(),
-            "mutual_info": mig.mutual_info.tolist(), "factor_entropy": mig.entropy.tolist(),
-            "factor_vae": factor_vae["eval_accuracy"],
-            "factor_vae_active_dims": factor_vae["num_active_dims"],
-            "beta_vae": beta_vae["eval_accuracy"]}
 
 
 def plot(rows: list[dict], per_beta: list[dict], best: dict, path) -> None:
@@ -226,8 +210,11 @@ def traversals(row: dict, args, path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     experiments.add_arguments(parser, NAME)
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="seeds per β (train.seed 0 .. N-1); the table gives mean ± sd")
+    sweep.add_experiment_arguments(parser)
+    parser.set_defaults(seeds=3)
+    parser.add_argument("--full", action="store_true",
+                        help="the bundled spec's networks and data as they are (a GPU's "
+                             "budget), not the halved CPU budget")
     parser.add_argument("--betas", type=float, nargs="+", default=None,
                         help=f"the β values (default {' '.join(f'{b:g}' for b in BETAS)})")
     args = parser.parse_args(argv)

@@ -12,20 +12,25 @@ checks both statements on the test split within their Monte Carlo error (2 stand
 from one draw of z per test example; I_q's from the aggregate posterior of the test split).
 
     python examples/rate_distortion.py --backend numpyro      # the full sweep (minutes)
+    python examples/rate_distortion.py --backend numpyro --seeds 3   # three seeds per β
     python examples/rate_distortion.py --smoke                # seconds, checks it runs
 
-Writes runs/rate_distortion/: one run folder per β, table.md, results.json and
-rate_distortion.png.
+The β values are one sweep (`ppl_vae.sweep`, as ``ppl-vae sweep vae_bars --grid
+objective.beta=…``): with NumPyro its points train together in one process, vmapped (--engine
+vmap, the default there), else in a process pool. Writes runs/rate_distortion/: the sweep's
+folder sweep/ (sweep.json, one run folder per point, sweep_report.* and its figures), table.md,
+results.json and rate_distortion.png.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 
 import numpy as np
 
-from ppl_vae import experiments
+from ppl_vae import experiments, sweep
 
 NAME = "rate_distortion"
 BETAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -41,11 +46,11 @@ COLUMNS = [("β", "beta", "{:g}"), ("rate R", "rate", "{:.3f}"),
 def main(args) -> dict:
     started = time.perf_counter()
     out = experiments.output_dir(args, NAME)
-    rows = []
-    for beta in SMOKE_BETAS if args.smoke else BETAS:
-        spec = experiments.make_spec("vae_bars", [f"objective.beta={beta}"], args, STEPS)
-        report = experiments.train_and_evaluate(spec, out / f"beta{beta:g}", args)
-        rows.append(report | judge(report))
+    betas = SMOKE_BETAS if args.smoke else BETAS
+    reports = sweep.experiment_sweep(
+        "vae_bars", [f"objective.beta={','.join(f'{b:g}' for b in betas)}"], args, STEPS,
+        out / "sweep")
+    rows = [report | judge(report) | {"beta": report["beta"]} for report in reports]
     entropy = rows[0]["entropy"]
     held = [r for r in rows if r["above_line"] == "yes"]
     bracketed = [r for r in rows if r["bracketed"] == "yes"]
@@ -54,7 +59,8 @@ def main(args) -> dict:
                f"{len(bracketed)} of {len(rows)}. Lowest R + D − H: "
                f"{min(r['excess'] for r in rows):.3f} nats at β = "
                f"{min(rows, key=lambda r: r['excess'])['beta']:g}.")
-    table = experiments.markdown_table(rows, COLUMNS) + "\n\n" + summary
+    columns = COLUMNS if args.seeds == 1 else [COLUMNS[0], ("seed", "seed", "{}"), *COLUMNS[1:]]
+    table = experiments.markdown_table(rows, columns) + "\n\n" + summary
     plot(rows, entropy, out / "rate_distortion.png")
     experiments.write_results(out, NAME, rows, table, started, args, {"entropy": entropy})
     return {"rows": rows}
@@ -117,5 +123,12 @@ def plot(rows: list[dict], entropy: float, path) -> None:
     save(fig, path)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    experiments.add_arguments(parser, NAME)
+    sweep.add_experiment_arguments(parser)
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(experiments.parse_args(__doc__, NAME))
+    main(parse_args())
