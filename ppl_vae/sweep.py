@@ -375,8 +375,8 @@ def run_point(task: dict, make_trainer=None, dataset=None, stop: Callable[[], bo
         run = fit(spec, task["backend"], device=task["device"], out_dir=folder,
                   resume=state == "resume", overwrite=state == "restart",
                   progress=task["progress"], dataset=dataset,
-                  on_record=tracker.log_record if tracker else None, should_stop=should_stop,
-                  make_trainer=make_trainer)
+                  on_record=_safe_logger(tracker, task["name"], result) if tracker else None,
+                  should_stop=should_stop, make_trainer=make_trainer)
         result |= {"status": "done", "step": int(run.info["step"])}
         if tracker is not None:
             for name in (runs.SPEC_FILE, runs.INFO_FILE, runs.METRICS_FILE):
@@ -400,6 +400,22 @@ def run_point(task: dict, make_trainer=None, dataset=None, stop: Callable[[], bo
         except runs.RunError:
             pass
     return result | {"seconds": time.perf_counter() - t0}
+
+
+def _safe_logger(tracker, name: str, result: dict) -> Callable[[dict], None]:
+    """`tracker.log_record` that never fails the run: the first error is one line on stderr
+    and in the point's result ("tracking_error"), and the point logs nothing more."""
+    def log(record: dict) -> None:
+        if "tracking_error" in result:
+            return
+        try:
+            tracker.log_record(record)
+        except Exception as err:  # noqa: BLE001 - the store's problem, not the run's
+            result["tracking_error"] = _one_line(err)
+            print(f"ppl-vae sweep: warning: {name}: tracking stopped ({result['tracking_error']})"
+                  "; the run goes on", file=sys.stderr)
+
+    return log
 
 
 def run_group(tasks: list[dict], progress: bool = False) -> list[dict]:

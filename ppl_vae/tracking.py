@@ -54,14 +54,17 @@ def _mlflow_client(uri: str):
 
 
 def _finite_metrics(record: dict) -> dict[str, float]:
-    """{"<split>/<key>": value} of a metrics record's finite numbers (not step or split)."""
+    """{"<split>/<key>": value} of a metrics record's finite numbers (not step or split); a
+    "/" inside a key becomes "." (``rate/dim_0`` -> ``train/rate.dim_0``): MLflow's file store
+    keeps a metric per file under its name's folders, so ``rate`` and ``rate/dim_0`` cannot
+    both be names there."""
     prefix = record.get("split", "train")
     out = {}
     for key, value in record.items():
         if key in ("step", "split") or isinstance(value, bool):
             continue
         if isinstance(value, int | float) and math.isfinite(value):
-            out[f"{prefix}/{key}"] = float(value)
+            out[f"{prefix}/{key.replace('/', '.')}"] = float(value)
     return out
 
 
