@@ -239,6 +239,7 @@ def optimise_both(n_steps: int, dtype: str) -> dict:
             "skipped": [r[:, -1].tolist() for r in rows], "lr_last": float(scalars["lr"][-1])}
 
 
+@pytest.mark.slow
 def test_both_backends_optimise_alike_under_a_decaying_schedule_float64():
     """In float64 (JAX's 64-bit mode is process-wide: a child process)."""
     pytest.importorskip("torch")

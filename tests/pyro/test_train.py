@@ -519,6 +519,7 @@ def test_the_lr_decays_the_steps():
     assert 0.5 * 0.25e-3 < moved < 1.5 * 0.25e-3 * 1.6
 
 
+@pytest.mark.slow
 def test_two_processes_skip_the_update_one_process_skips(tmp_path):
     """DDP (two gloo processes): the all-reduced gradient is NaN in both at step 3, both skip
     it, and the window counts it once; the run equals the one-process run."""
