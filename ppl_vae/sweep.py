@@ -70,13 +70,14 @@ SWEEP_FILE, STOP_FILE = "sweep.json", ".stop"
 ENGINES = ("local", "vmap", "ray", "serial")
 STATUSES = ("pending", "running", "done", "failed", "interrupted")
 #: Keys a vmapped group's points may differ in: what the NumPyro window takes as traced inputs
-#: (β and its schedule, λ: computed by the driver per step and passed in; the seed: the
-#: parameters' initial values and the key) or what only the driver reads (how long, how often it
-#: evaluates and saves). Everything else (shapes, the optimiser and its learning rate, the data)
-#: must be equal, since the group runs the first point's compiled window.
-VMAPPABLE_KEYS = ("objective.beta", "objective.lam", "objective.beta_schedule.", "train.seed",
-                  "train.steps", "train.eval_every", "train.checkpoint_every", "train.device",
-                  "train.threads")
+#: (β and its schedule, the learning rate and its schedule: `ppl_vae.schedules.step_scalars`,
+#: computed by the driver per step; λ; the seed: the parameters' initial values and the key) or
+#: what only the driver reads (how long, how often it evaluates and saves). Everything else
+#: (shapes, the optimiser's chain, the ELBO's settings, the data) must be equal, since the group
+#: runs the first point's compiled window.
+VMAPPABLE_KEYS = ("objective.beta", "objective.lam", "objective.beta_schedule.", "train.lr",
+                  "train.lr_schedule.", "train.seed", "train.steps", "train.eval_every",
+                  "train.checkpoint_every", "train.device", "train.threads")
 #: One thread per process: XLA's CPU client and the BLAS/OpenMP pools (PyTorch's intra-op
 #: threads follow train.threads, whose default is one).
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",

@@ -116,9 +116,12 @@ def test_vmap_groups_points_that_differ_only_in_traced_scalars():
     assert [len(t.points) for t in tasks] == [3, 3, 1, 1]
     assert [t.kind for t in tasks] == ["group", "group", "point", "point"]
     assert "pool: 2 point(s) alone" in lines[-1]
-    lr = sweep.load_sweep("vae_digits", ["train.lr=0.001,0.002"])  # lr is in Adam's state
-    tasks, lines = sweep.plan(lr.points, "vmap", "numpyro")
+    lr = sweep.load_sweep("vae_digits", ["train.lr=0.001,0.002"])  # a traced input, too
+    assert [t.kind for t in sweep.plan(lr.points, "vmap", "numpyro")[0]] == ["group"]
+    batch = sweep.load_sweep("vae_digits", ["train.batch_size=32,64"])  # another shape
+    tasks, lines = sweep.plan(batch.points, "vmap", "numpyro")
     assert [t.kind for t in tasks] == ["point", "point"]
+    assert "no other point of the same shapes" in lines[-1]
     with pytest.raises(sweep.SweepError, match="pyro"):
         sweep.plan(s.points, "vmap", "pyro")
 
@@ -129,11 +132,11 @@ def test_vmapped_points_equal_the_same_points_trained_alone(tmp_path, monkeypatc
     pytest.importorskip("numpyro")
     from ppl_vae.numpyro import sweep as nsweep
 
-    # Two βs and seeds, and a shorter run (it leaves the group at step 20) whose β is annealed
-    # (a schedule is computed by the driver, per point).
+    # Two βs and seeds, and a shorter run (it leaves the group at step 20) with another
+    # learning rate and an annealed β (the driver computes each point's per-step scalars).
     s = sweep.load_sweep("vae_digits", ["objective.beta=0.5,2"], seeds=2, overrides=TINY)
     short = sweep.Point(4, "4-short", (), 0, load_spec(s.points[0].spec, [
-        "train.steps=20", "objective.beta=1.5",
+        "train.steps=20", "objective.beta=1.5", "train.lr=0.003",
         'objective.beta_schedule={kind="linear", warmup=15}']))
     points = [s.points[0], s.points[3], short]
     out = tmp_path / "sweep"
