@@ -370,8 +370,9 @@ class TrainSpec:
     skipped steps are counted in the metrics (`skipped`). 0 = never skip."""
     weight_init: str = _choice("default", WEIGHT_INITS)
     """The networks' initial weights: default (each framework's own, the same layouts) or normal:
-    every dense and convolution weight from N(0, weight_init_std²), biases 0 (as Pyro's
-    ss_vae_M2.py); drawn once by NumPy from train.seed, so both backends start equal."""
+    every hidden layer's weight and bias from N(0, weight_init_std²), output layers PyTorch's
+    default rule U(±1/√fan_in) (as Pyro's ss_vae_M2.py, examples/vae/utils/custom_mlp.py);
+    drawn once by NumPy from train.seed (`ppl_vae.init`), so both backends start equal."""
     weight_init_std: float = 0.001
     """weight_init = "normal": the standard deviation of the initial weights."""
     seed: int = 0

@@ -215,6 +215,16 @@ def _lr_schedule(spec: Spec, need: _Need) -> None:
     need(0 <= sch.final <= 1, f"{key}.final", sch.final, "a number in [0, 1]")
     need(sch.epoch_steps >= 0, f"{key}.epoch_steps", sch.epoch_steps,
          "an integer >= 0 (0 = the training set's steps per epoch)")
+    # a decay that never happens within the run is a constant schedule in disguise
+    if sch.kind in ("exponential", "step"):
+        need(sch.decay < 1, f"{key}.decay", sch.decay,
+             f"a number in (0, 1) for kind {sch.kind!r} (1 never decays: use 'constant')")
+    if sch.kind == "step":
+        need(sch.every < steps, f"{key}.every", sch.every,
+             f"fewer steps than train.steps ({steps}): a step schedule must decay at least once")
+    if sch.kind == "burda" and sch.epoch_steps:
+        need(sch.epoch_steps < steps, f"{key}.epoch_steps", sch.epoch_steps,
+             f"fewer steps than train.steps ({steps}): the first stage is one epoch")
 
 
 def _site_key(spec: Spec, i: int, part: str) -> str:

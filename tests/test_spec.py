@@ -131,6 +131,12 @@ MISTAKES = [
      "below train.steps (100)"),
     (["train.lr_schedule={kind='exponential', decay=1.5}"], "train.lr_schedule.decay",
      "(0, 1]"),
+    (["train.lr_schedule={kind='step', decay=1.0}"], "train.lr_schedule.decay",
+     "never decays"),
+    (["train.steps=100", "train.lr_schedule={kind='step', every=100}"],
+     "train.lr_schedule.every", "decay at least once"),
+    (["train.steps=100", "train.lr_schedule={kind='burda', epoch_steps=200}"],
+     "train.lr_schedule.epoch_steps", "the first stage is one epoch"),
     # recipes where they cannot apply
     (['objective.gradient="dreg"'], "objective.gradient", "set objective.bound = 'iwae'"),
     (['objective.gradient="stl"', 'objective.bound="iwae"', "objective.num_particles=5"],
