@@ -10,6 +10,11 @@
 #                                             # the script before spending GPU minutes on it
 #   benchmarks/gpu_check.sh disentangle [STEPS] [SEEDS]
 #                                             # there: the β sweep of examples/disentangle.py
+#   benchmarks/gpu_check.sh sweep [POINTS] [STEPS]
+#                                             # there: benchmarks/bench_sweep.py on the GPU (K
+#                                             # points one after another, in the pool, vmapped;
+#                                             # the goal: 8 vmapped in <= 1.5x one), then a
+#                                             # vmapped `ppl-vae sweep` and its sweep-report
 #
 # With the device tool: run `benchmarks/gpu_check.sh` with carry [".whl"] and timeout_s 600; the
 # stages' limits add up to 560 s, so one call does it all (a lent GPU has 15 minutes, its start
@@ -63,10 +68,22 @@ if [ "${1:-}" = "disentangle" ]; then
     # 3 β x SEEDS seeds x STEPS steps with the NumPyro backend (its conv step is the faster one
     # on a GPU), metrics on the GPU. One call may run 600 s: when the sweep needs more, call the
     # same command again while the machine is warm: finished runs in /tmp/disentangle are re-used.
-    stage disentangle 570 "$PY" examples/disentangle.py --backend numpyro --device cuda \
-        --steps "${2:-30000}" --seeds "${3:-3}" --no-progress --out /tmp/disentangle
-    cp /tmp/disentangle/table.md /tmp/disentangle/results.json /tmp/disentangle/*.png "$OUT"/ \
-        2>/dev/null
+    stage disentangle 570 "$PY" examples/disentangle.py --backend numpyro --device cuda --full \
+        --engine vmap --steps "${2:-30000}" --seeds "${3:-3}" --no-progress --out /tmp/disentangle
+    cp /tmp/disentangle/table.md /tmp/disentangle/results.json /tmp/disentangle/*.png \
+        /tmp/disentangle/sweep/sweep_report.md "$OUT"/ 2>/dev/null
+    exit 0
+fi
+
+if [ "${1:-}" = "sweep" ]; then
+    # about 5 minutes: each way of bench_sweep starts its own processes and compiles in them
+    stage bench_sweep 420 "$PY" benchmarks/bench_sweep.py --device cuda --points "${2:-8}" \
+        --steps "${3:-300}" --workers 4 --json "$OUT/bench_sweep.json"
+    stage sweep_cli 150 bash -c "$PY -m ppl_vae.cli sweep vae_digits --backend numpyro \
+        --engine vmap --device cuda --grid objective.beta=0.25,1,4 --seeds 2 \
+        --set train.steps=1000 --out /tmp/gpu_sweep --overwrite --no-progress \
+        && $PY -m ppl_vae.cli sweep-report /tmp/gpu_sweep --device cuda --iwae-k 100 \
+        --no-progress && cp /tmp/gpu_sweep/sweep_report.md /tmp/gpu_sweep/*.png $OUT/"
     exit 0
 fi
 
