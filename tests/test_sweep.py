@@ -383,3 +383,12 @@ def test_sweep_report_writes_one_row_per_setting_and_the_figures(tmp_path, capsy
     sweep.sweep_report(out, iwae_k=5, progress=False, log=quiet)
     assert stamps == {r["name"]: (out / r["name"] / "report.json").stat().st_mtime_ns
                       for r in data["points"]}
+
+
+def test_the_sweep_driver_imports_no_backend_and_no_tracking_library():
+    code = ("import sys, ppl_vae.sweep, ppl_vae.tracking, ppl_vae.cli\n"
+            "print(sorted(m for m in ('jax', 'torch', 'numpyro', 'pyro', 'mlflow', 'ray', "
+            "'tensorboardX') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, check=True)
+    assert done.stdout.strip() == "[]"
