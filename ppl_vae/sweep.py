@@ -462,12 +462,13 @@ def run_group(tasks: list[dict], progress: bool = False) -> list[dict]:
             signal.signal(signal.SIGINT, previous)
 
 
-def _child(kind: str, payload, conn) -> None:
-    """A worker process: one point or one vmapped group; sends its results and exits."""
+def _child(kind: str, payload, conn, progress: bool = False) -> None:
+    """A worker process: one point or one vmapped group (with a bar over its steps when
+    `progress`); sends its results and exits."""
     set_thread_env()
     try:
         results = [run_point(payload)] if kind == "point" else run_group(payload,
-                                                                         progress=False)
+                                                                         progress=progress)
     except BaseException as err:  # noqa: BLE001 - report whatever ended it
         tasks = [payload] if kind == "point" else payload
         results = [{"index": t["index"], "status": "interrupted" if isinstance(
@@ -692,7 +693,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, backend: str = "pyro", engine: s
                 stopped = _run_serial(payloads, started, finished)
             else:
                 stopped = _run_local(payloads, workers or os.cpu_count() or 1, started,
-                                     finished, stop_file, log)
+                                     finished, stop_file, log, progress)
         finally:
             if bar is not None:
                 bar.close()
@@ -756,7 +757,8 @@ def _close_tracking(config, record: dict) -> None:
     parent.end("done" if done else "interrupted")
 
 
-def _run_local(payloads, workers: int, started, finished, stop_file: Path, log) -> bool:
+def _run_local(payloads, workers: int, started, finished, stop_file: Path, log,
+               progress: bool = False) -> bool:
     """Each payload in a fresh process (spawn), `workers` at a time. Returns True when Ctrl-C
     stopped the sweep."""
     import multiprocessing as mp
@@ -789,7 +791,8 @@ def _run_local(payloads, workers: int, started, finished, stop_file: Path, log) 
         while queue and len(running) < workers and not stopping:
             kind, payload, indices = queue.pop(0)
             receive, send = ctx.Pipe(duplex=False)
-            process = ctx.Process(target=_child, args=(kind, payload, send), daemon=False)
+            process = ctx.Process(target=_child, args=(kind, payload, send, progress),
+                                  daemon=False)
             process.start()
             send.close()
             running[process.sentinel] = (process, receive, indices)
