@@ -5,7 +5,12 @@ the site-role errors of both backends' `ScaledELBO`.
 
 rate = E[ln q_Ψ(z|y) − ln p̂_Φ(z)] (Î(y, z) in the lecture), distortion = E[−ln p̂_Φ(y|z)]
 (Ĥ(y|z)) or any Dist_Φ(y|z), aux = a loss on the encoder alone (encoder autonomy). All in nats.
-The backends' `ScaledELBO` compute the terms; this module decides the weights.
+The backends' `ScaledELBO` compute the terms; this module decides the weights, and the objective
+changes that are not bounds: free bits (Kingma et al. 2016) and capacity targets (Burgess et al.
+2018) replace a site's β · rate in the loss (`site_rate_loss`), the reported rate staying the
+true one. For the importance-weighted bound it combines the per-element terms into ln w
+(`log_weight`) and the bound into the public terms (`bound_terms`); `check_estimator` refuses
+the combinations that mean nothing, in both backends alike.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ppl_vae.spec import LABEL_SITE, ObjectiveSpec, Spec
+from ppl_vae.spec import BOUNDS, GRADIENTS, LABEL_SITE, CapacitySpec, ObjectiveSpec, Spec
 
 
 def beta_schedule(objective: ObjectiveSpec, steps: np.ndarray) -> np.ndarray:
@@ -73,40 +78,174 @@ def weight_for(weight, site: str):
     return weight
 
 
-def weighted_terms(terms: dict, beta, lam, zero) -> dict:
+def free_bits_for(free_bits, site: str) -> float:
+    """λ of one site's free bits (nats per dimension; 0 = off): `free_bits` is a number (every
+    site the ELBO asks about) or a mapping {site: nats} (sites not named get 0)."""
+    if isinstance(free_bits, Mapping):
+        return float(free_bits.get(site, 0.0))
+    return float(free_bits or 0.0)
+
+
+def capacity_schedule(site_capacity: CapacitySpec, steps: np.ndarray) -> np.ndarray:
+    """The capacity target C(t) = max · min(1, t / steps) at each (0-based) step in `steps`, in
+    nats per example, as float64 (len(steps),) (Burgess et al. 2018). A pure function of the
+    step, like `beta_schedule`; 0 everywhere for a site without a target (max = 0)."""
+    steps = np.asarray(steps, dtype=np.float64)
+    return site_capacity.max * np.minimum(1.0, steps / site_capacity.steps)
+
+
+def _maximum(floor, x):
+    """max(floor, x) elementwise with + and abs only, for any array type (torch, jax): at a tie
+    the gradient is 1/2, in both backends."""
+    return 0.5 * (floor + x + abs(x - floor))
+
+
+def site_rate_loss(site: str, rate, beta, *, free_bits=0.0, capacity_weight=None,
+                   capacity=None, rate_dims=None, batch_size=1):
+    """The part of the loss one rate site contributes (nats, summed over the batch):
+
+    * β_s · rate_s, the ELBO's;
+    * with free bits λ > 0 (Kingma et al. 2016): β_s · Σ_i max(λ, rate_i / B) · B, rate_i the
+      site's rate in dimension i summed over the batch (`rate_dims`, (d,)) and B the batch size:
+      a dimension whose batch-mean rate is below λ nats costs λ and gets no gradient;
+    * with a capacity weight γ (Burgess et al. 2018): γ · |rate_s / B − C_s| · B, C_s the target
+      in nats per example (`capacity`, a number or a traced/in-place-filled 0-d array); β_s does
+      not apply.
+
+    Objective changes, not bounds: the reported rate stays rate_s.
+    """
+    if capacity_weight is not None:
+        target = 0.0 if capacity is None else capacity
+        return capacity_weight * abs(rate / batch_size - target) * batch_size
+    if free_bits > 0:
+        if rate_dims is None:
+            raise ValueError(f"ScaledELBO: free bits on site {site!r} need its per-dimension "
+                             "rate, which the ELBO did not supply")
+        return weight_for(beta, site) * _maximum(free_bits * batch_size, rate_dims).sum()
+    return weight_for(beta, site) * rate
+
+
+def weighted_terms(terms: dict, beta, lam, zero, *, free_bits=None, capacity_weight=None,
+                   capacity=None, rate_dims=None, batch_sizes=None) -> dict:
     """Per-site terms {"rate/<site>", "distortion/<site>", "aux/<site>": value} -> the same
     plus the unweighted totals `rate`, `distortion`, `aux` and the weighted `loss`
 
-        loss = Σ_s β_s · rate_s + Σ_s λ_s · distortion_s + Σ_s aux_s.
+        loss = Σ_s β_s · rate_s + Σ_s λ_s · distortion_s + Σ_s aux_s,
 
-    Works for any array type with + and * (torch tensors, jax arrays); `zero` is the 0-d zero
-    of that type (so every total is an array even when a role has no site).
+    each rate site's part replaced by its free-bits or capacity objective where it has one
+    (`site_rate_loss`: `free_bits` {site: nats per dimension} or a number, `capacity_weight`
+    {site: γ}, `capacity` {site: C nats per example}, `rate_dims` {site: (d,) rate per dimension
+    summed over the batch}, `batch_sizes` {site: B}). `rate` and `rate/<site>` stay the true
+    rates; `loss` is the training objective.
+
+    Works for any array type with +, *, abs and .sum() (torch tensors, jax arrays); `zero` is
+    the 0-d zero of that type (so every total is an array even when a role has no site).
     """
     out = {"loss": zero, "rate": zero, "distortion": zero, "aux": zero}
     for key, value in terms.items():
         role, site = key.split("/", 1)
         out[role] = out[role] + value
-        if role == "rate":
-            value = weight_for(beta, site) * value
-        elif role == "distortion":
-            value = weight_for(lam, site) * value
-        out["loss"] = out["loss"] + value
+        out["loss"] = out["loss"] + _site_loss(role, site, value, beta, lam, free_bits,
+                                               capacity_weight, capacity, rate_dims,
+                                               batch_sizes)
     out.update(terms)
     return out
 
 
-def per_site_loss(terms: dict, beta, lam) -> dict:
-    """{site: its weighted part of the loss}: β·rate, λ·distortion and aux terms by site (the
-    stock ELBOs' ``sum_sites=False``), from the per-site terms of `weighted_terms`."""
+def _site_loss(role, site, value, beta, lam, free_bits, capacity_weight, capacity, rate_dims,
+               batch_sizes):
+    if role == "distortion":
+        return weight_for(lam, site) * value
+    if role != "rate":
+        return value
+    capacity_weight = capacity_weight or {}
+    return site_rate_loss(
+        site, value, beta, free_bits=free_bits_for(free_bits, site),
+        capacity_weight=capacity_weight.get(site),
+        capacity=(capacity or {}).get(site), rate_dims=(rate_dims or {}).get(site),
+        batch_size=(batch_sizes or {}).get(site, 1))
+
+
+def per_site_loss(terms: dict, beta, lam, *, free_bits=None, capacity_weight=None,
+                  capacity=None, rate_dims=None, batch_sizes=None) -> dict:
+    """{site: its weighted part of the loss}: β·rate (or its free-bits / capacity objective),
+    λ·distortion and aux terms by site (the stock ELBOs' ``sum_sites=False``), from the per-site
+    terms of `weighted_terms` (same keyword arguments)."""
     out: dict = {}
     for key, value in terms.items():
         if "/" not in key:
             continue
         role, site = key.split("/", 1)
-        weight = (weight_for(beta, site) if role == "rate" else
-                  weight_for(lam, site) if role == "distortion" else 1.0)
-        out[site] = out.get(site, 0.0) + weight * value
+        part = _site_loss(role, site, value, beta, lam, free_bits, capacity_weight, capacity,
+                          rate_dims, batch_sizes)
+        out[site] = out.get(site, 0.0) + part
     return out
+
+
+# ---- importance-weighted bounds ------------------------------------------------------------------
+def log_weight(parts: dict, beta, lam):
+    """ln w of each element (particle, enumerated value, example) from its per-element terms
+    {"rate/<site>": ln q − ln p, "distortion/<site>": −ln p, …} (aux terms are not part of w):
+
+        ln w = −Σ_s β_s · rate_s − Σ_s λ_s · distortion_s.
+
+    At β = λ = 1 this is ln p(y, z) − ln q(z|y); with other weights each site's ln p − ln q
+    enters times its β (then L_K is no longer a bound on ln p(y))."""
+    out = 0.0
+    for key, value in parts.items():
+        role, site = key.split("/", 1)
+        if role == "rate":
+            out = out - weight_for(beta, site) * value
+        elif role == "distortion":
+            out = out - weight_for(lam, site) * value
+    return out
+
+
+def bound_terms(terms: dict, bound, zero) -> dict:
+    """The public terms of an importance-weighted bound: the per-site terms `terms` (self-
+    normalised: Σ w̃ · term, summed over the batch; aux terms averaged over the particles),
+    their unweighted totals `rate`, `distortion`, `aux`, and ``loss = −bound + aux`` with
+    `bound` = Σ_n ln (1/K) Σ_k w_nk (summed over the batch)."""
+    out = {"loss": zero - bound, "rate": zero, "distortion": zero, "aux": zero}
+    for key, value in terms.items():
+        role = key.split("/", 1)[0]
+        out[role] = out[role] + value
+        if role == "aux":
+            out["loss"] = out["loss"] + value
+    out.update(terms)
+    return out
+
+
+def check_estimator(bound: str, gradient: str, free_bits, capacity_weight,
+                    sum_sites: bool = True) -> None:
+    """The combinations both `ScaledELBO`s refuse, each in one line (the spec refuses the same
+    ones at load time, `ppl_vae.validation`)."""
+    if bound not in BOUNDS:
+        raise ValueError(f"ScaledELBO: bound={bound!r}; use one of {', '.join(BOUNDS)}")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"ScaledELBO: gradient={gradient!r}; use one of {', '.join(GRADIENTS)}")
+    if gradient == "dreg" and bound != "iwae":
+        raise ValueError("ScaledELBO: gradient='dreg' is the IWAE bound's estimator; use it with "
+                         "bound='iwae' (or gradient='stl' for the ELBO)")
+    if gradient == "stl" and bound != "elbo":
+        raise ValueError("ScaledELBO: gradient='stl' is biased for the IWAE bound; use "
+                         "gradient='dreg' with bound='iwae'")
+    fb = free_bits.values() if isinstance(free_bits, Mapping) else [free_bits or 0.0]
+    if any(v < 0 for v in fb):
+        raise ValueError(f"ScaledELBO: free_bits={free_bits!r}; use nats per dimension >= 0")
+    capacity_weight = dict(capacity_weight or {})
+    if any(v <= 0 for v in capacity_weight.values()):
+        raise ValueError(f"ScaledELBO: capacity_weight={capacity_weight!r}; use γ > 0 per site")
+    if bound == "iwae" and (any(v > 0 for v in fb) or capacity_weight):
+        raise ValueError("ScaledELBO: free bits and capacity targets change the ELBO's rate "
+                         "term, which bound='iwae' does not have; use bound='elbo'")
+    both = [s for s in capacity_weight if free_bits_for(free_bits, s) > 0]
+    if both:
+        raise ValueError(f"ScaledELBO: site {both[0]!r} has both free bits and a capacity "
+                         "target; give it one or the other")
+    if bound == "iwae" and not sum_sites:
+        raise NotImplementedError("ScaledELBO: sum_sites=False with bound='iwae': the "
+                                  "importance-weighted bound has no per-site parts")
 
 
 # ---- the site-role errors of both backends' ScaledELBO ----------------------------------------
@@ -142,3 +281,17 @@ def stray_guide_site(site: str) -> ValueError:
     return ValueError(
         f"ScaledELBO: the guide's sample site {site!r} is not in the model; a guide may add only "
         "factor sites of its own (encoder-only aux terms).")
+
+
+def not_factorised(site: str, posterior: str, prior: str) -> ValueError:
+    return ValueError(
+        f"ScaledELBO: free bits on site {site!r} need a rate per dimension, so a posterior and a "
+        "prior that factorise over the last dimension (Normal(...).to_event(1)); here "
+        f"{posterior} and {prior}. Use a diagonal posterior or drop the site's free bits.")
+
+
+def shared_across_enumeration(site: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"ScaledELBO: gradient='dreg' with enumerated sites needs every reparameterised site "
+        f"drawn once per enumerated value; {site!r} is drawn once for all of them (make its "
+        "posterior read the enumerated site, or use gradient='reparam').")

@@ -3,10 +3,12 @@ format) and the same latent draws (substituted in both) give the same per-site t
 same gradients. Parametrised over every component kind in the spec registries, so a kind that
 one backend lacks fails here (micrograd/tinygrad-style cross-implementation tests)."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import tomllib
 
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ from ppl_vae.numpyro.params import export_params as numpyro_export  # noqa: E402
 from ppl_vae.objective import site_betas  # noqa: E402
 from ppl_vae.pyro import hooks as pmodel  # noqa: E402
 from ppl_vae.pyro.elbo import ScaledELBO as PyroELBO  # noqa: E402
-from ppl_vae.spec import Spec, load_spec  # noqa: E402
+from ppl_vae.spec import CapacitySpec, Spec, SpecError, load_spec  # noqa: E402
 
 SMALL = ["latent.dim=3", "encoder.hidden=[7]", "decoder.hidden=[6]"]
 IMAGES = ['data.source="npz"', 'data.path="unused.npz"']  # 8x8 images, for the conv kinds
@@ -93,6 +95,30 @@ CASES = {
 }
 
 
+#: The objectives beyond the ELBO (issue 22), each run on the cases of `OBJECTIVE_CASES` with
+#: reparameterised draws of the same noise in both backends (`Noise`), so that the gradients
+#: through the draws (STL's and DReG's only ones) are compared too.
+OBJECTIVES = {
+    "stl": ['objective.gradient="stl"'],
+    "iwae": ['objective.bound="iwae"'],
+    "iwae-dreg": ['objective.bound="iwae"', 'objective.gradient="dreg"'],
+    "free-bits": ["FREE_BITS=0.2"],  # (some dimensions of each site above 0.2 nats, some below)
+    "free-bits-stl": ["FREE_BITS=0.2", 'objective.gradient="stl"'],
+    "capacity": ["CAPACITY={max=6.0, steps=10, weight=20.0}"],
+}
+#: {case: the objectives it runs}: all of them on a one-site VAE and a two-layer graph; on M2
+#: (an enumerated label) the bounds and the per-dimension rates under the enumeration; the
+#: estimators that re-evaluate ln q on the other posterior families.
+OBJECTIVE_CASES = {
+    "normal-bernoulli": tuple(OBJECTIVES), "two-layer": tuple(OBJECTIVES),
+    "m2": ("iwae", "iwae-dreg", "stl", "free-bits-stl"),
+    "full": ("stl", "iwae-dreg"), "iaf": ("stl", "iwae-dreg"),
+}
+#: The pairs also checked in float64.
+OBJECTIVES_FLOAT64 = [("two-layer", "iwae-dreg"), ("two-layer", "capacity"),
+                      ("m2", "iwae-dreg"), ("m2", "free-bits-stl")]
+
+
 def test_cases_cover_every_registered_kind():
     text = " ".join(" ".join(v) for v in CASES.values())
     for registry in (spec_module.PRIOR_KINDS, spec_module.POSTERIOR_KINDS,
@@ -123,13 +149,123 @@ def _inputs(spec, n=6, seed=0):
     return y, z, labels
 
 
-def compare(case: str, dtype: str) -> dict:
+def with_objective(spec, objective: str):
+    """`spec` under one of `OBJECTIVES` (validated: a SpecError where the spec refuses it);
+    FREE_BITS=… and CAPACITY=… are set on every latent site."""
+    overrides, per_site = [], {}
+    for option in OBJECTIVES[objective]:
+        key, _, value = option.partition("=")
+        if key == "FREE_BITS":
+            per_site["free_bits"] = float(value)
+        elif key == "CAPACITY":
+            per_site["capacity"] = CapacitySpec(**tomllib.loads(f"c = {value}")["c"])
+        else:
+            overrides.append(option)
+    if per_site and spec.latents:
+        spec = dataclasses.replace(spec, latents=tuple(
+            dataclasses.replace(s, **per_site) for s in spec.latents))
+    elif per_site:
+        spec = dataclasses.replace(spec, latent=dataclasses.replace(spec.latent, **per_site))
+    return load_spec(spec, overrides)
+
+
+def _objective_pairs() -> list[tuple[str, str]]:
+    """(case, objective) for every case of `OBJECTIVE_CASES` and objective the spec accepts
+    (free bits need diagonal posteriors and factorised priors: validation refuses the rest)."""
+    pairs = []
+    for case, objectives in OBJECTIVE_CASES.items():
+        for objective in objectives:
+            try:
+                with_objective(load_spec(Spec(), CASES[case]), objective)
+            except SpecError:
+                continue
+            pairs.append((case, objective))
+    return pairs
+
+
+def _elbo_options(spec) -> dict:
+    """What the trainers pass to `ScaledELBO` from the spec (the interface of issue 22)."""
+    obj = spec.objective
+    return dict(analytic_kl=obj.analytic_kl, num_particles=obj.num_particles, bound=obj.bound,
+                gradient=obj.gradient,
+                free_bits={s.name: s.free_bits for s in spec.sites if s.free_bits > 0},
+                capacity_weight={s.name: s.capacity.weight for s in spec.sites
+                                 if s.capacity.max > 0},
+                max_plate_nesting=1)
+
+
+def _pyro_draw(fn, eps):
+    """A reparameterised draw of a Pyro posterior at the standard normal noise `eps`."""
+    if isinstance(fn, pyro.distributions.TransformedDistribution):
+        x = _pyro_draw(fn.base_dist, eps)
+        for t in fn.transforms:  # (each step caches its output: ln q costs no inverse)
+            x = t(x)
+        return x
+    if isinstance(fn, pyro.distributions.MultivariateNormal):
+        return fn.loc + (fn.scale_tril @ eps[..., None])[..., 0]
+    base = fn.base_dist
+    return base.loc + base.scale * eps
+
+
+def _numpyro_draw(fn, eps):
+    """The NumPyro twin of `_pyro_draw`."""
+    import numpyro.distributions as ndist
+
+    while isinstance(fn, ndist.ExpandedDistribution):
+        fn = fn.base_dist
+    if isinstance(fn, ndist.TransformedDistribution):
+        x = _numpyro_draw(fn.base_dist, eps)
+        for t in fn.transforms:
+            x = t(x)
+        return x
+    if isinstance(fn, ndist.MultivariateNormal):
+        return fn.loc + (fn.scale_tril @ eps[..., None])[..., 0]
+    base = fn.base_dist
+    while isinstance(base, ndist.ExpandedDistribution):
+        base = base.base_dist
+    return base.loc + base.scale * eps
+
+
+class PyroNoise(poutine.messenger.Messenger):
+    """Draws the guide's sites as reparameterised functions of given noise {site: eps}."""
+
+    def __init__(self, noise):
+        super().__init__()
+        self.noise = noise
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.noise and not msg["is_observed"]:
+            msg["value"] = _pyro_draw(msg["fn"], self.noise[msg["name"]])
+            msg["done"] = True
+
+
+def numpyro_noise(fn, noise):
+    """The NumPyro twin of `PyroNoise` (a substituted value keeps no intermediates, so ln q of
+    a flow is taken through its inverse: equal to float precision)."""
+    from numpyro.primitives import Messenger
+
+    class Noise(Messenger):
+        def process_message(self, msg):
+            if msg["type"] == "sample" and msg["name"] in noise and not msg["is_observed"] \
+                    and msg["value"] is None:
+                msg["value"] = _numpyro_draw(msg["fn"], noise[msg["name"]])
+
+    return Noise(fn)
+
+
+def compare(case: str, dtype: str, objective: str | None = None) -> dict:
     """Terms and gradients of both backends for one case; returns the worst relative errors
     (terms relative to themselves, or absolute below 1 nat; gradients relative to the largest
-    entry of their parameter's gradient, or absolute below 1e-3)."""
+    entry of their parameter's gradient, or absolute below 1e-3).
+
+    Without `objective` the draws are given values (the score terms carry the encoder's
+    gradient); with an `OBJECTIVES` key they are reparameterised functions of the same noise
+    in both backends."""
     graph_case = any(o.startswith("latents=") for o in CASES[case])  # sites carry their dims
     small = [o for o in SMALL if not (graph_case and o.startswith("latent."))]
     spec = load_spec(Spec(), [*small, *CASES[case], f'train.dtype="{dtype}"'])
+    if objective is not None:
+        spec = with_objective(spec, objective)
     shape = (8, 8) if spec.encoder.kind == "conv" else None
     torch.manual_seed(1)
     pm = pmodel.Model(spec, 64, shape, "cpu")
@@ -137,19 +273,26 @@ def compare(case: str, dtype: str) -> dict:
     nm = nmodel.Model(spec, 64, shape, "cpu", params=params)
     y, z, labels = _inputs(spec)
     obj = spec.objective
+    options = _elbo_options(spec)
+    capacity = {name: 0.7 for name in options["capacity_weight"]}  # C_t, nats per example
 
-    # Pyro: replay the guide so that z is the given draw (the site stays latent).
+    # Pyro: replay the guide so that z is the given draw (the site stays latent), or draw z
+    # from the given noise.
     tdtype = torch.float64 if dtype == "float64" else torch.float32
     yt = torch.as_tensor(y, dtype=tdtype)
     lt = torch.as_tensor(labels)
-    trace = poutine.trace(pm.built.guide).get_trace(yt, lt)
-    for name, value in z.items():
-        trace.nodes[name]["value"] = torch.as_tensor(value, dtype=tdtype)
-    if spec.label.latent:
-        trace.remove_node("label")  # enumerated by the ELBO, not replayed
-    guide = poutine.replay(pm.built.guide, trace=trace)
+    if objective is None:
+        trace = poutine.trace(pm.built.guide).get_trace(yt, lt)
+        for name, value in z.items():
+            trace.nodes[name]["value"] = torch.as_tensor(value, dtype=tdtype)
+        if spec.label.latent:
+            trace.remove_node("label")  # enumerated by the ELBO, not replayed
+        guide = poutine.replay(pm.built.guide, trace=trace)
+    else:
+        guide = PyroNoise({k: torch.as_tensor(v, dtype=tdtype) for k, v in z.items()})(
+            pm.built.guide)
     beta = site_betas(spec, obj.beta)
-    pelbo = PyroELBO(beta=beta, lam=obj.lam, analytic_kl=obj.analytic_kl, max_plate_nesting=1)
+    pelbo = PyroELBO(beta=beta, lam=obj.lam, capacity=capacity, **options)
     with pyro.validation_enabled(False):
         pterms = pelbo.differentiable_terms(pm.built.model, guide, yt, lt)
     named = dict(pm.modules.named_parameters())
@@ -157,11 +300,12 @@ def compare(case: str, dtype: str) -> dict:
     pgrads = {k: (np.zeros(tuple(p.shape)) if g is None else g.numpy())
               for (k, p), g in zip(named.items(), grads)}
 
-    # NumPyro: substitute z in the guide.
-    nguide = handlers.substitute(nm.built.guide,
-                                 data={k: jnp.asarray(v, nm.dtype) for k, v in z.items()})
-    nelbo = NumPyroELBO(beta=beta, lam=obj.lam, analytic_kl=obj.analytic_kl,
-                        max_plate_nesting=1)
+    # NumPyro: substitute z in the guide, or draw it from the same noise.
+    z = {k: jnp.asarray(v, nm.dtype) for k, v in z.items()}
+    nguide = (handlers.substitute(nm.built.guide, data=z) if objective is None
+              else numpyro_noise(nm.built.guide, z))
+    nelbo = NumPyroELBO(beta=beta, lam=obj.lam, **options).with_weights(
+        beta, obj.lam, {k: jnp.asarray(v, nm.dtype) for k, v in capacity.items()})
     args = (jnp.asarray(y, nm.dtype), jnp.asarray(labels, jnp.int32))
     key = jax.random.PRNGKey(0)
 
@@ -195,6 +339,23 @@ def test_terms_and_gradients_agree_float32(case):
     assert worst["grads"] < 1e-5, worst
 
 
+def test_objective_cases_cover_every_objective():
+    pairs = _objective_pairs()
+    assert {o for _, o in pairs} == set(OBJECTIVES)
+    assert set(OBJECTIVES_FLOAT64) <= set(pairs)
+    # every pair named runs: validation refuses none of them
+    assert len(pairs) == sum(len(v) for v in OBJECTIVE_CASES.values())
+
+
+@pytest.mark.parametrize("case, objective", _objective_pairs())
+def test_objectives_agree_float32(case, objective):
+    """STL, the IWAE bound (reparam and DReG), free bits and a capacity target: the same terms
+    and gradients in both backends, the draws reparameterised from the same noise."""
+    worst = compare(case, "float32", objective)
+    assert worst["terms"] < 1e-5, worst
+    assert worst["grads"] < 1e-5, worst
+
+
 @pytest.mark.parametrize("half", [0, 1])
 def test_terms_and_gradients_agree_float64(half):
     """In float64 (JAX's 64-bit mode is process-wide, so in a child process) to 1e-9. The cases
@@ -209,6 +370,21 @@ def test_terms_and_gradients_agree_float64(half):
     assert list(worst) == list(CASES)[half::2]
     for case, w in worst.items():
         assert w["terms"] < 1e-9 and w["grads"] < 1e-9, (case, w)
+
+
+@pytest.mark.slow
+def test_objectives_agree_float64():
+    """Some of the objectives in float64 (a child process, as above), to 1e-9."""
+    pairs = OBJECTIVES_FLOAT64
+    code = ("import json, tests.test_parity as t; "
+            f"print(json.dumps([t.compare(c, 'float64', o) for c, o in {pairs!r}]))")
+    env = {**os.environ, "JAX_ENABLE_X64": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    worst = json.loads(done.stdout.strip().splitlines()[-1])
+    for pair, w in zip(pairs, worst, strict=True):
+        assert w["terms"] < 1e-9 and w["grads"] < 1e-9, (pair, w)
 
 
 def test_both_models_offer_the_same_hooks():

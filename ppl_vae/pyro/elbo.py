@@ -38,6 +38,54 @@ With β = b it equals the stock ELBO with ``poutine.scale(scale=b)`` on each lat
 model and guide (Higgins et al. 2017, β-VAE). Rate is Î(y, z) and distortion Ĥ(y|z) of the
 lecture (McAllester, TTIC 31230, "VAEs": Î ≥ I, Ĥ ≥ H(y|z), H(y) = I + H(y|z)).
 
+**Importance-weighted bound** (``bound="iwae"``, Burda et al. 2016). With K = ``num_particles``
+draws z_k ~ q(z|y) per example, the loss is −Σ_n L_K(y_n) + aux,
+
+    L_K = ln (1/K) Σ_k w_k,   ln w_k = Σ_s β_s (ln p_s − ln q_s) + Σ_o λ_o ln p_o(y | z_k),
+
+w from the whole latent graph, one weight per element of the plates that every site shares (as
+`RenyiELBO`). At β = λ = 1 it equals ``RenyiELBO(alpha=0, num_particles=K)`` for the same seed
+(and ``vectorize_particles``), value and gradient, and L_K ≥ ELBO, → ln p(y) as K grows. With
+β ≠ 1 it is the stock estimator with the latent sites scaled by β: **no longer a bound** on
+ln p(y), a weighted objective. Enumerated sites are summed out inside each weight::
+
+    w_k = Σ_c q(c|y) · w(c, z_k^c)   (a log-sum-exp over the values of ln q(c) + ln w(c, z_k^c))
+
+with one draw z_k^c per value c (the guide draws them: its z reads c), an unbiased estimate of
+p(y); at β = 1 ln q(c) cancels (w_k = Σ_c p(c) p(y, z_k^c | c) / q(z_k^c | y, c)), so the bound
+does not train q(c|y): its signal is the aux term (M2's α-term). Where c is known (``observed``)
+the sum is its one value. Aux sites (factors of the guide: encoder-only losses) are not part of
+w; their value, averaged over the particles, is added to the loss. `terms` reports each site's
+rate and distortion from the same draws, self-normalised: Σ_k w̃_k · term_k (w̃ = w / Σ w over
+the particles and enumerated values, detached), so the accounting stays readable; ``loss`` is
+−L_K + aux, not β · rate + λ · distortion. ``analytic_kl`` does not apply (the weights need
+ln q − ln p at the draws).
+
+**Gradient estimators** (surrogate losses: the value is the loss, the gradient the estimator's):
+
+* ``gradient="reparam"``: the reparameterisation gradient (path and score terms of ln q);
+* ``"stl"`` (sticking the landing, Roeder et al. 2017; ELBO only): ln q's score term removed,
+  ln q − ln q(z̄) + ln q(z̄)|stopped, ln q(z̄) the guide re-run at the detached draws z̄ (whose
+  gradient is the score: ψ enters only through the parameters there). Unbiased; zero variance
+  at the exact posterior. Works for every reparameterised family, the IAF flow included (its
+  ln q at a draw it did not make takes the flow's inverse: d MADE passes per step).
+* ``"dreg"`` (doubly reparameterised, Tucker et al. 2019; IWAE only): the encoder's gradient
+  Σ_k w̃_k² ∂ln w_k/∂z_k ∂z_k/∂ψ with ln q's parameters held fixed, the decoder's and prior's
+  the ordinary Σ_k w̃_k ∂ln w_k/∂θ: the model and the guide are re-run at detached copies z' of
+  the draws, g = ∂ln w/∂z' (`torch.autograd.grad`), and ln w_k gets the term
+  w̃_k ⟨g_k, z_k − z̄_k⟩ (value 0). With enumerated sites the weights are per (particle,
+  value): a draw shared by every value is refused.
+
+**Free bits and capacity** (``bound="elbo"``; objective changes, not bounds: ``rate`` and
+``rate/<site>`` stay the true rates, ``loss`` is the training objective;
+`ppl_vae.objective.site_rate_loss`): ``free_bits`` λ nats per dimension replaces β_s · rate_s by
+β_s · Σ_i max(λ, rate_i / B) · B (Kingma et al. 2016), rate_i the site's rate in dimension i
+summed over the batch (the closed-form KL per dimension where the site's rate is closed-form,
+else ln q_i − ln p_i at the draw; the site's q and p must factorise, Normal(...).to_event(1)),
+B the batch size; ``capacity_weight`` γ and ``capacity`` C (nats per example) replace it by
+γ · |rate_s / B − C| · B (Burgess et al. 2018). C is read at every call: fill the tensors in
+place to change it per step (a CUDA graph replays them).
+
 Unlike Pyro's own estimators it never calls ``.item()`` on the per-site terms, so a training loop
 that uses `differentiable_terms` synchronises with the device only when it chooses to.
 """
@@ -45,27 +93,38 @@ that uses `differentiable_terms` synchronises with the device only when it choos
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 
 import torch
+from pyro import poutine
+from pyro.distributions import Independent
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
-from pyro.infer.util import is_validation_enabled
+from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled
 from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
 from ppl_vae.objective import (
+    bound_terms,
+    check_estimator,
     enumeration_needs_plate_nesting,
+    free_bits_for,
+    log_weight,
     missing_guide_site,
+    not_factorised,
     not_reparameterised,
     sequential_enumeration,
+    shared_across_enumeration,
     stray_guide_site,
     weighted_terms,
 )
 
 Weight = float | torch.Tensor | Mapping[str, float]
+PARTICLE_PLATE = "num_particles_vectorized"  # the plate of Pyro's vectorised particles
 
 
 def _site_kind(site) -> str:
@@ -76,36 +135,87 @@ def _site_kind(site) -> str:
     return "latent"
 
 
+def _is_drawn(site) -> bool:
+    """A reparameterised latent draw of the guide (what STL and DReG differentiate through)."""
+    return (site["type"] == "sample" and not site["is_observed"]
+            and not site["infer"].get("enumerate") and not site["infer"].get("_deterministic")
+            and site["fn"].has_rsample)
+
+
+def _factors(fn):
+    """The distribution of the coordinates a site factorises into (batch (..., d)), or None."""
+    if isinstance(fn, Independent) and fn.reinterpreted_batch_ndims == 1 and \
+            not fn.base_dist.event_shape:
+        return fn.base_dist
+    return None
+
+
+def _batch_size(site) -> float:
+    """B of a site: the number of examples its plates hold (the particle plate aside), times
+    its scale where that is a number (subsampling)."""
+    size = math.prod(f.size for f in site["cond_indep_stack"]
+                     if f.vectorized and f.name != PARTICLE_PLATE)
+    scale = site["scale"]
+    return size * (float(scale) if isinstance(scale, int | float) else 1.0)
+
+
+def _path(log_q: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """ln q with the score term removed: its value, the gradient of the path through the draw
+    only (`score` is ln q re-evaluated at the detached draw, whose gradient is the score)."""
+    return log_q - score + score.detach()
+
+
 class ScaledELBO(Trace_ELBO):
     """β · rate + λ · distortion + aux, as a Pyro ELBO (see the module docstring).
 
     :param beta: weight of the rate; a number (or 0-d tensor) or a dict {latent site: number}
-        (sites not named get 1). Change it between steps by assignment (``elbo.beta = 0.5``);
-        nothing is rebuilt.
+        (sites not named get 1). Change it between steps by assignment (``elbo.beta = 0.5``), or
+        fill the tensors in place; nothing is rebuilt.
     :param lam: weight of the distortion; likewise, keyed by distortion site.
-    :param num_particles: Monte Carlo samples of z per example (averaged).
+    :param num_particles: Monte Carlo samples of z per example (averaged; K of the IWAE bound).
     :param analytic_kl: use ``kl_divergence(q, p)`` for the rate of a latent site when it is
         registered for the pair, else the Monte Carlo ln q − ln p (as `TraceMeanField_ELBO`).
         A guide site marked ``infer={"analytic_kl": False}`` always takes the Monte Carlo rate:
         mark a site whose prior reads a latent that the guide draws *from* it (bottom-up
         inference, q(z2|z1) with p̂(z1|z2)), where the KL at the drawn parent is biased.
+        It applies to ``bound="elbo"`` with ``gradient="reparam"`` only: STL and the IWAE bound
+        are defined on the Monte Carlo ln q − ln p.
+    :param bound: ``"elbo"`` or ``"iwae"`` (the importance-weighted bound; see the module
+        docstring).
+    :param gradient: ``"reparam"``, ``"stl"`` (elbo) or ``"dreg"`` (iwae).
+    :param free_bits: nats per dimension, a number (every reparameterised latent site) or
+        {site: nats}: the site's rate enters the loss as Σ_i max(λ, batch-mean rate_i) · B.
+    :param capacity_weight: {site: γ}: the site's β · rate becomes γ · |rate / B − C| · B.
+    :param capacity: {site: C} (nats per example; numbers or 0-d tensors, read at every call,
+        so a trainer fills them in place); sites with a weight and no target get C = 0.
     Other keyword arguments go to `pyro.infer.ELBO` (``vectorize_particles``,
     ``max_plate_nesting``, …).
     """
 
     def __init__(self, beta: Weight = 1.0, lam: Weight = 1.0, num_particles: int = 1,
-                 analytic_kl: bool = True, **kwargs):
+                 analytic_kl: bool = True, bound: str = "elbo", gradient: str = "reparam",
+                 free_bits: float | Mapping[str, float] | None = None,
+                 capacity_weight: Mapping[str, float] | None = None,
+                 capacity: Mapping[str, float | torch.Tensor] | None = None, **kwargs):
+        check_estimator(bound, gradient, free_bits, capacity_weight)
         super().__init__(num_particles=num_particles, **kwargs)
         self.beta, self.lam, self.analytic_kl = beta, lam, analytic_kl
+        self.bound, self.gradient = bound, gradient
+        self.free_bits = free_bits or 0.0
+        self.capacity_weight = dict(capacity_weight or {})
+        self.capacity = capacity if capacity is not None else {}
 
-    def with_weights(self, beta: Weight, lam: Weight) -> ScaledELBO:
-        """The same estimator with other β and λ (a copy; `self` is unchanged), as in the
-        NumPyro twin. Assigning ``elbo.beta = b`` changes this one in place."""
+    def with_weights(self, beta: Weight, lam: Weight, capacity=None) -> ScaledELBO:
+        """The same estimator with other β, λ (and capacity targets {site: C}) (a copy; `self`
+        is unchanged), as in the NumPyro twin. Assigning ``elbo.beta = b`` changes this one in
+        place."""
         other = copy.copy(self)
         other.beta, other.lam = beta, lam
+        if capacity is not None:
+            other.capacity = capacity
         return other
 
-    # -- the per-particle terms -----------------------------------------------------------------
+    # -- traces ---------------------------------------------------------------------------------
     def _get_traces(self, model, guide, args, kwargs):
         # Guide sites marked for parallel enumeration take their whole support in the dims left
         # of the plates, as in TraceEnum_ELBO; other sites are untouched. As there, the
@@ -128,7 +238,7 @@ class ScaledELBO(Trace_ELBO):
         # mean-field check TraceMeanField_ELBO makes.
         model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model,
                                                         guide, args, kwargs)
-        if self.analytic_kl and is_validation_enabled() and not any(
+        if self._closed_form and is_validation_enabled() and not any(
                 site["type"] == "sample" and site["infer"].get("analytic_kl") is False
                 for site in guide_trace.nodes.values()):
             # (a guide that marks sites analytic_kl=False has already said where the closed
@@ -137,9 +247,32 @@ class ScaledELBO(Trace_ELBO):
             _check_mean_field_requirement(model_trace, guide_trace)
         return model_trace, guide_trace
 
+    @property
+    def _closed_form(self) -> bool:
+        return self.analytic_kl and self.bound == "elbo" and self.gradient == "reparam"
+
+    @property
+    def _vectorized(self) -> bool:
+        return self.vectorize_particles and self.num_particles > 1
+
+    def _replay(self, fn, trace, values: dict, args, kwargs):
+        """The trace of `fn` (model or guide, in the particle plate) replayed against `trace`
+        with the latent values `values` {site: tensor} in place of the trace's, log-densities
+        computed."""
+        replayed = trace.copy()
+        for name, value in values.items():
+            replayed.nodes[name] = {**trace.nodes[name], "value": value}
+        if self._vectorized:
+            fn = self._vectorized_num_particles(fn)
+        out = poutine.trace(poutine.replay(fn, trace=replayed), graph_type="flat").get_trace(
+            *args, **kwargs)
+        out = prune_subsample_sites(out)
+        out.compute_log_prob()
+        return out
+
     @staticmethod
-    def _enumeration_weight(guide_trace) -> torch.Tensor | None:
-        """q of each joint value of the enumerated guide sites, broadcastable against the
+    def _enumeration_log_weight(guide_trace) -> torch.Tensor | None:
+        """ln q of each joint value of the enumerated guide sites, broadcastable against the
         sites' per-example log-densities; None when no site is enumerated."""
         log_q = None
         for name, site in guide_trace.nodes.items():
@@ -151,64 +284,79 @@ class ScaledELBO(Trace_ELBO):
                 raise enumeration_needs_plate_nesting(name)
             lq = site["fn"].log_prob(site["value"])  # the measure: unscaled
             log_q = lq if log_q is None else log_q + lq
+        return log_q
+
+    @classmethod
+    def _enumeration_weight(cls, guide_trace) -> torch.Tensor | None:
+        """q of each joint value of the enumerated guide sites, broadcastable against the
+        sites' per-example log-densities; None when no site is enumerated."""
+        log_q = cls._enumeration_log_weight(guide_trace)
         return None if log_q is None else log_q.exp()
 
-    def _particle_terms(self, model_trace, guide_trace) -> dict[str, torch.Tensor]:
-        """Unweighted per-site terms of one particle, summed over the batch (scaled as the sites
-        say) and, where guide sites are enumerated, averaged over their values under q:
-        {"rate/<site>", "distortion/<site>", "aux/<site>"}."""
-        weight = self._enumeration_weight(guide_trace)
+    # -- the per-element terms of one particle ----------------------------------------------------
+    def _parts(self, model_trace, guide_trace, closed_form: bool, score_trace=None,
+               detach_q: bool = False):
+        """Unweighted per-site terms of one particle, per element (the sites' batch shapes:
+        enumerated values, particles, plates), before any sum: {"rate/<site>": ln q − ln p (or
+        the closed-form KL), "distortion/<site>": −ln p, "aux/<site>": value}; and, for the
+        sites with free bits, {site: (..., d) rate per dimension} and {site: B}.
 
-        def total(site_or_value, key="log_prob"):
-            """Σ of a per-example tensor (or a site's log-density) under the weights. A value
-            without the enumerated dims (left of the plates) does not depend on the enumerated
-            sites: its expectation is itself (weighting a value outside the data plate, such
-            as M2's cross-entropy factor, would multiply it by the batch size)."""
-            value = site_or_value[key] if isinstance(site_or_value, dict) else site_or_value
-            if weight is None or value.dim() <= self.max_plate_nesting:
-                return (site_or_value[f"{key}_sum"] if isinstance(site_or_value, dict)
-                        else value.sum())
-            return (weight * value).sum()
+        `score_trace` (STL): the guide replayed at the detached draws, so that ln q keeps only
+        its path derivative. `detach_q` (DReG's value): the drawn sites' ln q detached."""
+        parts: dict[str, torch.Tensor] = {}
+        dims: dict[str, torch.Tensor] = {}
 
-        terms: dict[str, torch.Tensor] = {}
+        def log_q(name, gsite):
+            if score_trace is not None and _is_drawn(gsite):
+                return _path(gsite["log_prob"], score_trace.nodes[name]["log_prob"])
+            return gsite["log_prob"].detach() if detach_q and _is_drawn(gsite) \
+                else gsite["log_prob"]
+
         for name, msite in model_trace.nodes.items():
             if msite["type"] != "sample":
                 continue
             kind = _site_kind(msite)
             if kind in ("observed", "factor"):
-                terms[f"distortion/{name}"] = -total(msite)
+                parts[f"distortion/{name}"] = -msite["log_prob"]
             elif kind == "latent":
                 gsite = guide_trace.nodes.get(name)
                 if gsite is None or gsite["type"] != "sample":
                     raise missing_guide_site(name, "pyro")
                 if gsite["infer"].get("enumerate"):
+                    difference = gsite["log_prob"] - msite["log_prob"]
                     observed = gsite["infer"].get("observed")
                     if observed is None:
-                        terms[f"rate/{name}"] = total(gsite["log_prob"] - msite["log_prob"])
+                        parts[f"rate/{name}"] = difference
                     else:  # known values are data: −ln p; the rest carry the rate
-                        terms[f"rate/{name}"] = total(
-                            (gsite["log_prob"] - msite["log_prob"]) * ~observed)
-                        terms[f"distortion/{name}"] = -total(msite["log_prob"] * observed)
+                        parts[f"rate/{name}"] = difference * ~observed
+                        parts[f"distortion/{name}"] = -(msite["log_prob"] * observed)
                     continue
                 if not gsite["fn"].has_rsample:
                     raise not_reparameterised(name, type(gsite["fn"]).__name__, "Pyro")
-                terms[f"rate/{name}"] = self._rate(msite, gsite, total)
+                if free_bits_for(self.free_bits, name) > 0:
+                    score = None if score_trace is None else score_trace.nodes[name]
+                    dims[name] = self._rate_dims(name, msite, gsite, closed_form, score)
+                    parts[f"rate/{name}"] = dims[name].sum(-1)
+                else:
+                    parts[f"rate/{name}"] = self._rate(msite, gsite, closed_form,
+                                                       log_q(name, gsite))
         for name, gsite in guide_trace.nodes.items():
             if gsite["type"] != "sample" or name in model_trace.nodes:
                 continue
             kind = _site_kind(gsite)
             if kind == "factor":
-                terms[f"aux/{name}"] = total(gsite)
+                parts[f"aux/{name}"] = gsite["log_prob"]
             elif kind == "latent" and gsite["infer"].get("is_auxiliary"):
                 # a guide-only latent (an AutoGuide's joint draw, e.g. `_AutoNormal_latent`):
                 # its ln q is part of ln q(z|y), so of the rate
-                terms[f"rate/{name}"] = total(gsite)
+                parts[f"rate/{name}"] = log_q(name, gsite)
             elif kind != "deterministic":
                 raise stray_guide_site(name)
-        return terms
+        return parts, dims
 
-    def _rate(self, msite, gsite, total) -> torch.Tensor:
-        if self.analytic_kl and gsite["infer"].get("analytic_kl", True):
+    @staticmethod
+    def _rate(msite, gsite, closed_form: bool, log_q) -> torch.Tensor:
+        if closed_form and gsite["infer"].get("analytic_kl", True):
             try:
                 kl = kl_divergence(gsite["fn"], msite["fn"])
             except NotImplementedError:
@@ -216,30 +364,188 @@ class ScaledELBO(Trace_ELBO):
             else:
                 kl = scale_and_mask(kl, scale=gsite["scale"], mask=gsite["mask"])
                 if torch.is_tensor(kl):
-                    return total(kl)
+                    return kl
                 # a number: a fully masked site (mask False gives 0.0), per batch element
-                return gsite["value"].new_tensor(kl * torch.Size(gsite["fn"].batch_shape).numel())
-        return total(gsite) - total(msite)
+                return gsite["value"].new_full(gsite["fn"].batch_shape, float(kl))
+        return log_q - msite["log_prob"]
+
+    @staticmethod
+    def _rate_dims(name, msite, gsite, closed_form: bool, score) -> torch.Tensor:
+        """The rate of a factorised site per dimension, (..., d): the closed-form KL of each
+        coordinate where the site's rate is closed-form, else ln q_i − ln p_i at the draw."""
+        q, p = _factors(gsite["fn"]), _factors(msite["fn"])
+        if q is None or p is None:
+            raise not_factorised(name, type(gsite["fn"]).__name__, type(msite["fn"]).__name__)
+        value = gsite["value"]
+        rate = None
+        if closed_form and gsite["infer"].get("analytic_kl", True):
+            try:
+                rate = kl_divergence(q, p)
+            except NotImplementedError:
+                pass
+        if rate is None:
+            log_q = q.log_prob(value)
+            if score is not None:
+                log_q = _path(log_q, _factors(score["fn"]).log_prob(score["value"]))
+            rate = log_q - p.log_prob(value)
+        mask = gsite["mask"]
+        return scale_and_mask(rate, gsite["scale"],
+                              mask[..., None] if torch.is_tensor(mask) else mask)
+
+    def _score_trace(self, guide, guide_trace, args, kwargs):
+        """STL: the guide replayed at its detached draws (ln q's gradient there is the score)."""
+        values = {n: s["value"].detach() for n, s in guide_trace.nodes.items() if _is_drawn(s)}
+        return self._replay(guide, guide_trace, values, args, kwargs)
+
+    # -- the ELBO -------------------------------------------------------------------------------
+    def _elbo_terms(self, model, guide, args, kwargs) -> dict[str, torch.Tensor]:
+        stl = self.gradient == "stl" and torch.is_grad_enabled()
+        total: dict[str, torch.Tensor] = {}
+        dims_total: dict[str, torch.Tensor] = {}
+        sizes: dict[str, float] = {}
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            score = self._score_trace(guide, guide_trace, args, kwargs) if stl else None
+            parts, dims = self._parts(model_trace, guide_trace, self._closed_form, score)
+            weight = self._enumeration_weight(guide_trace)
+
+            for key, value in parts.items():
+                value = self._expectation(value, weight) / self.num_particles
+                total[key] = total[key] + value if key in total else value
+            for name, value in dims.items():
+                value = self._expectation(value, weight, 1) / self.num_particles
+                dims_total[name] = dims_total[name] + value if name in dims_total else value
+            for name in (*dims, *self.capacity_weight):
+                if name in model_trace.nodes:
+                    sizes[name] = _batch_size(model_trace.nodes[name])
+        zero = next(iter(total.values())).new_zeros(()) if total else torch.zeros(())
+        return weighted_terms(total, self.beta, self.lam, zero, free_bits=self.free_bits,
+                              capacity_weight=self.capacity_weight, capacity=self.capacity,
+                              rate_dims=dims_total, batch_sizes=sizes)
+
+    def _expectation(self, value: torch.Tensor, weight, event: int = 0) -> torch.Tensor:
+        """Σ of a per-element tensor under the enumeration weights (its last `event` dims kept).
+        A value without the enumerated dims (left of the plates) does not depend on the
+        enumerated sites: its expectation is itself (weighting a value outside the data plate,
+        such as M2's cross-entropy factor, would multiply it by the batch size)."""
+        if weight is not None and value.dim() - event > self.max_plate_nesting:
+            value = weight.reshape(weight.shape + (1,) * event) * value
+        lead = value.dim() - event
+        return value.sum(tuple(range(lead))) if lead else value
+
+    # -- the importance-weighted bound ------------------------------------------------------------
+    def _iwae_terms(self, model, guide, args, kwargs) -> dict[str, torch.Tensor]:
+        dreg = self.gradient == "dreg" and torch.is_grad_enabled()
+        log_w, paths, parts, aux = [], [], {}, {}
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            if dreg:
+                model_trace, path = self._dreg_path(model, guide, guide_trace, args, kwargs)
+            element, _ = self._parts(model_trace, guide_trace, False, detach_q=dreg)
+            sum_dims = get_dependent_plate_dims(
+                [*model_trace.nodes.values(),
+                 *(s for s in guide_trace.nodes.values()
+                   if s["type"] == "sample" and not s["is_observed"])])
+            element = {k: self._within_example(v, sum_dims) for k, v in element.items()}
+            for key in [k for k in element if k.startswith("aux/")]:
+                value = element.pop(key).sum() / self.num_particles
+                aux[key] = aux[key] + value if key in aux else value
+            a = log_weight(element, self.beta, self.lam)
+            log_q = self._enumeration_log_weight(guide_trace)
+            if log_q is not None:
+                a = a + log_q
+            shape = torch.broadcast_shapes(*(v.shape for v in element.values()),
+                                           *((path.shape,) if dreg else ()), a.shape)
+            log_w.append(a.expand(shape))
+            if dreg:
+                paths.append(self._within_example(path, sum_dims).expand(shape))
+            for key, value in element.items():
+                parts.setdefault(key, []).append(value.expand(shape))
+        if dreg:
+            self._check_dreg_sites(guide_trace, shape)
+        log_w = self._particles_first(log_w)
+        reduce = (0, *range(1, log_w.dim() - self._plate_dims(log_w)))
+        normaliser = torch.logsumexp(log_w, reduce, keepdim=True)
+        weights = (log_w - normaliser).exp().detach()  # w̃, self-normalised over (k, values)
+        if dreg:  # the path derivative of ln w_k scaled by w̃_k: Σ_k w̃_k² ∂ln w_k/∂z_k ∂z_k/∂ψ
+            normaliser = torch.logsumexp(log_w + weights * self._particles_first(paths), reduce,
+                                         keepdim=True)
+        bound = (normaliser - math.log(self.num_particles)).sum()
+        terms = {k: (weights * self._particles_first(v)).sum() for k, v in parts.items()} | aux
+        return bound_terms(terms, bound, bound.new_zeros(()))
+
+    def _plate_dims(self, log_w) -> int:
+        """How many trailing dims of a particles-first (K, …) tensor are plates."""
+        plates = self.max_plate_nesting - (1 if self._vectorized else 0)
+        return min(plates, log_w.dim() - 1)
+
+    def _particles_first(self, values: list) -> torch.Tensor:
+        """Per-particle tensors -> one (K, enumerated values…, plates…) tensor."""
+        if self._vectorized:
+            return values[0].movedim(-self.max_plate_nesting, 0)
+        return torch.stack(values)
+
+    def _check_dreg_sites(self, guide_trace, shape) -> None:
+        """DReG with enumerated sites: each draw must be made once per enumerated value (its
+        log-density has every enumerated dim of the per-particle weight's `shape`)."""
+        for name, site in guide_trace.nodes.items():
+            if not _is_drawn(site):
+                continue
+            log_q = site["log_prob"]
+            for d in range(-len(shape), -self.max_plate_nesting):
+                if (log_q.shape[d] if -log_q.dim() <= d else 1) != shape[d]:
+                    raise shared_across_enumeration(name)
+
+    @staticmethod
+    def _within_example(value: torch.Tensor, sum_dims) -> torch.Tensor:
+        """Sum a per-element tensor over the plates not common to every site (as RenyiELBO: one
+        weight per element of the common plates), keeping the dims."""
+        dims = [d for d in sum_dims if -value.dim() <= d]
+        return value.sum(dims, keepdim=True) if dims else value
+
+    def _dreg_path(self, model, guide, guide_trace, args, kwargs):
+        """DReG (Tucker et al. 2019): the model re-run at detached copies z' of the draws, and
+        the per-element path term ⟨∂ln w/∂z'|_{z'=z}, z − z̄⟩ (value 0; its gradient is the
+        path derivative of ln w through the draws, ψ in ln q held fixed), where ln w =
+        −Σ β (ln q − ln p) − Σ λ (−ln p) is taken at z' in model and guide.
+        Returns (the model trace at z', the path term)."""
+        leaves = {n: s["value"].detach().requires_grad_() for n, s in guide_trace.nodes.items()
+                  if _is_drawn(s)}
+        guide_at = self._replay(guide, guide_trace, leaves, args, kwargs)
+        model_at = self._replay(model, guide_at, {}, args, kwargs)
+        element, _ = self._parts(model_at, guide_at, False)
+        lw = log_weight({k: v for k, v in element.items() if not k.startswith("aux/")},
+                        self.beta, self.lam)
+        grads = torch.autograd.grad(lw.sum(), list(leaves.values()), retain_graph=True,
+                                    allow_unused=True)
+        path = 0.0
+        for name, grad in zip(leaves, grads):
+            if grad is None:
+                continue
+            value = guide_trace.nodes[name]["value"]
+            event = len(guide_trace.nodes[name]["fn"].event_shape)
+            term = grad * (value - value.detach())
+            path = path + (term.sum(tuple(range(-event, 0))) if event else term)
+        if not torch.is_tensor(path):
+            path = lw.new_zeros(())
+        return model_at, path
 
     # -- public API ---------------------------------------------------------------------------
     def differentiable_terms(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """The loss and its parts, differentiable, averaged over particles, summed over the batch.
+        """The loss and its parts, differentiable, summed over the batch (nats).
 
-        Keys: ``loss`` (weighted, to minimise), ``rate``, ``distortion``, ``aux`` (unweighted
-        totals, nats) and ``rate/<site>``, ``distortion/<site>``, ``aux/<site>``.
+        Keys: ``loss`` (the training objective, to minimise), ``rate``, ``distortion``,
+        ``aux`` (unweighted totals, nats) and ``rate/<site>``, ``distortion/<site>``,
+        ``aux/<site>``. ELBO: averaged over particles. IWAE: ``loss`` = −L_K + aux, the rates
+        and distortions self-normalised over the particles (Σ_k w̃_k · term_k, w̃ detached).
         """
-        total: dict[str, torch.Tensor] = {}
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            for key, value in self._particle_terms(model_trace, guide_trace).items():
-                value = value / self.num_particles
-                total[key] = total[key] + value if key in total else value
-        zero = next(iter(total.values())).new_zeros(()) if total else torch.zeros(())
-        return weighted_terms(total, self.beta, self.lam, zero)
+        if self.bound == "iwae":
+            return self._iwae_terms(model, guide, args, kwargs)
+        return self._elbo_terms(model, guide, args, kwargs)
 
     def terms(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
         """`differentiable_terms`, detached: 0-d tensors in nats, summed over the batch."""
-        return {k: v.detach() for k, v in self.differentiable_terms(
-            model, guide, *args, **kwargs).items()}
+        with torch.no_grad():
+            return {k: v.detach() for k, v in self.differentiable_terms(
+                model, guide, *args, **kwargs).items()}
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         return self.differentiable_terms(model, guide, *args, **kwargs)["loss"]

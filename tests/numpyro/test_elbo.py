@@ -212,13 +212,71 @@ def test_enumerated_terms_match_the_pyro_twin():
                                        err_msg=k)
 
 
+def iwae_identities(rtol):
+    """bound="iwae" is RenyiELBO(alpha=0) on the same draws (the same key, split as the stock
+    estimator splits it), values and gradients; with β = b, the stock estimator with the latent
+    sites scaled by b in model and guide. DReG: the same value and the same gradient of the
+    model's parameters (m, w), another one of the guide's."""
+    from numpyro.infer import RenyiELBO
+
+    params = {k: jnp.asarray(v) for k, v in PARAMS.items()}
+    key, data = jax.random.PRNGKey(3), jnp.asarray(DATA)
+
+    def jitted(elbo, *args):
+        return jax.jit(jax.value_and_grad(lambda p: elbo.loss(key, p, model, guide, data,
+                                                              *args)))(params)
+
+    for k in (1, 5):
+        for b in (None, 2.5):
+            beta = 1.0 if b is None else b
+            stock = jitted(RenyiELBO(alpha=0, num_particles=k), b)
+            assert_same(jitted(ScaledELBO(beta=beta, bound="iwae", num_particles=k)), stock,
+                        rtol)
+            dreg = jitted(ScaledELBO(beta=beta, bound="iwae", gradient="dreg",
+                                     num_particles=k))
+            np.testing.assert_allclose(dreg[0], stock[0], rtol=rtol)
+            for name in ("m", "w"):
+                np.testing.assert_allclose(dreg[1][name], stock[1][name], rtol=rtol, atol=1e-7)
+            assert not np.allclose(dreg[1]["a"], stock[1]["a"], rtol=1e-3)
+
+
+def enum_log_evidence(labels=None):
+    """The twin of tests/pyro/test_elbo.py's: Σ_n ln p(y_n) (ln p(y_n, c_n) where known)."""
+    p = ENUM_PARAMS
+    log_pi = jax.nn.log_softmax(jnp.asarray(p["pi_logits"]))
+    joint = log_pi + dist.Normal(jnp.asarray(p["nu"]), 0.7).log_prob(jnp.asarray(DATA)[:, None])
+    out = jax.scipy.special.logsumexp(joint, -1)
+    if labels is not None:
+        known = labels >= 0
+        out = jnp.where(known, jnp.take_along_axis(joint, jnp.maximum(labels, 0)[:, None], -1)[
+            :, 0], out)
+    return jnp.sum(out)
+
+
+def enum_iwae_identities(rtol):
+    """The twin of the Pyro test: an enumerated site summed out inside each weight makes L_K
+    = ln p(y) exactly without another latent, and the classifier gets no gradient at β = 1."""
+    params = {k: jnp.asarray(ENUM_PARAMS[k]) for k in ("pi_logits", "nu", "w")}
+    for k in (1, 3):
+        for labels in (None, jnp.asarray([0, 2, -1, 1, -1])):
+            elbo = ScaledELBO(bound="iwae", num_particles=k, max_plate_nesting=1)
+            loss, grads = jax.jit(jax.value_and_grad(lambda p, e=elbo, lab=labels: e.loss(
+                jax.random.PRNGKey(0), p, enum_model, enum_guide, jnp.asarray(DATA), False,
+                None, lab)))(params)
+            np.testing.assert_allclose(-loss, enum_log_evidence(labels), rtol=rtol)
+            assert np.abs(grads["w"]).max() < 10 * rtol
+
+
 def test_identities_float32():
     identities(rtol=2e-5)  # the spec-built graph's identities run in float64 only, below
+    iwae_identities(rtol=2e-5)
+    enum_iwae_identities(rtol=2e-5)
 
 
 def test_identities_float64():
     code = ("import tests.numpyro.test_elbo as t; t.identities(rtol=1e-6); "
-            "t.graph_identities(rtol=1e-6); t.enum_identities(rtol=1e-6); print('ok')")
+            "t.graph_identities(rtol=1e-6); t.enum_identities(rtol=1e-6); "
+            "t.iwae_identities(rtol=1e-6); t.enum_iwae_identities(rtol=1e-9); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**__import__("os").environ, "JAX_ENABLE_X64": "1"}, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

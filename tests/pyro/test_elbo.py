@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from torch.distributions import constraints
 
 from ppl_vae.pyro.elbo import ScaledELBO
@@ -492,3 +492,148 @@ def test_validation_warns_as_trace_mean_field_elbo_does():
     for elbo in (TraceMeanField_ELBO(), ScaledELBO(analytic_kl=True)):
         with pyro.validation_enabled(True), pytest.warns(UserWarning, match="mean field"):
             elbo.loss(model, guide, DATA)
+
+
+# ---- the importance-weighted bound (issue 22): against RenyiELBO(alpha=0) -----------------------
+def stock_loss_and_grads(elbo, model, guide, *args, seed=0):
+    """loss_and_grads for an estimator without differentiable_loss (RenyiELBO): the gradients
+    it accumulates in the param store's unconstrained tensors."""
+    for name in pyro.get_param_store():
+        pyro.param(name).unconstrained().grad = None
+    pyro.set_rng_seed(seed)
+    loss = elbo.loss_and_grads(model, guide, *args)
+    names = sorted(pyro.get_param_store().keys())
+    return (torch.tensor(loss, dtype=torch.float64),
+            {n: pyro.param(n).unconstrained().grad.clone() for n in names})
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("num_particles", [1, 5])
+@pytest.mark.parametrize("b", [None, 2.5])
+def test_iwae_equals_renyi_elbo_alpha_zero(float64, num_particles, vectorize, b):
+    """bound="iwae" is RenyiELBO(alpha=0) on the same draws (the same seed, the particles drawn
+    as the stock estimator draws them): values and gradients. With β = b each latent site's
+    ln p − ln q enters the log-weight times b: the stock estimator with the latent sites scaled
+    by b in model and guide (then no longer a bound)."""
+    kw = dict(num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=1)
+    args = (DATA, b)
+    stock = stock_loss_and_grads(RenyiELBO(alpha=0, **kw), two_latent_model, two_latent_guide,
+                                 *args)
+    beta = 1.0 if b is None else b
+    ours = loss_and_grads(ScaledELBO(beta=beta, bound="iwae", **kw), two_latent_model,
+                          two_latent_guide, DATA)
+    assert_same(ours, stock)
+    # DReG: the same value; the model's (decoder's, prior's) gradient is the ordinary one,
+    # the guide's differs (the score terms replaced by the reweighted path derivative)
+    dreg = loss_and_grads(ScaledELBO(beta=beta, bound="iwae", gradient="dreg", **kw),
+                          two_latent_model, two_latent_guide, DATA)
+    torch.testing.assert_close(dreg[0], stock[0], rtol=RTOL, atol=0)
+    for name in ("m", "w"):
+        torch.testing.assert_close(dreg[1][name], stock[1][name], rtol=RTOL, atol=1e-12)
+    assert not torch.allclose(dreg[1]["a"], stock[1]["a"])
+
+
+def test_iwae_terms_are_self_normalised_and_loss_is_the_bound(float64):
+    """terms: loss = −L_K (no aux here); rate/<site> and distortion/<site> are the particles'
+    terms under the normalised weights w̃ (detached), from the same draws."""
+    elbo = ScaledELBO(bound="iwae", num_particles=4, vectorize_particles=True,
+                      max_plate_nesting=1)
+    pyro.set_rng_seed(2)
+    t = elbo.terms(two_latent_model, two_latent_guide, DATA)
+    pyro.set_rng_seed(2)
+    renyi = RenyiELBO(alpha=0, num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    assert float(t["loss"]) == pytest.approx(renyi.loss(two_latent_model, two_latent_guide,
+                                                        DATA), rel=1e-12)
+    # by hand, from one vectorised trace of the same draws
+    pyro.set_rng_seed(2)
+    guide = elbo._vectorized_num_particles(two_latent_guide)
+    model = elbo._vectorized_num_particles(two_latent_model)
+    gtr = poutine.trace(guide).get_trace(DATA)
+    mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(DATA)
+    gtr.compute_log_prob()
+    mtr.compute_log_prob()
+    rate = {s: gtr.nodes[s]["log_prob"] - mtr.nodes[s]["log_prob"] for s in ("z1", "z2")}
+    distortion = -mtr.nodes["y"]["log_prob"]
+    log_w = -(rate["z1"] + rate["z2"] + distortion)  # (K, N)
+    w = torch.softmax(log_w, 0)
+    expected = {"rate/z1": (w * rate["z1"]).sum(), "rate/z2": (w * rate["z2"]).sum(),
+                "distortion/y": (w * distortion).sum(),
+                "loss": -(torch.logsumexp(log_w, 0) - np.log(4)).sum()}
+    for key, value in expected.items():
+        torch.testing.assert_close(t[key], value.detach(), rtol=1e-10, atol=0, msg=key)
+    torch.testing.assert_close(t["rate"], t["rate/z1"] + t["rate/z2"])
+
+
+def _enum_log_evidence(labels=None):
+    """Σ_n ln p(y_n) of enum_model without z: p(y) = Σ_c π_c N(y; ν_c, 0.7); ln p(y, c_n) where
+    the label is known."""
+    log_pi = torch.log_softmax(pyro.param("pi_logits"), -1).detach()
+    joint = log_pi + dist.Normal(pyro.param("nu").detach(), 0.7).log_prob(DATA[:, None])
+    out = torch.logsumexp(joint, -1)
+    if labels is not None:
+        known = labels >= 0
+        out = torch.where(known, joint.gather(-1, labels.clamp(min=0)[:, None])[:, 0], out)
+    return out.sum()
+
+
+@pytest.mark.parametrize("num_particles", [1, 3])
+def test_enumerated_iwae_sums_the_site_out_exactly(float64, num_particles):
+    """An enumerated site is summed out inside each particle's weight, w_k = Σ_c q(c) w(c, z_k^c)
+    (a log-sum-exp over the values of ln q(c) + ln w): without another latent, every weight is
+    p(y) itself, so L_K = ln p(y) exactly for every K (ln p(y, label) where the label is known);
+    at β = 1 ln q(c) cancels, so the bound does not depend on the classifier q(c|y); the
+    self-normalised rate of c is its KL from the exact posterior's point of view."""
+    kw = dict(num_particles=num_particles, vectorize_particles=num_particles > 1,
+              max_plate_nesting=1)
+    for labels in (None, LABELS):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        elbo = ScaledELBO(bound="iwae", **kw)
+        loss = elbo.differentiable_loss(enum_model, enum_guide, DATA, False, None, None, labels)
+        torch.testing.assert_close(-loss.detach(), _enum_log_evidence(labels), rtol=1e-10,
+                                   atol=0)
+        (grad_w,) = torch.autograd.grad(loss, [pyro.param("w").unconstrained()])
+        assert grad_w.abs().max() < 1e-10
+    # the self-normalised terms, by hand: w̃(c) = the exact posterior p(c|y)
+    pyro.set_rng_seed(0)
+    t = ScaledELBO(bound="iwae", **kw).terms(enum_model, enum_guide, DATA, False)
+    log_pi = torch.log_softmax(pyro.param("pi_logits"), -1).detach()
+    log_lik = dist.Normal(pyro.param("nu").detach(), 0.7).log_prob(DATA[:, None])
+    posterior = torch.softmax(log_pi + log_lik, -1)
+    q = torch.softmax(DATA[:, None] * pyro.param("w").detach(), -1)
+    torch.testing.assert_close(t["rate/c"], (posterior * (q.log() - log_pi)).sum(), rtol=1e-10,
+                               atol=0)
+    torch.testing.assert_close(t["distortion/y"], -(posterior * log_lik).sum(), rtol=1e-10,
+                               atol=0)
+
+
+def test_enumerated_iwae_converges_to_the_evidence(float64):
+    """With the continuous z | c as well: L_K → ln p(y), p(y) = Σ_c π_c N(y; μ_c + ν_c,
+    √(1 + 0.7²)), and L_1 is a tighter bound than the enumerated ELBO."""
+    pyro.set_rng_seed(0)
+    enum_guide(DATA)
+    enum_model(DATA)
+    with torch.no_grad():  # a proposal further from the posterior: shifted and wider
+        pyro.param("a").unconstrained().add_(1.0)
+        pyro.param("s").unconstrained().add_(0.7)
+    log_pi = torch.log_softmax(pyro.param("pi_logits"), -1).detach()
+    means = (pyro.param("mu") + pyro.param("nu")).detach()
+    exact = torch.logsumexp(log_pi + dist.Normal(means, (1 + 0.49) ** 0.5).log_prob(
+        DATA[:, None]), -1).sum()
+
+    def bound(k, seed=0, **kw):
+        pyro.set_rng_seed(seed)
+        elbo = ScaledELBO(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1, **kw)
+        return -elbo.loss(enum_model, enum_guide, DATA)
+
+    def gap(k, n, **kw):
+        """ln p(y) − the mean of n estimates, and its standard error."""
+        draws = float(exact) - np.array([bound(k, s, **kw) for s in range(n)])
+        return draws.mean(), draws.std(ddof=1) / np.sqrt(n)
+
+    elbo, elbo_se = gap(1, 200, analytic_kl=False)
+    (g1, se1), (g10, se10), (g1000, se1000) = (gap(k, n, bound="iwae")
+                                               for k, n in ((1, 200), (10, 50), (1000, 10)))
+    assert elbo - g1 > 3 * np.hypot(elbo_se, se1) and g1 > 0  # L_1 ≥ the enumerated ELBO
+    assert g1 - g10 > 3 * np.hypot(se1, se10) and g10 - g1000 > 3 * np.hypot(se10, se1000)
+    assert abs(g1000) < 4 * se1000 + 1e-3, (g1000, se1000)
