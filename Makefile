@@ -34,9 +34,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/precision_check.py
 	$(BIN)/python benchmarks/bench_devices.py
 	$(BIN)/python benchmarks/bench_streaming.py
+	$(BIN)/python benchmarks/bench_sweep.py
 
 # The lecture's five experiments, the latent-graph comparison and M2 (examples/README.md): about 26
-# minutes on 2 CPU cores, then about an hour for the dSprites sweep.
+# minutes on 2 CPU cores, then the dSprites sweep (3 β x 3 seeds, about 40 CPU-minutes).
 experiments: $(STAMP)
 	for e in posterior_collapse rate_distortion universality encoder_autonomy latent_graphs \
 			semi_supervised; do \
