@@ -156,7 +156,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ppl_vae.report import evaluate_run, format_report
+    from ppl_vae.evaluation import evaluate_run
+    from ppl_vae.report import format_report
 
     # A read-only run folder still gets its report printed, then one line says it was not saved.
     writable = os.access(args.run, os.W_OK)
@@ -184,7 +185,7 @@ def cmd_eval(args) -> int:
                        f"(chmod u+w {args.run}) and run eval again")
     print(f"written: {Path(args.run) / 'report.json'}")
     if args.export_draws:
-        from ppl_vae.report import export_posterior_draws
+        from ppl_vae.evaluation import export_posterior_draws
 
         nc = export_posterior_draws(args.run, args.export_draws, backend=args.backend,
                                     device=args.device)

@@ -38,7 +38,7 @@ def compare_backends(spec, overrides, out: Path, device=None, overwrite=False) -
 
 def _compare(spec, overrides, out: Path, device, overwrite) -> list[dict]:
     from ppl_vae.data import load_data
-    from ppl_vae.report import posterior_means
+    from ppl_vae.evaluation import posterior_means
     from ppl_vae.training import evaluation_data
 
     held = [b for b in BACKENDS if not runs.is_empty(out / b)]

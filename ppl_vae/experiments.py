@@ -1,6 +1,6 @@
 """Plumbing shared by the lecture's experiments (`examples/*.py`), backend-free.
 
-Each experiment trains a few specs, evaluates them with `ppl_vae.report.evaluate_run` and prints
+Each experiment trains a few specs, evaluates them with `ppl_vae.evaluation.evaluate_run` and prints
 one table. This module holds what they share: the command-line arguments, training a spec into a
 run folder (re-using a finished run with the same spec and backend, so that re-running an
 experiment re-draws its table and plots without retraining), the smoke settings the tests use,
@@ -156,7 +156,7 @@ def train(spec: Spec, path: Path, args) -> tuple[runs.Run, float]:
 def train_and_evaluate(spec: Spec, path: Path, args, iwae_k: int = 0) -> dict:
     """Train (or re-use) and evaluate one run; returns its report (`evaluate_run`) plus
     ``train_seconds``."""
-    from ppl_vae.report import evaluate_run
+    from ppl_vae.evaluation import evaluate_run
 
     run, seconds = train(spec, path, args)
     report = evaluate_run(run.path, device="cpu" if args.device == "auto" else args.device,
