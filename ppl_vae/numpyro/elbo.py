@@ -87,8 +87,7 @@ def _log_prob(site) -> jax.Array:
 def _is_drawn(site) -> bool:
     """A reparameterised latent draw of the guide (what STL and DReG differentiate through)."""
     return (site["type"] == "sample" and not site["is_observed"]
-            and not site["infer"].get("enumerate") and not site["infer"].get("is_auxiliary")
-            and site["fn"].has_rsample)
+            and not site["infer"].get("enumerate") and site["fn"].has_rsample)
 
 
 def _factors(fn):
@@ -325,7 +324,7 @@ class ScaledELBO(ELBO):
             elif gsite["infer"].get("is_auxiliary"):
                 # a guide-only latent (an AutoGuide's joint draw, `_Auto…_latent`): its ln q is
                 # part of ln q(z|y), so of the rate (see the Pyro twin)
-                parts[f"rate/{name}"] = _log_prob(gsite)
+                parts[f"rate/{name}"] = log_q(name, gsite)
             else:
                 raise stray_guide_site(name)
         return parts, dims
