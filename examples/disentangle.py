@@ -3,7 +3,8 @@
 "β > 1 may improve interpretability": a larger price on the rate pushes the encoder towards
 codes whose dimensions each follow one generative factor (Higgins et al. 2017). dSprites is
 rendered on the fly with its five factors known (shape, scale, orientation, x, y;
-`ppl_vae.dsprites`), so the code can be scored against them (`ppl_vae.disentanglement`):
+`ppl_vae.groundtruth.dsprites`), so the code can be scored against them
+(`ppl_vae.groundtruth.disentanglement`):
 
 * MIG (Chen et al. 2018): per factor, the gap between the two code dimensions most informative
   about it, over its entropy, 20-bin histograms, as in disentanglement_lib; 0 = entangled;
@@ -44,7 +45,8 @@ import time
 
 import numpy as np
 
-from ppl_vae import dsprites, experiments, runs, sweep
+from ppl_vae import experiments, runs, sweep
+from ppl_vae.groundtruth import dsprites
 
 NAME = "disentangle"
 BETAS = (1.0, 4.0, 16.0)

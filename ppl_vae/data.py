@@ -1,7 +1,8 @@
 """Datasets as NumPy arrays: the bundled 8x8 digits, MNIST IDX folders, .npz files, folders of
 .npy files (memory-mapped: data larger than memory), and two generated sources: synthetic
-populations whose entropy H(y) is known exactly (``synthetic:<name>``, `ppl_vae.populations`)
-and procedural dSprites with their generative factors (``dsprites``, `ppl_vae.dsprites`).
+populations whose entropy H(y) is known exactly (``synthetic:<name>``,
+`ppl_vae.groundtruth.populations`) and procedural dSprites with their generative factors
+(``dsprites``, `ppl_vae.groundtruth.dsprites`).
 
 Every loader returns a `Dataset` of flattened float32 examples (N, D), int64 labels (-1 where
 unknown) and the image shape (H, W), or None for flat data. Images are scaled to [0, 1] (digits
@@ -477,8 +478,9 @@ DEFAULT_GENERATED_SIZE = 20000
 
 
 def _synthetic(name: str, size: int, rng: np.random.Generator):
-    """Draws from a `ppl_vae.populations` population; the label of an example is its component."""
-    from ppl_vae.populations import population
+    """Draws from a `ppl_vae.groundtruth.populations` population; the label of an example is its
+    component."""
+    from ppl_vae.groundtruth.populations import population
 
     pop = population(name)
     x, components = pop.sample(size, rng)
@@ -487,7 +489,7 @@ def _synthetic(name: str, size: int, rng: np.random.Generator):
 
 def _dsprites(size: int, rng: np.random.Generator):
     """Distinct dSprites grid points drawn uniformly; the label of an example is its shape."""
-    from ppl_vae import dsprites
+    from ppl_vae.groundtruth import dsprites
 
     if size > dsprites.NUM_IMAGES:
         raise DataError(f"data.size = {size} but dSprites has {dsprites.NUM_IMAGES} images; "

@@ -20,7 +20,7 @@ from typing import Any
 
 # ---- registries of component kinds ---------------------------------------------------------
 DATA_SOURCES = ("digits", "mnist", "npz", "npy", "dsprites")  # or "synthetic:<population>"
-SYNTHETIC_POPULATIONS = ("bars",)  # data.source = "synthetic:bars"; see ppl_vae/populations.py
+SYNTHETIC_POPULATIONS = ("bars",)  # "synthetic:bars"; see ppl_vae/groundtruth/populations.py
 BINARIZE = ("none", "static", "dynamic")
 PRIOR_KINDS = ("normal", "learned_normal", "mixture", "conditional", "vamp")
 POSTERIOR_KINDS = ("diagonal", "full", "iaf", "ladder")

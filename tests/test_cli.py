@@ -201,7 +201,7 @@ def test_eval_places_a_run_against_a_known_entropy(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "H(y), exact" in printed and "H(y) − distortion ≤ I_q ≤ rate" in printed
     r = json.loads((out / "report.json").read_text())
-    from ppl_vae.populations import bars
+    from ppl_vae.groundtruth.populations import bars
 
     assert r["entropy"] == pytest.approx(bars().entropy()) and r["data"] == "synthetic:bars"
     # the lecture's bounds hold within Monte Carlo error even for a barely trained model

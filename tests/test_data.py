@@ -389,7 +389,7 @@ def test_conv_needs_images(tmp_path):
 
 # ---- generated sources ----------------------------------------------------------------------
 def test_synthetic_population_with_its_exact_entropy():
-    from ppl_vae.populations import bars
+    from ppl_vae.groundtruth.populations import bars
 
     d = load_data(spec('data.source="synthetic:bars"', "data.size=1000"))
     assert_well_formed(d)
@@ -406,7 +406,7 @@ def test_synthetic_population_with_its_exact_entropy():
 
 
 def test_dsprites_keeps_the_factors_of_every_example():
-    from ppl_vae import dsprites
+    from ppl_vae.groundtruth import dsprites
 
     d = load_data(spec("data.source=dsprites", "data.size=300", "data.test_fraction=0.1"))
     assert_well_formed(d)

@@ -1,4 +1,4 @@
-"""Sweeps (ppl_vae/sweep.py, ppl_vae/numpyro/sweep.py): the grid's expansion and names, the
+"""Sweeps (ppl_vae/sweep/, ppl_vae/numpyro/sweep.py): the grid's expansion and names, the
 [sweep] table, vmapped points equal to the same points trained alone, failure isolation, a
 half-done sweep resumed exactly, Ctrl-C, Ray on a local cluster, the aggregated report."""
 
@@ -326,6 +326,9 @@ def test_ctrl_c_stops_every_point_at_a_checkpoint_and_the_command_continues(tmp_
 
 # ---- Ray ---------------------------------------------------------------------------------------
 @pytest.mark.slow
+# Ray starts its workers from this process; where an earlier test in the same xdist worker
+# imported JAX, JAX's fork hook warns (the workers exec at once and never touch JAX).
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_a_sweep_through_a_local_ray_cluster(tmp_path):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ppl_vae[ray]')")
     pytest.importorskip("pyro")

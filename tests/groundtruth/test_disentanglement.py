@@ -1,4 +1,4 @@
-"""ppl_vae.disentanglement against independent references.
+"""ppl_vae.groundtruth.disentanglement against independent references.
 
 * the information quantities against `sklearn.metrics.mutual_info_score` and hand-worked
   examples; the discretiser against disentanglement_lib's formula, written out here;
@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import mutual_info_score
 from threadpoolctl import threadpool_limits
 
-from ppl_vae import disentanglement as dis
+from ppl_vae.groundtruth import disentanglement as dis
 
 SIZES = (3, 6, 10, 8, 8)
 K = len(SIZES)
@@ -225,7 +225,7 @@ def test_sample_factors_rejects_bad_n_and_rng():
 
 
 def test_module_imports_no_backend_and_no_sklearn():
-    code = ("import sys\nimport ppl_vae.disentanglement\n"
+    code = ("import sys\nimport ppl_vae.groundtruth.disentanglement\n"
             "print(' '.join(m for m in ('torch', 'jax', 'sklearn', 'pyro', 'numpyro', 'flax') "
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

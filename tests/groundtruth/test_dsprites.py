@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ppl_vae import dsprites as ds
+from ppl_vae.groundtruth import dsprites as ds
 
 SHAPE, SCALE, ORIENT, POS_X, POS_Y = range(5)
 

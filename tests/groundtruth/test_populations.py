@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ppl_vae import spec as spec_module
-from ppl_vae.populations import POPULATIONS, BernoulliMixture, bars, population
+from ppl_vae.groundtruth.populations import POPULATIONS, BernoulliMixture, bars, population
 
 
 def binary_entropy(p):
