@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ppl_vae import runs
 from ppl_vae.backends import BACKENDS
-from ppl_vae.spec import Spec, load_spec, spec_to_dict
+from ppl_vae.spec import Spec, load_spec
 
 #: What --smoke changes in every spec: a few steps on a few examples, logged once.
 SMOKE_OVERRIDES = ("train.steps=20", "train.log_every=10", "train.eval_every=20",
@@ -127,40 +127,68 @@ def make_spec(base: str | Spec, overrides: Sequence[str], args, steps: int) -> S
     return load_spec(base, [*overrides, *tail])
 
 
-def _finished(path: Path, spec: Spec, backend: str) -> bool:
-    """A run folder that already holds `spec` trained to the end with `backend`."""
+def _recorded(path: Path, spec: Spec, backend: str):
+    """The run in `path` if it was trained with `backend` on `spec` but perhaps for fewer
+    steps (a resume may continue it: the specs differ at most in `runs.RESUMABLE_KEYS`), else
+    None."""
     try:
         run = runs.load_run(path)
     except runs.RunError:
-        return False
-    return (run.info.get("backend") == backend and run.info.get("step") == spec.train.steps
-            and spec_to_dict(run.spec) == spec_to_dict(spec))
+        return None
+    differences = runs.spec_differences(runs.spec_table(run.spec), runs.spec_table(spec),
+                                        ignore=runs.RESUMABLE_KEYS)
+    return run if not differences and run.info.get("backend") == backend else None
 
 
 def train(spec: Spec, path: Path, args) -> tuple[runs.Run, float]:
-    """Train `spec` into `path` with --backend (or re-use a finished identical run there).
+    """Train `spec` into `path` with --backend: re-use a finished identical run there, resume
+    an unfinished one from its checkpoint (a long table killed half-way loses one window),
+    else start afresh (--fresh always does).
+
+    A run there trained further than `spec.train.steps` is not cut back: it is retrained.
 
     Returns the run and its training wall time in seconds (as recorded when it was trained).
     """
     from ppl_vae.training import fit
 
-    if not args.fresh and _finished(path, spec, args.backend):
-        run = runs.load_run(path)
+    run = None if args.fresh else _recorded(path, spec, args.backend)
+    step = run.info.get("step", 0) if run is not None else 0
+    if run is not None and step == spec.train.steps:
         print(f"  {path.name}: re-using the finished run (--fresh retrains)")
     else:
-        run = fit(spec, backend=args.backend, device=args.device, out_dir=path, overwrite=True,
-                  progress=not args.no_progress)
+        resume = run is not None and 0 < step < spec.train.steps
+        if resume:
+            print(f"  {path.name}: resuming at step {step} of {spec.train.steps}")
+        run = fit(spec, backend=args.backend, device=args.device, out_dir=path,
+                  overwrite=not resume, resume=resume, progress=not args.no_progress)
     return run, float(run.info.get("wall_seconds", float("nan")))
 
 
+def _recorded_report(path: Path, run: runs.Run, iwae_k: int) -> dict | None:
+    """RUN/report.json when it evaluated this run's last step with the same IWAE K (so a
+    re-run of a table does not spend minutes re-estimating ln p)."""
+    try:
+        report = json.loads((path / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = (report.get("step") == run.info.get("step") and report.get("iwae_k", 0) == iwae_k
+            and report.get("n_test") == run.info.get("n_test")
+            and report.get("backend") == run.info.get("backend"))
+    return report if same else None
+
+
 def train_and_evaluate(spec: Spec, path: Path, args, iwae_k: int = 0) -> dict:
-    """Train (or re-use) and evaluate one run; returns its report (`evaluate_run`) plus
+    """Train (or re-use) and evaluate one run; returns its report (`evaluate_run`, or the run's
+    own report.json when that evaluated the same step with the same `iwae_k`) plus
     ``train_seconds``."""
     from ppl_vae.evaluation import evaluate_run
 
     run, seconds = train(spec, path, args)
-    report = evaluate_run(run.path, device="cpu" if args.device == "auto" else args.device,
-                          iwae_k=0 if args.smoke else iwae_k, progress=not args.no_progress)
+    iwae_k = 0 if args.smoke else iwae_k
+    report = None if args.fresh else _recorded_report(path, run, iwae_k)
+    if report is None:
+        report = evaluate_run(run.path, device="cpu" if args.device == "auto" else args.device,
+                              iwae_k=iwae_k, progress=not args.no_progress)
     return report | {"train_seconds": seconds}
 
 

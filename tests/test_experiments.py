@@ -48,6 +48,34 @@ def test_a_finished_run_with_the_same_spec_is_reused(tmp_path, capsys):
         assert "re-using" not in capsys.readouterr().out
 
 
+def test_a_longer_run_of_the_same_spec_resumes_and_its_report_is_reused(tmp_path, capsys,
+                                                                         monkeypatch):
+    """A table built over several sessions: more steps of the same spec continue the run in
+    its folder (exactly, as --resume does) instead of starting afresh, and a report of the
+    same step and IWAE K is read back instead of re-estimated."""
+    import numpy as np
+
+    from ppl_vae import evaluation
+    from ppl_vae.spec import load_spec
+
+    args = _args(tmp_path, "--smoke")
+    spec = experiments.make_spec("vae_bars", ["data.size=500"], args, 0)
+    longer = load_spec(spec, ["train.steps=40"])
+    experiments.train(spec, tmp_path / "a", args)
+    resumed, _ = experiments.train(longer, tmp_path / "a", args)
+    assert "resuming at step 20 of 40" in capsys.readouterr().out
+    straight, _ = experiments.train(longer, tmp_path / "b", args)
+    assert resumed.info["step"] == straight.info["step"] == 40
+    for name, value in straight.params.items():  # N steps + N more = 2N straight steps
+        np.testing.assert_array_equal(resumed.params[name], value)
+
+    first = experiments.train_and_evaluate(longer, tmp_path / "b", args)
+    calls = []
+    monkeypatch.setattr(evaluation, "evaluate_run", lambda *a, **k: calls.append(a))
+    again = experiments.train_and_evaluate(longer, tmp_path / "b", args)
+    assert calls == [] and again["elbo"] == first["elbo"]
+
+
 def test_markdown_table():
     rows = [{"a": "x", "b": 1.23456}, {"a": "y"}]
     table = experiments.markdown_table(rows, [("A", "a", "{}"), ("B", "b", "{:.2f}")])
