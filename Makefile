@@ -59,6 +59,7 @@ docs: $(DOCS_STAMP)
 			chromium chromium-driver || echo "note: chromium not installed: the browser test skips"; \
 	else echo "note: no chromium/chromedriver and no apt-get as root: the browser test skips"; fi
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+	@echo "site/ built: python3 -m http.server -d site, then http://127.0.0.1:8000/ (or $(BIN)/mkdocs serve)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check ppl_vae tests examples benchmarks

@@ -1,25 +1,37 @@
-"""The documentation site: a strict build, the generated reference, every code block of the
-tutorials and how-to guides run at smoke size, and the built site in headless Chromium.
+"""The documentation site: a strict build, the generated reference, the README as a front
+door, every code block of the tutorials and how-to guides run at smoke size (by a fork server
+that imports the frameworks once: run as a script, this file is that server), and the built
+site in headless Chromium.
 
 The conventions these tests enforce are written for authors in docs/contributing/docs.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gzip
 import http.server
+import importlib
 import importlib.util
 import json
 import math
 import os
 import re
+import select
 import shutil
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
+import time
 import tomllib
+import traceback
 import typing
 from pathlib import Path
 
@@ -27,12 +39,13 @@ import pytest
 
 from ppl_vae import spec as spec_module
 from ppl_vae.cli import build_parser
-from ppl_vae.reference import cli_reference_markdown, spec_reference_markdown
+from ppl_vae.reference import cli_reference_markdown, spec_keys, spec_reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 SHARED = ROOT.parent / "shared"
 RUN_DIRS = ("tutorials", "how-to")  # the pages whose code blocks are executed
+RUN_ALSO = ("reference/cli-behaviour.md",)  # and this one: its refusals are shown as they run
 RUN_LANGS = ("bash", "python")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 BUILD_ENV = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
@@ -69,11 +82,11 @@ def built_site(tmp_path_factory):
 
 # ---- the build ------------------------------------------------------------------------------
 def test_the_site_builds_strictly_with_every_page_of_the_nav(built_site):
-    for page in ("index.html", "tutorials/first-vae/index.html", "reference/spec/index.html",
-                 "reference/cli/index.html", "reference/api/index.html",
-                 "reference/scaled-elbo/index.html", "explanation/lecture/index.html",
-                 "results/lecture-claims/index.html", "results/mnist/index.html"):
-        assert (built_site / page).is_file(), page
+    nav = re.findall(r"^\s+- (?:.+: )?(\S+)\.md$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    assert len(nav) > 40, nav
+    for page in nav:  # every page of the nav, the generated ones included
+        html = "index.html" if page == "index" else f"{page.removesuffix('/index')}/index.html"
+        assert (built_site / html).is_file(), html
     assert (built_site / "assets" / "mathjax" / "tex-chtml-full.js").is_file()
     figures = {p.name for p in (ROOT / "examples" / "figures").glob("*.png")}
     assert figures and figures == {p.name for p in (built_site / "assets" / "figures").iterdir()}
@@ -93,25 +106,70 @@ MISTAKES = {
 }
 
 
-@needs_docs_tools
+BUILD_EACH = """
+import json, logging, sys
+from mkdocs.commands.build import build
+from mkdocs.config import load_config
+
+results = {}
+for name, config_file, site in json.loads(sys.argv[1]):
+    messages = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("mkdocs")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    ok = True
+    try:  # as `mkdocs build` does it
+        config = load_config(config_file, site_dir=site)
+        config.plugins.on_startup(command="build", dirty=False)
+        try:
+            build(config)
+        finally:
+            config.plugins.on_shutdown()
+    except BaseException as error:  # Abort in strict mode, or a plugin's own error
+        ok = False
+        messages.append(f"{type(error).__name__}: {error}")
+    logger.removeHandler(handler)
+    results[name] = {"ok": ok, "log": "\\n".join(messages)}
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def mistake_builds(tmp_path_factory):
+    """{mistake: {ok, log}} of a two-page site with the site's own settings (INHERIT) and one
+    planted mistake each (None: none), built in one process, one after another."""
+    if _docs_tools():
+        pytest.skip(_docs_tools())
+    cases = []
+    for mistake in (None, *MISTAKES):
+        folder = tmp_path_factory.mktemp("mistake")
+        docs = folder / "docs"
+        docs.mkdir()
+        (docs / "hooks").symlink_to(DOCS / "hooks")  # the griffe extension, by its relative path
+        (docs / "index.md").write_text("# Home\n\n[the other page](other.md)\n\n## A heading\n")
+        text, _ = MISTAKES.get(mistake, ("[home](index.md#a-heading)\n\n::: ppl_vae.fit", ""))
+        (docs / "other.md").write_text(f"# Other\n\n{text}\n")
+        config = folder / "mkdocs.yml"
+        config.write_text(f"INHERIT: {ROOT / 'mkdocs.yml'}\ndocs_dir: {docs}\nhooks: []\n"
+                          "watch: []\nextra_javascript: []\nnav: [index.md, other.md]\n")
+        cases.append((str(mistake), str(config), str(folder / "site")))
+    done = subprocess.run([sys.executable, "-c", BUILD_EACH, json.dumps(cases)], cwd=ROOT,
+                          env=BUILD_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("mistake", [None, *MISTAKES])
-def test_a_broken_link_or_a_missing_reference_fails_the_build(mistake, tmp_path):
-    """The site's own settings (INHERIT), on a two-page site with one planted mistake."""
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "hooks").symlink_to(DOCS / "hooks")  # the griffe extension, by its relative path
-    (docs / "index.md").write_text("# Home\n\n[the other page](other.md)\n\n## A heading\n")
-    text, named = MISTAKES.get(mistake, ("[home](index.md#a-heading)\n\n::: ppl_vae.fit", ""))
-    (docs / "other.md").write_text(f"# Other\n\n{text}\n")
-    config = tmp_path / "mkdocs.yml"
-    config.write_text(f"INHERIT: {ROOT / 'mkdocs.yml'}\ndocs_dir: {docs}\nhooks: []\n"
-                      "watch: []\nextra_javascript: []\nnav: [index.md, other.md]\n")
-    done = _build(config, tmp_path / "site")
+def test_a_broken_link_or_a_missing_reference_fails_the_build(mistake, mistake_builds):
+    result = mistake_builds[str(mistake)]
     if mistake is None:
-        assert done.returncode == 0, done.stdout + done.stderr
+        assert result["ok"], result["log"]
     else:
-        assert done.returncode != 0 and named in done.stdout + done.stderr, (
-            f"{mistake} did not fail the build:\n{done.stdout}\n{done.stderr}")
+        named = MISTAKES[mistake][1]
+        assert not result["ok"] and named in result["log"], (
+            f"{mistake} did not fail the build:\n{result['log']}")
 
 
 # ---- the generated reference ----------------------------------------------------------------
@@ -160,7 +218,7 @@ def test_every_spec_field_is_in_the_reference_with_its_default_and_a_description
         section = sections[key]
         description = section.split("\n\n")[2] if section.count("\n\n") >= 2 else ""
         assert description.strip(), (f"{key} has no description: give the field a docstring "
-                                     "on the line after it in ppl_vae/spec.py")
+                                     "on the line after it in ppl_vae/schema.py")
         if dataclasses.is_dataclass(tp):
             continue  # a table: its keys have their own sections
         shown = re.search(r"default `([^`]*)`", section)
@@ -200,6 +258,55 @@ def test_the_cli_reference_has_every_command_and_option():
             for option in action.option_strings:
                 if option not in ("-h", "--help"):
                     assert f"`{option}" in section or f", {option}" in section, (name, option)
+
+
+# ---- the README: the front door -------------------------------------------------------------
+README = ROOT / "README.md"
+GENERATED_PAGES = ("reference/spec.md", "reference/cli.md", "results/lecture-claims.md")
+
+
+def _flat_keys(table: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out |= _flat_keys(value, f"{prefix}{key}.")
+        else:
+            out.add(prefix + key)
+    return out
+
+
+def test_the_readme_is_a_front_door_whose_links_resolve():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    nav = (ROOT / "mkdocs.yml").read_text()
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    assert len(links) > 20, links
+    for link in links:
+        if re.match(r"^[a-z]+://", link):
+            continue
+        assert (ROOT / link).exists(), f"README links to {link}, which does not exist"
+        if link.startswith("docs/"):
+            page = link.removeprefix("docs/")
+            # a page of the site: in its nav, so the built site has it too
+            assert re.search(rf"^\s+- (.+: )?{re.escape(page)}$", nav, re.M), (
+                f"README links to {link}, which is not in the nav of mkdocs.yml")
+            assert page not in GENERATED_PAGES, f"{link} is generated: it exists only in site/"
+
+
+def test_the_readme_shows_no_hand_copied_key_block_and_its_spec_is_valid(tmp_path):
+    """The keys live in the generated spec reference (tests above); the README shows one screen
+    of a spec, which must be a valid spec, and not a copy of the keys."""
+    blocks = re.findall(r"^```toml\n(.*?)^```", README.read_text(), re.M | re.S)
+    assert blocks, "the README shows one screen of a spec"
+    every_key = {k.key for k in spec_keys()}
+    for block in blocks:
+        keys = _flat_keys(tomllib.loads(block))
+        assert len(keys) < len(every_key) / 3, (
+            f"a README block lists {len(keys)} of the spec's {len(every_key)} keys: the keys "
+            "belong in the generated spec reference (ppl_vae/reference.py), not in the README")
+        path = tmp_path / "readme_spec.toml"
+        path.write_text(block)
+        spec_module.load_spec(path)
 
 
 # ---- code blocks of the tutorials and how-to guides -----------------------------------------
@@ -250,8 +357,9 @@ def _available(resource: str) -> str | None:
         return None if (SHARED / "data" / "mnist").is_dir() else f"needs MNIST in {SHARED}/data"
     if resource == "gpu":
         return None if shutil.which("nvidia-smi") else "needs a GPU (no nvidia-smi here)"
-    if resource in ("ray", "mlflow"):
-        return None if importlib.util.find_spec(resource) else f"needs {resource} installed"
+    if resource in ("ray", "mlflow", "tensorboard"):
+        module = {"tensorboard": "tensorboardX"}.get(resource, resource)
+        return None if importlib.util.find_spec(module) else f"needs {module} installed"
     return f"unknown resource {resource!r} in a test marker"
 
 
@@ -268,7 +376,8 @@ def skip_reason(block: Block) -> str | None:
 
 
 def _pages() -> list[Path]:
-    return sorted(p for d in RUN_DIRS for p in (DOCS / d).glob("*.md"))
+    return sorted([*(p for d in RUN_DIRS for p in (DOCS / d).glob("*.md")),
+                   *(DOCS / page for page in RUN_ALSO)])
 
 
 ALL_BLOCKS = [b for p in _pages() for b in extract_blocks(p)]
@@ -304,112 +413,349 @@ def test_code_block_that_needs_what_this_machine_lacks(block):
     pytest.skip(f"{block.name} ({block.lang}) not run: {skip_reason(block)}")
 
 
-SMOKE = '''
-import math
+# ---- running them: one warm process forks a child per page and per command ------------------
+#
+# A page's commands start many Python processes (every `ppl-vae`, every `python examples/…`),
+# and each would import torch, pyro, jax, matplotlib and arviz again: seconds apiece, most of
+# the cost of a smoke-sized run. So each test process starts one server (this file, run as a
+# script) that imports them once and forks a child per request: a page (its python blocks in
+# one namespace, its bash blocks in bash), a `ppl-vae` command of a bash block, or an example
+# script whose command line is to be parsed. A tiny client on PATH sends the command's argv,
+# working folder, environment and its stdin, stdout and stderr to the server, and exits with
+# the child's exit code. A forked child starts as clean as a fresh process: the imports create
+# no thread and no JAX backend (`_serve` checks), so nothing is shared between commands.
+
+WARM_MODULES = ("numpy", "torch", "torch._dynamo", "pyro", "jax", "numpyro", "flax.linen", "optax",
+                "matplotlib.pyplot", "arviz", "sklearn.datasets", "ppl_vae.cli",
+                "ppl_vae.training", "ppl_vae.evaluation", "ppl_vae.report", "ppl_vae.plots",
+                "ppl_vae.sweep", "ppl_vae.pyro.train", "ppl_vae.pyro.hooks",
+                "ppl_vae.numpyro.train", "ppl_vae.numpyro.hooks", "mlflow.tracking",
+                "tensorboardX")
+SMOKE_EVAL = ["--iwae-k", "10", "--particles", "1"]  # eval and sweep-report: small estimates
 
 
-def smoke_overrides(steps):
-    """--set overrides for a smoke run of a spec asking for `steps` (docs/contributing/docs.md)"""
-    small = 20 + steps // 500
-    every = 10 * math.ceil(small / 10)
-    return [f"train.steps={small}", "train.log_every=10", f"train.eval_every={every}",
-            f"train.checkpoint_every={every}", "data.limit=500"]
-'''
-
-PPL_VAE_SHIM = '''#!{python}
-"""ppl-vae at smoke size: train and compare get small --set overrides, eval small estimates, and
-train runs on Pyro (no XLA compilation) unless the block is marked `backend as written`."""
-import os
-import sys
-
-sys.path.insert(0, {here!r})
-from smoke import smoke_overrides
-
-from ppl_vae.cli import build_parser, main
-from ppl_vae.spec import load_spec
-
-args = sys.argv[1:]
-if args and args[0] in ("train", "compare"):
-    parsed = build_parser().parse_args(args)
-    steps = load_spec(parsed.spec, parsed.overrides).train.steps
-    args += [word for o in smoke_overrides(steps) for word in ("--set", o)]
-    if args[0] == "train" and not os.environ.get("DOCS_BACKEND_AS_WRITTEN"):
-        args += ["--backend", "pyro"]
-elif args and args[0] == "eval":  # either backend evaluates a run of either; Pyro starts faster
-    args += ["--iwae-k", "10", "--particles", "1", "--n", "100", "--backend", "pyro"]
-sys.exit(main(args))
-'''
-
-PYTHON_SHIM = '''#!/bin/bash
-# python, but an example script's command line is only parsed (tests/test_examples.py runs them)
-case "$1" in
-  examples/*.py) exec {python} {here}/parse_only.py "$@" ;;
-  *) exec {python} "$@" ;;
-esac
-'''
-
-PARSE_ONLY = '''
-"""Run an example script until its arguments are parsed, then stop: the command line of a page
-is checked here, and tests/test_examples.py runs every example at --smoke size."""
-import argparse
-import runpy
-import sys
-
-script, args = sys.argv[1], sys.argv[2:]
-parse_args = argparse.ArgumentParser.parse_args
+def smoke_overrides(spec) -> list[str]:
+    """--set overrides that make a run of `spec` a smoke run (docs/contributing/docs.md): 5
+    steps, 5 more per doubling of train.steps above 2000 (a resume to twice the steps stays
+    longer), windows of 5 steps, minibatches of 32, evaluation and a checkpoint at the end only,
+    300 examples a split (1000 drawn by a generated source), and the schedules a spec has shrunk
+    to fit the run
+    (each must end before it): an lr or β warm-up of 2 steps, a cyclical β of period 5 with a
+    ramp of 2 (every smoke length is 0 mod 5), a capacity target reached at step 2. Every
+    override but the steps is the same for any spec, so a resume may apply them again."""
+    small = 5 * (1 + max(0, math.floor(math.log2(max(spec.train.steps, 1) / 2000))))
+    out = [f"train.steps={small}", "train.log_every=5", "train.eval_every=1000",
+           "train.checkpoint_every=1000", "train.batch_size=32", "data.limit=300"]
+    if spec.data.source == "dsprites" or spec.data.source.startswith("synthetic:"):
+        out.append("data.size=1000")
+    if spec.train.lr_schedule.warmup:
+        out.append("train.lr_schedule.warmup=2")
+    beta = spec.objective.beta_schedule
+    if beta.kind == "linear":
+        out.append("objective.beta_schedule.warmup=2")
+    elif beta.kind == "cyclical":
+        out += ["objective.beta_schedule.warmup=2", "objective.beta_schedule.period=5"]
+    if not spec.latents and spec.latent.capacity.max > 0:
+        out.append("latent.capacity.steps=2")
+    return out
 
 
-def parse_and_stop(self, argv=None, namespace=None):
-    parse_args(self, argv, namespace)
-    print(f"{script}: its arguments {args} parse (tests/test_examples.py runs it)")
-    raise SystemExit(0)
+def _smoke_cli(argv: list[str]) -> int:
+    """`ppl-vae ARGV` at smoke size: train, compare and sweep get `smoke_overrides`; train and
+    sweep run on Pyro (no XLA compilation) and a sweep one point after another in this process,
+    unless the block is marked `backend as written`; eval and sweep-report small estimates."""
+    from ppl_vae.cli import build_parser, main
+    from ppl_vae.runs import recorded_spec
+    from ppl_vae.spec import load_spec
+
+    args, command = list(argv), argv[0] if argv else ""
+    as_written = bool(os.environ.get("DOCS_BACKEND_AS_WRITTEN"))
+    if command in ("train", "compare", "sweep"):
+        parsed = build_parser().parse_args(args)
+        source = (recorded_spec(parsed.spec) if Path(parsed.spec).is_dir() else parsed.spec)
+        try:
+            spec = load_spec(source, parsed.overrides)
+        except Exception:  # noqa: BLE001 (a refusal the page shows: the command says it)
+            return main(args)
+        args += [word for o in smoke_overrides(spec) for word in ("--set", o)]
+        if command in ("train", "sweep") and not as_written:
+            args += ["--backend", "pyro"]
+        if command == "sweep" and not as_written:
+            args += ["--engine", "serial", "--no-progress"]
+    elif command == "eval":  # either backend evaluates a run of either; Pyro compiles nothing
+        args += [*SMOKE_EVAL, "--n", "100"] + ([] if as_written else ["--backend", "pyro"])
+    elif command == "sweep-report":
+        args += [*SMOKE_EVAL, "--no-progress"]
+    return main(args)
 
 
-argparse.ArgumentParser.parse_args = parse_and_stop
-sys.argv = [script, *args]
-runpy.run_path(script, run_name="__main__")
-'''
+def _parse_example(argv: list[str]) -> int:
+    """`python examples/X.py ARGS`: run the script until its arguments are parsed, then stop.
+    The page's command line is checked here; tests/test_examples.py runs every example with
+    --smoke."""
+    import argparse
+    import runpy
 
-DRIVER = '''
-"""Run one page's code blocks in order: python blocks in one namespace, bash blocks in bash."""
-import json
-import os
-import subprocess
-import sys
+    script, args = argv[0], argv[1:]
+    parse_args = argparse.ArgumentParser.parse_args
 
-sys.path.insert(0, {here!r})
-from smoke import smoke_overrides
+    def parse_and_stop(self, a=None, namespace=None):
+        parse_args(self, a, namespace)
+        print(f"{script}: its arguments {args} parse (tests/test_examples.py runs it)")
+        raise SystemExit(0)
 
-import ppl_vae
-import ppl_vae.training
-from ppl_vae.spec import load_spec
-
-real_fit = ppl_vae.training.fit
-
-
-def fit(spec, *args, **kwargs):  # ppl_vae.fit at smoke size
-    spec = load_spec(spec)
-    return real_fit(load_spec(spec, smoke_overrides(spec.train.steps)), *args, **kwargs)
+    argparse.ArgumentParser.parse_args = parse_and_stop
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+    return 0
 
 
-ppl_vae.fit = ppl_vae.training.fit = fit
-namespace = {{"__name__": "__main__"}}
-for block in json.load(open(sys.argv[1])):
-    print(f"=== {{block['name']}} ({{block['lang']}})", flush=True)
-    if block["write"]:
-        with open(block["write"], "w") as fh:
-            fh.write(block["code"])
-    elif block["lang"] == "python":
-        code = "\\n" * (block["line"] - 1) + block["code"]  # tracebacks name the page's lines
-        exec(compile(code, block["page"], "exec"), namespace)
+def _run_page(argv: list[str]) -> int:
+    """A page's blocks in order (argv: the JSON file of `_prepare`d blocks): python blocks in
+    one namespace, with `ppl_vae.fit` at smoke size; bash blocks in bash, whose `ppl-vae` and
+    `python examples/…` come back to the server."""
+    import ppl_vae
+    import ppl_vae.training
+    from ppl_vae.spec import load_spec
+
+    real_fit = ppl_vae.training.fit
+
+    def fit(spec, *args, **kwargs):  # ppl_vae.fit at smoke size
+        spec = load_spec(spec)
+        return real_fit(load_spec(spec, smoke_overrides(spec)), *args, **kwargs)
+
+    ppl_vae.fit = ppl_vae.training.fit = fit
+    namespace = {"__name__": "__main__"}
+    start = time.monotonic()
+    for block in json.loads(Path(argv[0]).read_text()):
+        print(f"=== {block['name']} ({block['lang']}) at {time.monotonic() - start:.1f} s",
+              flush=True)
+        if block["write"]:
+            Path(block["write"]).write_text(block["code"])
+        elif block["lang"] == "python":
+            code = "\n" * (block["line"] - 1) + block["code"]  # tracebacks name the page's lines
+            exec(compile(code, block["page"], "exec"), namespace)
+        else:
+            keep = {"DOCS_BACKEND_AS_WRITTEN": "1"} if block["as_written"] else {}
+            done = subprocess.run(["bash", "-euo", "pipefail", "-c", block["code"]],
+                                  env={**os.environ, **keep})
+            if done.returncode:
+                print(f"{block['name']}: the bash block exited with {done.returncode}",
+                      file=sys.stderr)
+                return 1
+        sys.stdout.flush()
+    print(f"=== all blocks ran in {time.monotonic() - start:.1f} s", flush=True)
+    return 0
+
+
+def _run_cli(argv: list[str]) -> int:
+    """`python -m ppl_vae.cli ARGV` as a program starts it (compare's two trainings, torchrun's
+    workers): as it is, the smoke overrides already in ARGV."""
+    from ppl_vae.cli import main
+
+    sys.argv = ["ppl_vae.cli", *argv]
+    return main(argv)
+
+
+def _run_module(argv: list[str]) -> int:
+    """`python -m MODULE ARGS` (torchrun: torch.distributed.run, whose workers come back here)."""
+    import runpy
+
+    sys.argv = [argv[0], *argv[1:]]
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+    return 0
+
+
+RUNNERS = {"cli": _smoke_cli, "example": _parse_example, "page": _run_page, "raw-cli": _run_cli,
+           "module": _run_module}
+#: `python -m MODULE` that the server runs warm: the rest start a real interpreter.
+WARM_PYTHON_MODULES = {"ppl_vae.cli": "raw-cli", "torch.distributed.run": "module"}
+
+CLIENT = '''#!{python} -S
+"""{what}: sent to the docs tests' fork server (tests/test_docs.py), which runs it in a warm
+child process with this process's stdin, stdout and stderr; exits with its exit code."""
+import json, os, socket, sys
+kind, argv = {kind!r}, sys.argv[1:]
+if kind == "python":  # python [-u …] -m ppl_vae.cli / torchrun / examples/X.py: warm; else real
+    args = list(argv)
+    while args[:1] and args[0] in ("-u", "-B", "-E", "-s", "-P"):
+        args.pop(0)
+    if args[:1] == ["-m"] and args[1:2] and args[1] in {modules!r}:
+        kind, argv = {modules!r}[args[1]], args[2:] if args[1] == "ppl_vae.cli" else args[1:]
+    elif args[:1] and args[0].startswith("examples/") and args[0].endswith(".py"):
+        kind, argv = "example", args
     else:
-        keep = {{"DOCS_BACKEND_AS_WRITTEN": "1"}} if block["as_written"] else {{}}
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", block["code"]],
-                              env={{**os.environ, **keep}})
-        if done.returncode:
-            sys.exit(f"{{block['name']}}: the bash block exited with {{done.returncode}}")
-print("=== all blocks ran", flush=True)
+        os.execv({python!r}, [{python!r}, *argv])
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+sock.connect({path!r})
+request = {{"kind": kind, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}}
+socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
+sys.exit(int(sock.recv(16) or b"1"))
 '''
+
+
+def _exit_code(stop: SystemExit) -> int:
+    if stop.code is None or isinstance(stop.code, int):
+        return stop.code or 0
+    print(stop.code, file=sys.stderr)
+    return 1
+
+
+def _handle(conn: socket.socket) -> None:
+    """In a forked child: take the request's stdio, folder and environment, run it, answer
+    with the exit code and end."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it; a child waits
+    message, fds, _, _ = socket.recv_fds(conn, 1 << 22, 3)
+    request = json.loads(message)
+    for fd, target in zip(fds, (0, 1, 2), strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    # as a fresh interpreter would: PYTHONPATH first (a page's own module, PYTHONPATH=.)
+    sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.executable = os.environ.get("DOCS_PYTHON", sys.executable)
+    code = 1
+    try:
+        code = RUNNERS[request["kind"]](request["argv"])
+    except SystemExit as stop:
+        code = _exit_code(stop)
+    except BaseException:  # noqa: BLE001 (reported as a failed command, as Python would)
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    conn.send(str(code).encode())
+    os._exit(code if 0 <= code < 256 else 1)
+
+
+def _serve(path: str) -> None:
+    """The fork server: import the heavy modules, then fork a child per connection."""
+    for name in WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 (the command that needs it reports the error)
+            pass
+    from jax._src import xla_bridge
+
+    assert not xla_bridge.backends_are_initialized(), "an import started JAX: forks unsafe"
+    assert threading.active_count() == 1, "an import started a thread: forks unsafe"
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(path)
+    server.listen(64)
+    print("ready", flush=True)
+    while True:
+        conn, _ = server.accept()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork() == 0:
+            server.close()
+            _handle(conn)
+        conn.close()
+
+
+def _small_shared(target: Path, rows: int = 1000) -> Path | None:
+    """A copy of ../shared for the pages at smoke size: its data sets linked, except MNIST, of
+    which the first `rows` examples of each IDX file are written (a page's run reads 300 of
+    them, and decompressing the 70 000 images would cost every MNIST command a second)."""
+    if not SHARED.is_dir():
+        return None
+    (target / "data").mkdir(parents=True)
+    for entry in SHARED.iterdir():
+        if entry.name != "data":
+            (target / entry.name).symlink_to(entry)
+    for entry in (SHARED / "data").iterdir():
+        if entry.name != "mnist":
+            (target / "data" / entry.name).symlink_to(entry)
+    mnist, small = SHARED / "data" / "mnist", target / "data" / "mnist"
+    small.mkdir()
+    for path in mnist.iterdir():
+        name = path.name.removesuffix(".gz")
+        if "idx" not in name:
+            continue
+        with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as fh:
+            magic = fh.read(4)
+            dims = struct.unpack(f">{magic[3]}I", fh.read(4 * magic[3]))
+            size = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}[magic[2]]
+            keep = (min(rows, dims[0]), *dims[1:])
+            body = fh.read(math.prod(keep) * size)
+        (small / name).write_bytes(magic + struct.pack(f">{len(keep)}I", *keep) + body)
+    return target
+
+
+class ForkServer:
+    """The server of one test process, its support folder (the clients on PATH, a small
+    ../shared) and the environment pages run in."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.bin = folder, folder / "bin"
+        self.bin.mkdir(parents=True)
+        self.shared = _small_shared(folder / "shared")
+        # a short path: a Unix socket's may not exceed 107 bytes, and pytest's tmp paths grow
+        self.socket_dir = tempfile.mkdtemp(prefix="ppl-vae-docs-")
+        self.socket = os.path.join(self.socket_dir, "server.sock")
+        for name, kind, what in (("ppl-vae", "cli", "ppl-vae at smoke size"),
+                                 ("python", "python", "python -m ppl_vae.cli, torchrun, or "
+                                  "examples/X.py (parsed only)")):
+            (self.bin / name).write_text(CLIENT.format(
+                python=sys.executable, path=self.socket, kind=kind, what=what,
+                modules=WARM_PYTHON_MODULES))
+            (self.bin / name).chmod(0o755)
+        self.env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
+                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+                    # XLA's CPU compiler at -O0: a smoke run's NumPyro time is compilation.
+                    # (XLA ignores the flags after a word it does not know, such as a bare
+                    # intra_op_parallelism_threads=1, which would hide the device count
+                    # `--devices` adds.)
+                    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false "
+                                 "--xla_backend_optimization_level=0",
+                    "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore",
+                    # a child's sys.executable: what it starts with it comes back here too
+                    "DOCS_PYTHON": str(self.bin / "python")}
+        self.log = open(folder / "server.log", "w")  # noqa: SIM115 (closed in close())
+        # -P: tests/ not on sys.path, where tests/pyro and tests/numpyro would shadow the packages
+        self.process = subprocess.Popen([sys.executable, "-P", __file__, "serve", self.socket],
+                                        env=self.env, stdout=subprocess.PIPE, stderr=self.log,
+                                        text=True, start_new_session=True)
+        started, _, _ = select.select([self.process.stdout], [], [], 600)
+        ready = self.process.stdout.readline() if started else "(no answer in 600 s)"
+        if ready.strip() != "ready":
+            self.close()
+            raise RuntimeError(f"the docs fork server did not start: {ready!r}\n"
+                               f"{(folder / 'server.log').read_text()[-4000:]}")
+
+    def run(self, kind: str, argv: list[str], cwd: Path, timeout: float) -> tuple[int, str]:
+        """(exit code, stdout and stderr) of one request."""
+        out = self.folder / f"out-{os.getpid()}-{time.monotonic_ns()}.txt"
+        with open(out, "w") as fh, open(os.devnull) as devnull, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.settimeout(timeout)
+            conn.connect(self.socket)
+            request = {"kind": kind, "argv": argv, "cwd": str(cwd), "env": self.env}
+            socket.send_fds(conn, [json.dumps(request).encode()],
+                            [devnull.fileno(), fh.fileno(), fh.fileno()])
+            try:
+                code = int(conn.recv(16) or b"1")
+            except TimeoutError:
+                code = 124
+        return code, out.read_text()
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # the server and any child left
+        self.process.wait()
+        self.process.stdout.close()
+        self.log.close()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fork_server(tmp_path_factory):
+    server = ForkServer(tmp_path_factory.mktemp("docs-server"))
+    yield server
+    server.close()
 
 
 def _prepare(block: Block) -> dict:
@@ -427,38 +773,21 @@ def _prepare(block: Block) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", RUN_PAGES)
-def test_the_code_blocks_of_a_page_run_at_smoke_size(page, tmp_path):
+def test_the_code_blocks_of_a_page_run_at_smoke_size(page, tmp_path, fork_server):
     blocks = [_prepare(b) for b in ALL_BLOCKS if b.page == page and not skip_reason(b)
               and (b.lang in RUN_LANGS or any(m.startswith("write ") for m in b.markers))]
     if not any(b["lang"] in RUN_LANGS and not b["write"] for b in blocks):
         pytest.skip(f"{page}: every runnable block needs what this machine lacks")
-    here = tmp_path / "support"
-    bin_dir, work = here / "bin", tmp_path / "checkout"
-    bin_dir.mkdir(parents=True)
+    work = tmp_path / "checkout"
     work.mkdir()
     for name in ("models", "examples"):  # a working folder that looks like a checkout
         (work / name).symlink_to(ROOT / name)
-    if SHARED.is_dir():
-        (tmp_path / "shared").symlink_to(SHARED)
-    (here / "smoke.py").write_text(SMOKE)
-    (bin_dir / "ppl-vae").write_text(PPL_VAE_SHIM.format(python=sys.executable, here=str(here)))
-    (bin_dir / "python").write_text(PYTHON_SHIM.format(python=sys.executable, here=here))
-    (here / "parse_only.py").write_text(PARSE_ONLY)
-    for shim in bin_dir.iterdir():
-        shim.chmod(0o755)
-    (here / "driver.py").write_text(DRIVER.format(here=str(here)))
-    (here / "blocks.json").write_text(json.dumps(blocks))
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
-           # (XLA ignores the flags after a word it does not know, such as a bare
-           # intra_op_parallelism_threads=1, which would hide the device count `--devices` adds)
-           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
-           "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, str(here / "driver.py"), str(here / "blocks.json")],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    output = (done.stdout + done.stderr)[-8000:]
-    assert done.returncode == 0, f"a code block of docs/{page} failed:\n{output}"
-    assert "=== all blocks ran" in done.stdout
+    if fork_server.shared:
+        (tmp_path / "shared").symlink_to(fork_server.shared)
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    code, output = fork_server.run("page", [str(tmp_path / "blocks.json")], work, timeout=600)
+    assert code == 0, f"a code block of docs/{page} failed (exit {code}):\n{output[-8000:]}"
+    assert "=== all blocks ran" in output
 
 
 # ---- the built site in a browser ------------------------------------------------------------
@@ -551,10 +880,16 @@ def test_the_math_renders_the_figures_load_and_the_search_finds_a_spec_key(serve
 
 
 def test_smoke_overrides_keep_a_resume_longer_than_its_first_run():
-    namespace: dict = {}
-    exec(SMOKE, namespace)
-    first, resumed = (namespace["smoke_overrides"](n) for n in (5000, 10000))
-    steps = [int(o.split("=")[1]) for o in (first[0], resumed[0])]
-    assert steps[0] < steps[1] <= 40
-    every = int(first[2].split("=")[1])
-    assert every % 10 == 0 and every >= steps[0] and math.ceil(steps[0] / 10) * 10 == every
+    for first, resumed in ((2000, 4000), (5000, 10000), (10000, 20000)):
+        runs = [spec_module.load_spec("vae_digits", [f"train.steps={n}"]) for n in (first, resumed)]
+        shrunk = [spec_module.load_spec(s, smoke_overrides(s)) for s in runs]
+        assert shrunk[0].train.steps < shrunk[1].train.steps <= 40
+        # a resume may change train.steps alone: every other override is the same
+        assert smoke_overrides(runs[0])[1:] == smoke_overrides(runs[1])[1:]
+    warm = spec_module.load_spec("vae_digits", ["train.lr_schedule={kind='cosine', warmup=500}"])
+    assert spec_module.load_spec(warm, smoke_overrides(warm)).train.lr_schedule.warmup == 2
+
+
+if __name__ == "__main__":  # the fork server of the code-block tests
+    if sys.argv[1:2] == ["serve"]:
+        _serve(sys.argv[2])

@@ -115,35 +115,6 @@ def test_disentangle_summarises_seeds_and_calls_the_claim_against_their_spread()
     assert one_seed[0]["mig_sd"] == 0.0 and dis.claim(one_seed)["held"]  # 0.30 > 0.10
 
 
-def _readme_all_keys_block() -> str:
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("All the keys:")
-    start = readme.index("```toml\n", start) + len("```toml\n")
-    return readme[start:readme.index("```", start)]
-
-
-def test_readme_all_the_keys_block_is_the_specs_defaults_key_for_key():
-    """The README's "All the keys" block parses with the spec loader, names every key a spec
-    has, and shows each one's default (it showed data.binarize = "dynamic", the default being
-    "none"). Its [[objective.aux]] table is an example term, shown with the term's defaults."""
-    import dataclasses
-    import tomllib
-
-    from ppl_vae.runs import flatten_spec, spec_table
-    from ppl_vae.spec import AuxSpec, Spec, spec_from_dict
-
-    block = tomllib.loads(_readme_all_keys_block())
-    spec_from_dict(block, "README.md")  # every key known, every value valid
-    one_aux = Spec(objective=dataclasses.replace(Spec().objective, aux=(AuxSpec(),)))
-    assert block["objective"].pop("aux") == spec_table(one_aux)["objective"]["aux"]
-    shown, default = flatten_spec(block), flatten_spec(spec_table(Spec()))
-    default.pop("objective.aux", None)
-    # spec_table writes the one-site form: [latent], [prior], [posterior]
-    assert sorted(default.keys() - shown.keys()) == []  # every key is shown
-    assert sorted(shown.keys() - default.keys()) == []  # and no other
-    assert {k: v for k, v in shown.items() if default[k] != v} == {}
-
-
 def test_custom_model_pyro_trains_on_one_thread_by_default():
     """It ran on PyTorch's default thread count, against the README's advice (24 s against
     11 s with one thread on a busy machine)."""
