@@ -2,9 +2,17 @@
 ../shared/data/mnist beside the repository); a test that needs it is skipped, with the reason,
 in a clone without it."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+# XLA's CPU compiler at LLVM -O0 for the whole suite and every process it starts (examples,
+# benchmarks, the CLI): most of a NumPyro test's time is compilation (75 of 95 s in the
+# posterior_collapse smoke run at the default level, 61 programs), and the tests check values,
+# never speed. The same programs, the same numbers (the smoke tables agree digit for digit).
+# Set XLA_FLAGS yourself to test at another level.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 from ppl_vae.data import MNIST_FILES, _find_file
 from ppl_vae.experiments import MNIST_ENV, default_mnist
