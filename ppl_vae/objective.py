@@ -11,11 +11,19 @@ changes that are not bounds: free bits (Kingma et al. 2016) and capacity targets
 true one. For the importance-weighted bound it combines the per-element terms into ln w
 (`log_weight`) and the bound into the public terms (`bound_terms`); `check_estimator` refuses
 the combinations that mean nothing, in both backends alike.
+
+Non-reparameterised guide sites (Bernoulli, Categorical, Poisson latents that are not summed
+out) are trained by score-function terms: the backends cut each particle's terms into `Piece`s,
+find which drawn sites each piece depends on (provenance), and `downstream` gives each site its
+weighted downstream cost; `baseline_options` / `baselined_signal` read and apply Pyro's
+``infer={"baseline": {...}}`` (decaying average, NVIL's network, a given value).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -248,39 +256,188 @@ def check_estimator(bound: str, gradient: str, free_bits, capacity_weight,
                                   "importance-weighted bound has no per-site parts")
 
 
+# ---- score-function (REINFORCE) terms for non-reparameterised sites -----------------------------
+@dataclass(frozen=True)
+class Piece:
+    """One additive part of a per-site term of one particle: `key` the term ("rate/<site>",
+    "distortion/<site>", "aux/<site>"), `value` its per-element array (the site's batch shape,
+    enumerated dims included; in the term's units, nats: ln q, −ln p, the closed-form KL, a
+    factor's value), `stack` the plates it lives in (the trace's cond_indep_stack). A rate is
+    two pieces (ln q from the guide, −ln p from the model) because the two can depend on
+    different upstream draws; the score-function terms keep, for each non-reparameterised
+    site, the pieces that depend on its draw (`downstream`)."""
+
+    key: str
+    value: Any
+    stack: tuple
+
+
+def term_weight(key: str, beta, lam):
+    """The weight of a term in the loss: β_s of "rate/<s>", λ_s of "distortion/<s>", 1 of an
+    aux term (as in `weighted_terms`)."""
+    role, site = key.split("/", 1)
+    if role == "rate":
+        return weight_for(beta, site)
+    if role == "distortion":
+        return weight_for(lam, site)
+    return 1.0
+
+
+def downstream(pieces, provenances, sites, beta, lam) -> dict:
+    """{scored site: [(stack, cost)]}: for each non-reparameterised guide site in `sites`, the
+    pieces whose value depends on its draw (`provenances[i]`, the set of scored sites that
+    `pieces[i]` was computed from), each as its part of the weighted ELBO, −w · value with
+    w = β_s, λ_s or 1 (`term_weight`), in nats (ln-w units, higher is better, as Pyro's
+    downstream cost): the site's downstream cost before the plate sums (Schulman et al. 2015;
+    TraceGraph_ELBO tracks the dependencies by provenance too). A piece that does not depend
+    on the draw has expectation zero against the draw's score, so leaving it out changes no
+    expectation and lowers the variance (Rao-Blackwellisation)."""
+    out: dict = {name: [] for name in sites}
+    for piece, provenance in zip(pieces, provenances, strict=True):
+        for name in provenance & out.keys():
+            out[name].append((piece.stack, -term_weight(piece.key, beta, lam) * piece.value))
+    return out
+
+
+BASELINE_OPTIONS = ("nn_baseline", "nn_baseline_input", "use_decaying_avg_baseline",
+                    "baseline_beta", "baseline_value")
+#: the name of a site's decaying-average baseline: Pyro's param-store name, which the NumPyro
+#: twin uses for the mutable site (`numpyro.primitives.mutable`) that carries it between steps
+BASELINE_AVERAGE = "__baseline_avg_downstream_cost_"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A non-reparameterised site's baseline, from ``infer={"baseline": {...}}`` with Pyro's
+    keys (`pyro.infer.tracegraph_elbo`): a decaying average of the downstream cost
+    (``use_decaying_avg_baseline``, its ``baseline_beta``, 0.9 by default), and/or a learned one:
+    ``nn_baseline(nn_baseline_input)`` (NVIL's input-dependent baseline, Mnih & Gregor 2014; the
+    input's gradient stopped) or a ``baseline_value`` the guide computed. A learned baseline is
+    trained by the squared error to the downstream cost, added to the loss with value 0."""
+
+    nn: Any = None
+    nn_input: Any = None
+    decaying: bool = False
+    beta: float = 0.90
+    value: Any = None
+
+    @property
+    def used(self) -> bool:
+        return self.decaying or self.nn is not None or self.value is not None
+
+
+def baseline_options(site: str, infer: Mapping) -> Baseline:
+    """The site's `Baseline` from its ``infer`` dict; unknown keys and an impossible pair are
+    refused in one line, as in Pyro."""
+    options = dict(infer.get("baseline") or {})
+    unknown = sorted(set(options) - set(BASELINE_OPTIONS))
+    if unknown:
+        raise ValueError(f"ScaledELBO: site {site!r}: unknown baseline option(s) "
+                         f"{', '.join(unknown)}; use {', '.join(BASELINE_OPTIONS)}")
+    out = Baseline(nn=options.get("nn_baseline"), nn_input=options.get("nn_baseline_input"),
+                   decaying=bool(options.get("use_decaying_avg_baseline", False)),
+                   beta=float(options.get("baseline_beta", 0.90)),
+                   value=options.get("baseline_value"))
+    if out.nn is not None and out.value is not None:
+        raise ValueError(f"ScaledELBO: site {site!r} has both nn_baseline and baseline_value; "
+                         "give it one of them")
+    if out.nn is not None and out.nn_input is None:
+        raise ValueError(f"ScaledELBO: site {site!r} has an nn_baseline but no "
+                         "nn_baseline_input; give the input the network reads")
+    if not 0.0 <= out.beta < 1.0:
+        raise ValueError(f"ScaledELBO: site {site!r}: baseline_beta={out.beta}; use 0 <= "
+                         "baseline_beta < 1")
+    return out
+
+
+def baselined_signal(site: str, options: Baseline, cost, average, stop):
+    """(learning signal, baseline loss, new average) of one non-reparameterised site.
+
+    `cost` is its downstream ELBO contribution summed to its plates (`downstream`: nats,
+    higher is better; an array of the site's batch shape), `average` the decaying average so
+    far (an array of that shape; None when the site has none), `stop` the backend's
+    stop-gradient. The signal ``cost − baseline`` multiplies the site's score (stopped by the
+    caller); the baseline loss Σ (cost − b)² trains a learned baseline. As Pyro's
+    `_construct_baseline`, in the same order: the decaying average's old value, plus the
+    network's or the given value; the new average is (1 − baseline_beta) · cost +
+    baseline_beta · old. A baseline that does not depend on the site's draw changes no
+    expectation, only the variance. Its shape must broadcast to the cost's (Pyro wants it
+    equal; a network of the data, (N,), then also serves vectorised particles, (K, N))."""
+    if not options.used:
+        return cost, 0.0, None
+    baseline = 0.0
+    new_average = None
+    if options.decaying:
+        new_average = stop((1 - options.beta) * cost + options.beta * average)
+        baseline = baseline + average
+    if options.nn is not None:
+        baseline = baseline + options.nn(stop(options.nn_input))
+    elif options.value is not None:
+        baseline = baseline + options.value
+    shape, cost_shape = tuple(getattr(baseline, "shape", ())), tuple(cost.shape)
+    try:
+        fits = np.broadcast_shapes(shape, cost_shape) == cost_shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"ScaledELBO: the baseline of site {site!r} has shape {shape}; its "
+                         f"downstream cost has {tuple(cost.shape)}: give one value per "
+                         "element of its plates (or a shape that broadcasts to it)")
+    loss = 0.0
+    if options.nn is not None or options.value is not None:
+        loss = ((stop(cost) - baseline) ** 2).sum()
+    return cost - baseline, loss, new_average
+
+
+def check_score_function(site: str, distribution: str, bound: str, free_bits, capacity_weight,
+                         multi_sample_guide: bool = False) -> None:
+    """Refuse, in one line, the objectives that have no score-function term here (`site` the
+    first non-reparameterised, non-enumerated guide site, `distribution` its class name)."""
+    fb = free_bits.values() if isinstance(free_bits, Mapping) else [free_bits or 0.0]
+    what = None
+    if bound == "iwae":
+        what = ("bound='iwae' (the importance-weighted bound's score-function estimator, VIMCO, "
+                "is not implemented; the stock RenyiELBO gives such a site no gradient at "
+                "alpha=0)")
+    elif capacity_weight or any(v > 0 for v in fb):
+        what = "free bits or capacity targets (their rate is not a sum over the draws)"
+    elif multi_sample_guide:
+        what = "multi_sample_guide=True (nor has NumPyro's Trace_ELBO)"
+    if what is not None:
+        raise NotImplementedError(
+            f"ScaledELBO: the guide's site {site!r} ({distribution}) is not reparameterised, so "
+            f"it needs a score-function (REINFORCE) term, which is not available with {what}. "
+            "Use bound='elbo' without them, a reparameterised or relaxed posterior "
+            "(RelaxedBernoulli, …), or sum the site out: infer={\"enumerate\": \"parallel\"}.")
+
+
+def score_inside_enumeration(site: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"ScaledELBO: the guide's non-reparameterised site {site!r} is drawn once per value of "
+        "an enumerated site (its distribution reads it); its score-function term needs one "
+        "draw shared by every value: draw it before the enumerated site, or enumerate it too.")
+
+
+def sequential_enumeration_warning(site: str) -> str:
+    return (f"ScaledELBO: the guide's site {site!r} is marked for sequential enumeration, which "
+            "ScaledELBO does not do: it is sampled and trained by a score-function term (as "
+            "Trace_ELBO samples it); mark it infer={\"enumerate\": \"parallel\"} to sum it out.")
+
+
+def missing_baseline_average(site: str, shape: tuple) -> ValueError:
+    return ValueError(
+        f"ScaledELBO: site {site!r} asks for use_decaying_avg_baseline; in NumPyro the average "
+        "is state carried between steps: declare it in the guide, numpyro.primitives.mutable("
+        f"'{BASELINE_AVERAGE}{site}', jnp.zeros({shape})) (the site's plates' shape), and "
+        "train with SVI (which carries mutable state); or give the site a baseline_value or "
+        "an nn_baseline.")
+
+
 # ---- the site-role errors of both backends' ScaledELBO ----------------------------------------
 def missing_guide_site(site: str, framework: str) -> ValueError:
     return ValueError(
         f"ScaledELBO: the model's latent site {site!r} has no sample site in the guide; add "
         f"`{framework}.sample({site!r}, ...)` to the guide or observe it.")
-
-
-def not_reparameterised(site: str, distribution: str, framework: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"ScaledELBO: the guide's site {site!r} ({distribution}) is not reparameterised; "
-        "ScaledELBO needs reparameterised latents or discrete ones summed out. Use a "
-        "reparameterised distribution (Normal, …), or mark the discrete site for enumeration "
-        f"in the guide: {framework.lower()}.sample({site!r}, ..., infer={{\"enumerate\": "
-        "\"parallel\"}) with ScaledELBO(max_plate_nesting=N).")
-
-
-def sequential_enumeration(site: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"ScaledELBO: the guide's site {site!r} asks for sequential enumeration; ScaledELBO sums "
-        "discrete sites out in parallel only: infer={\"enumerate\": \"parallel\"}.")
-
-
-def enumeration_needs_plate_nesting(site: str) -> ValueError:
-    return ValueError(
-        f"ScaledELBO: the guide's site {site!r} is marked for enumeration, but ScaledELBO does "
-        "not know where the plates end: pass max_plate_nesting=N (the number of nested plates), "
-        "as for TraceEnum_ELBO.")
-
-
-def stray_guide_site(site: str) -> ValueError:
-    return ValueError(
-        f"ScaledELBO: the guide's sample site {site!r} is not in the model; a guide may add only "
-        "factor sites of its own (encoder-only aux terms).")
 
 
 def not_factorised(site: str, posterior: str, prior: str) -> ValueError:

@@ -318,10 +318,10 @@ def test_dreg_refuses_a_draw_shared_by_every_enumerated_value(backend):
 
         params = {k: jnp.asarray(v) for k, v in t.ENUM_PARAMS.items() if k != "w"}
 
-        def call():
-            jax.grad(lambda p: ScaledELBO(bound="iwae", gradient="dreg", num_particles=2,
-                                          max_plate_nesting=1).loss(
-                jax.random.PRNGKey(0), p, t.enum_model, guide, jnp.asarray(t.DATA)))(params)
+        def call():  # (traced only: the refusal comes while tracing, nothing to compile)
+            jax.eval_shape(jax.grad(lambda p: ScaledELBO(
+                bound="iwae", gradient="dreg", num_particles=2, max_plate_nesting=1).loss(
+                jax.random.PRNGKey(0), p, t.enum_model, guide, jnp.asarray(t.DATA))), params)
     with pytest.raises(NotImplementedError, match="'z' is drawn once for all of them"):
         call()
 
@@ -334,6 +334,7 @@ def test_capacity_schedule_rises_linearly_then_holds():
     assert not capacity_schedule(CapacitySpec(), np.arange(5)).any()  # max = 0: no target
 
 
+@pytest.mark.slow  # (a subprocess that trains and compiles; tests/test_examples.py runs it too)
 def test_the_gradient_benchmark_smoke_run():
     """benchmarks/bench_gradients.py --smoke: it runs and prints an SNR row per backend, K and
     estimator (nothing is timed or asserted about the numbers but their form)."""

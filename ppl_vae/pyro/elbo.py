@@ -8,8 +8,9 @@ role           which sites                                            enters the
 =============  =====================================================  ==========================
 latent         sample sites in both guide and model                   β · (ln q − ln p), or
                                                                       β · KL(q‖p) analytically
-               guide-only sample sites marked ``is_auxiliary``        β · ln q (an AutoGuide's
-               (the AutoGuides' joint latent)                         joint draw: part of ln q)
+               guide-only sample sites: marked ``is_auxiliary``       β · ln q (an AutoGuide's
+               (the AutoGuides' joint latent), or not (Trace_ELBO     joint draw: part of ln q)
+               counts them so too, warning under validation)
 distortion     observed sample sites and factor sites of the model    λ · (−log-density)
 aux            factor sites of the guide only                         + their value
 =============  =====================================================  ==========================
@@ -17,10 +18,11 @@ aux            factor sites of the guide only                         + their va
 A guide site may opt out of the closed form with ``infer={"analytic_kl": False}`` (the spec
 builder does so where it would be biased, `ppl_vae.graph.closed_form_rate_valid`).
 
-**Discrete latents are summed out exactly.** A guide sample site marked
-``infer={"enumerate": "parallel"}`` (as `TraceEnum_ELBO` users mark it; ``max_plate_nesting``
-must be given) takes every value of its support at once, in a tensor dimension left of the
-plates, and every term becomes an expectation under the guide's probabilities of those values::
+**Discrete latents summed out exactly.** A guide sample site marked
+``infer={"enumerate": "parallel"}`` (as `TraceEnum_ELBO` users mark it; without
+``max_plate_nesting`` the first call guesses it, as `TraceEnum_ELBO` does) takes every value of
+its support at once, in a tensor dimension left of the plates, and every term becomes an
+expectation under the guide's probabilities of those values::
 
     term = Σ_k q(k|·) · term(k)                 (each enumerated site multiplies its q in)
     rate of the site itself = Σ_k q(k|·) (ln q(k|·) − ln p(k|·))  =  KL(q(k|·) ‖ p(k|·)), exact
@@ -30,7 +32,28 @@ examples (labels), the guide puts all its mass on it and says which examples tho
 ``infer={"enumerate": "parallel", "observed": mask}`` (mask: bool, the batch's shape): there the
 site's term is the distortion −ln p(value) (it is data), elsewhere its rate. At β = λ = 1 the loss
 equals `TraceEnum_ELBO` for the same seed (`TraceEnum_ELBO` has no closed-form KL: compare with
-``analytic_kl=False``). Sites that are neither reparameterised nor enumerated are refused.
+``analytic_kl=False``).
+
+**Discrete latents sampled: score-function gradients.** A guide site that is neither
+reparameterised nor enumerated (a Bernoulli, Categorical or Poisson latent; one marked
+``"sequential"``, which warns under validation, as Trace_ELBO does) is sampled; its gradient is
+the score-function (REINFORCE) estimator of `TraceGraph_ELBO` (Williams 1992; Schulman et al.
+2015): the loss carries, with value 0, −Σ ln q_s(z_s) · (c_s − b_s)|detached for each such site
+s, c_s its downstream cost (the weighted terms −w_t · term_t whose value depends on z_s,
+w_t = β, λ or 1, found by provenance tracking as there, summed to s's plates; the others have
+expectation zero against the score and are left out) and b_s a baseline. ln q_s is unscaled, so
+at β ≠ 1 the gradient is that of the weighted objective, and equals `TraceGraph_ELBO`'s under
+``poutine.scale`` on the same draws; its own ln q in the rate is detached (its gradient is the
+score term). With ``analytic_kl=True`` a site whose KL is registered takes its own rate in
+closed form, the score carrying the costs downstream of it. Baselines, with Pyro's keys
+``infer={"baseline": {...}}`` (`ppl_vae.objective.baselined_signal`): ``use_decaying_avg_baseline``
+/ ``baseline_beta`` (the averages belong to this estimator, `baseline_averages`, not to the
+param store; a new batch shape starts one again), ``nn_baseline`` / ``nn_baseline_input``
+(NVIL, Mnih & Gregor 2014) and ``baseline_value``, a learned one trained by Σ (c − b)²; a
+baseline's shape must broadcast to the cost's. A sampled site upstream of an enumerated one is
+fine (terms with enumerated dims depend on whatever the enumeration weights read); one drawn
+inside an enumerated branch, ``bound="iwae"`` (VIMCO is not implemented; `RenyiELBO` gives such
+a site no gradient at alpha = 0) and free bits or capacity targets are refused, naming the site.
 
 Sign convention: the returned loss is minimised; at β = λ = 1 with no aux site it is −ELBO and
 equals `Trace_ELBO` (`TraceMeanField_ELBO` when ``analytic_kl=True``) for the same random seed.
@@ -94,32 +117,39 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
 from pyro import poutine
 from pyro.distributions import Independent
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
-from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled
+from pyro.infer.util import MultiFrameTensor, get_dependent_plate_dims, is_validation_enabled
+from pyro.ops.provenance import detach_provenance, get_provenance, track_provenance
 from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
 from ppl_vae.objective import (
+    Piece,
+    baseline_options,
+    baselined_signal,
     bound_terms,
     check_estimator,
-    enumeration_needs_plate_nesting,
+    check_score_function,
+    downstream,
     free_bits_for,
     log_weight,
     missing_guide_site,
     not_factorised,
-    not_reparameterised,
-    sequential_enumeration,
+    score_inside_enumeration,
+    sequential_enumeration_warning,
     shared_across_enumeration,
-    stray_guide_site,
     weighted_terms,
 )
 
@@ -135,11 +165,51 @@ def _site_kind(site) -> str:
     return "latent"
 
 
+def _is_enumerated(site) -> bool:
+    """A guide site that takes its whole support (marked for parallel enumeration)."""
+    return site["infer"].get("_enumerate_dim") is not None
+
+
 def _is_drawn(site) -> bool:
     """A reparameterised latent draw of the guide (what STL and DReG differentiate through)."""
     return (site["type"] == "sample" and not site["is_observed"]
-            and not site["infer"].get("enumerate") and not site["infer"].get("_deterministic")
+            and not _is_enumerated(site) and not site["infer"].get("_deterministic")
             and site["fn"].has_rsample)
+
+
+def _is_scored(site) -> bool:
+    """A latent draw of the guide that is not reparameterised (nor enumerated): it gets a
+    score-function term (its score_parts has a score function, as Trace_ELBO reads it)."""
+    return (site["type"] == "sample" and not site["is_observed"]
+            and not _is_enumerated(site) and not site["infer"].get("_deterministic")
+            and not isinstance(site["fn"], _Subsample)
+            and not is_identically_zero(site["score_parts"].score_function))
+
+
+def _stack(site) -> tuple:
+    """The vectorised plates of a site (what Pyro's MultiFrameTensor sums over)."""
+    return tuple(f for f in site["cond_indep_stack"] if f.vectorized)
+
+
+class _TrackScored(Messenger):
+    """Provenance tracking of the guide's non-reparameterised, non-enumerated draws
+    (`pyro.infer.tracegraph_elbo.TrackNonReparam`, Wingate et al. 2011): every value computed
+    from such a draw carries the draw's name, so each log-density knows which draws it depends
+    on. Enumerated values are not tracked (their terms are exact expectations); a site seen
+    before (the model's replay of a guide site) keeps the guide value's provenance."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen: set = set()
+
+    def _pyro_post_sample(self, msg):
+        if msg["type"] != "sample" or msg["name"] in self._seen:
+            return
+        self._seen.add(msg["name"])
+        if (not msg["is_observed"] and not isinstance(msg["fn"], _Subsample)
+                and not getattr(msg["fn"], "has_rsample", False)
+                and msg["infer"].get("_enumerate_dim") is None):
+            msg["value"] = track_provenance(msg["value"], frozenset({msg["name"]}))
 
 
 def _factors(fn):
@@ -204,6 +274,9 @@ class ScaledELBO(Trace_ELBO):
         self.free_bits = free_bits or 0.0
         self.capacity_weight = dict(capacity_weight or {})
         self.capacity = capacity if capacity is not None else {}
+        # the decaying-average baselines {site: tensor} (Pyro keeps them in its param store as
+        # "__baseline_avg_downstream_cost_<site>"; here they belong to the estimator)
+        self._baseline_averages: dict[str, torch.Tensor] = {}
 
     def with_weights(self, beta: Weight, lam: Weight, capacity=None) -> ScaledELBO:
         """The same estimator with other β, λ (and capacity targets {site: C}) (a copy; `self`
@@ -215,6 +288,13 @@ class ScaledELBO(Trace_ELBO):
             other.capacity = capacity
         return other
 
+    @property
+    def baseline_averages(self) -> dict[str, torch.Tensor]:
+        """{site: its decaying-average baseline so far} (nats, the shape of the site's plates;
+        a copy): the state ``use_decaying_avg_baseline`` keeps, which Pyro's TraceGraph_ELBO
+        keeps in the param store as ``__baseline_avg_downstream_cost_<site>``."""
+        return dict(self._baseline_averages)
+
     # -- traces ---------------------------------------------------------------------------------
     def _get_traces(self, model, guide, args, kwargs):
         # Guide sites marked for parallel enumeration take their whole support in the dims left
@@ -223,8 +303,21 @@ class ScaledELBO(Trace_ELBO):
         # site's distribution before enumeration takes the site (inside it, model and guide
         # disagree on the site's batch shape).
         if self.max_plate_nesting == float("inf"):
-            yield from super()._get_traces(model, guide, args, kwargs)
-            return
+            if self.vectorize_particles:  # Pyro's ELBO guesses it here too
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            else:
+                # Trace_ELBO's first particle; where the guide marks a site for parallel
+                # enumeration it was TraceEnum_ELBO's guess instead (the same draws: one
+                # unenumerated run of guide and model), and the particles start again
+                first = self._get_trace(model, guide, args, kwargs)
+                if not any(site["type"] == "sample"
+                           and site["infer"].get("enumerate") == "parallel"
+                           for site in first[1].nodes.values()):
+                    yield first
+                    for _ in range(self.num_particles - 1):
+                        yield self._get_trace(model, guide, args, kwargs)
+                    return
+                self._guess_from(*first)
         if self.vectorize_particles:
             model = self._vectorized_num_particles(model)
             guide = self._vectorized_num_particles(guide)
@@ -232,12 +325,25 @@ class ScaledELBO(Trace_ELBO):
         for _ in range(1 if self.vectorize_particles else self.num_particles):
             yield self._get_trace(model, guide, args, kwargs)
 
+    def _guess_from(self, model_trace, guide_trace) -> None:
+        """max_plate_nesting from one unenumerated run, as `ELBO._guess_max_plate_nesting`
+        (which TraceEnum_ELBO calls) guesses it: the deepest vectorised plate."""
+        dims = [f.dim for tr in (model_trace, guide_trace) for site in tr.nodes.values()
+                if site["type"] == "sample" for f in site["cond_indep_stack"] if f.vectorized]
+        self.max_plate_nesting = -min(dims) if dims else 0
+
     def _get_trace(self, model, guide, args, kwargs):
         # Trace_ELBO's (which checks that model and guide match when validation is on), without
         # its warning that enumerated sites need TraceEnum_ELBO; with the closed-form rate, the
-        # mean-field check TraceMeanField_ELBO makes.
-        model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model,
-                                                        guide, args, kwargs)
+        # mean-field check TraceMeanField_ELBO makes. The non-reparameterised draws carry
+        # their names (provenance), as in TraceGraph_ELBO, for their score-function terms.
+        with _TrackScored():
+            model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting,
+                                                            model, guide, args, kwargs)
+        if is_validation_enabled():  # (Trace_ELBO warns there too, check_if_enumerated)
+            for name, site in guide_trace.nodes.items():
+                if site["type"] == "sample" and site["infer"].get("enumerate") == "sequential":
+                    warnings.warn(sequential_enumeration_warning(name), stacklevel=5)
         if self._closed_form and is_validation_enabled() and not any(
                 site["type"] == "sample" and site["infer"].get("analytic_kl") is False
                 for site in guide_trace.nodes.values()):
@@ -275,13 +381,9 @@ class ScaledELBO(Trace_ELBO):
         """ln q of each joint value of the enumerated guide sites, broadcastable against the
         sites' per-example log-densities; None when no site is enumerated."""
         log_q = None
-        for name, site in guide_trace.nodes.items():
-            if site["type"] != "sample" or not site["infer"].get("enumerate"):
+        for site in guide_trace.nodes.values():
+            if site["type"] != "sample" or not _is_enumerated(site):
                 continue
-            if site["infer"]["enumerate"] != "parallel":
-                raise sequential_enumeration(name)
-            if "_enumerate_dim" not in site["infer"]:
-                raise enumeration_needs_plate_nesting(name)
             lq = site["fn"].log_prob(site["value"])  # the measure: unscaled
             log_q = lq if log_q is None else log_q + lq
         return log_q
@@ -302,72 +404,85 @@ class ScaledELBO(Trace_ELBO):
         sites with free bits, {site: (..., d) rate per dimension} and {site: B}.
 
         `score_trace` (STL): the guide replayed at the detached draws, so that ln q keeps only
-        its path derivative. `detach_q` (DReG's value): the drawn sites' ln q detached."""
+        its path derivative. `detach_q` (DReG's value): the drawn sites' ln q detached. A
+        non-reparameterised draw's ln q is detached too: its gradient is its score-function
+        term (`_score_function_loss`), as in Trace_ELBO.
+
+        Also returns the terms' `Piece`s (ln q and −ln p of a rate apart), which the
+        score-function terms sort by the draws they depend on."""
         parts: dict[str, torch.Tensor] = {}
         dims: dict[str, torch.Tensor] = {}
+        pieces: list[Piece] = []
+
+        def add(key, value, site):
+            parts[key] = parts[key] + value if key in parts else value
+            pieces.append(Piece(key, value, _stack(site)))
 
         def log_q(name, gsite):
             if score_trace is not None and _is_drawn(gsite):
                 return _path(gsite["log_prob"], score_trace.nodes[name]["log_prob"])
-            return gsite["log_prob"].detach() if detach_q and _is_drawn(gsite) \
-                else gsite["log_prob"]
+            if (detach_q and _is_drawn(gsite)) or not gsite["fn"].has_rsample:
+                return gsite["log_prob"].detach()
+            return gsite["log_prob"]
 
         for name, msite in model_trace.nodes.items():
             if msite["type"] != "sample":
                 continue
             kind = _site_kind(msite)
             if kind in ("observed", "factor"):
-                parts[f"distortion/{name}"] = -msite["log_prob"]
+                add(f"distortion/{name}", -msite["log_prob"], msite)
             elif kind == "latent":
                 gsite = guide_trace.nodes.get(name)
                 if gsite is None or gsite["type"] != "sample":
                     raise missing_guide_site(name, "pyro")
-                if gsite["infer"].get("enumerate"):
-                    difference = gsite["log_prob"] - msite["log_prob"]
+                if _is_enumerated(gsite):
                     observed = gsite["infer"].get("observed")
                     if observed is None:
-                        parts[f"rate/{name}"] = difference
+                        add(f"rate/{name}", gsite["log_prob"], gsite)
+                        add(f"rate/{name}", -msite["log_prob"], msite)
                     else:  # known values are data: −ln p; the rest carry the rate
-                        parts[f"rate/{name}"] = difference * ~observed
-                        parts[f"distortion/{name}"] = -(msite["log_prob"] * observed)
+                        add(f"rate/{name}", gsite["log_prob"] * ~observed, gsite)
+                        add(f"rate/{name}", -(msite["log_prob"] * ~observed), msite)
+                        add(f"distortion/{name}", -(msite["log_prob"] * observed), msite)
                     continue
-                if not gsite["fn"].has_rsample:
-                    raise not_reparameterised(name, type(gsite["fn"]).__name__, "Pyro")
                 if free_bits_for(self.free_bits, name) > 0:
                     score = None if score_trace is None else score_trace.nodes[name]
                     dims[name] = self._rate_dims(name, msite, gsite, closed_form, score)
-                    parts[f"rate/{name}"] = dims[name].sum(-1)
+                    add(f"rate/{name}", dims[name].sum(-1), gsite)
+                    continue
+                kl = self._closed_form_rate(msite, gsite, closed_form)
+                if kl is not None:
+                    add(f"rate/{name}", kl, gsite)
                 else:
-                    parts[f"rate/{name}"] = self._rate(msite, gsite, closed_form,
-                                                       log_q(name, gsite))
+                    add(f"rate/{name}", log_q(name, gsite), gsite)
+                    add(f"rate/{name}", -msite["log_prob"], msite)
         for name, gsite in guide_trace.nodes.items():
             if gsite["type"] != "sample" or name in model_trace.nodes:
                 continue
             kind = _site_kind(gsite)
-            if kind == "factor":
-                parts[f"aux/{name}"] = gsite["log_prob"]
-            elif kind == "latent" and gsite["infer"].get("is_auxiliary"):
-                # a guide-only latent (an AutoGuide's joint draw, e.g. `_AutoNormal_latent`):
-                # its ln q is part of ln q(z|y), so of the rate
-                parts[f"rate/{name}"] = log_q(name, gsite)
-            elif kind != "deterministic":
-                raise stray_guide_site(name)
-        return parts, dims
+            if kind in ("factor", "observed"):  # an encoder-only term (the stock ELBOs: +f)
+                add(f"aux/{name}", gsite["log_prob"], gsite)
+            elif kind == "latent":
+                # a guide-only latent (an AutoGuide's joint draw, e.g. `_AutoNormal_latent`,
+                # or one not marked auxiliary, which the stock ELBOs count so too, with Pyro's
+                # warning under validation): its ln q is part of ln q(z|y), so of the rate
+                add(f"rate/{name}", log_q(name, gsite), gsite)
+        return parts, dims, pieces
 
     @staticmethod
-    def _rate(msite, gsite, closed_form: bool, log_q) -> torch.Tensor:
-        if closed_form and gsite["infer"].get("analytic_kl", True):
-            try:
-                kl = kl_divergence(gsite["fn"], msite["fn"])
-            except NotImplementedError:
-                pass
-            else:
-                kl = scale_and_mask(kl, scale=gsite["scale"], mask=gsite["mask"])
-                if torch.is_tensor(kl):
-                    return kl
-                # a number: a fully masked site (mask False gives 0.0), per batch element
-                return gsite["value"].new_full(gsite["fn"].batch_shape, float(kl))
-        return log_q - msite["log_prob"]
+    def _closed_form_rate(msite, gsite, closed_form: bool) -> torch.Tensor | None:
+        """KL(q‖p) per element where the rate is closed-form and registered, else None."""
+        if not (closed_form and gsite["infer"].get("analytic_kl", True)):
+            return None
+        try:
+            kl = kl_divergence(gsite["fn"], msite["fn"])
+        except NotImplementedError:
+            return None
+        kl = scale_and_mask(kl, scale=gsite["scale"], mask=gsite["mask"])
+        if torch.is_tensor(kl):
+            return kl
+        # a number: a fully masked site (mask False gives 0.0), per batch element
+        return gsite["value"].new_full(gsite["fn"].batch_shape, float(kl))
 
     @staticmethod
     def _rate_dims(name, msite, gsite, closed_form: bool, score) -> torch.Tensor:
@@ -403,10 +518,18 @@ class ScaledELBO(Trace_ELBO):
         total: dict[str, torch.Tensor] = {}
         dims_total: dict[str, torch.Tensor] = {}
         sizes: dict[str, float] = {}
+        surrogate = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            scored = {n: s for n, s in guide_trace.nodes.items()
+                      if s["type"] == "sample" and _is_scored(s)}
+            if scored:  # (before the parts: free bits would fail on such a site first)
+                self._check_score_function(scored)
             score = self._score_trace(guide, guide_trace, args, kwargs) if stl else None
-            parts, dims = self._parts(model_trace, guide_trace, self._closed_form, score)
+            parts, dims, pieces = self._parts(model_trace, guide_trace, self._closed_form,
+                                              score)
             weight = self._enumeration_weight(guide_trace)
+            surrogate = surrogate + self._score_function_loss(
+                guide_trace, pieces, weight) / self.num_particles
 
             for key, value in parts.items():
                 value = self._expectation(value, weight) / self.num_particles
@@ -418,9 +541,78 @@ class ScaledELBO(Trace_ELBO):
                 if name in model_trace.nodes:
                     sizes[name] = _batch_size(model_trace.nodes[name])
         zero = next(iter(total.values())).new_zeros(()) if total else torch.zeros(())
-        return weighted_terms(total, self.beta, self.lam, zero, free_bits=self.free_bits,
-                              capacity_weight=self.capacity_weight, capacity=self.capacity,
-                              rate_dims=dims_total, batch_sizes=sizes)
+        out = weighted_terms(total, self.beta, self.lam, zero, free_bits=self.free_bits,
+                             capacity_weight=self.capacity_weight, capacity=self.capacity,
+                             rate_dims=dims_total, batch_sizes=sizes)
+        out["loss"] = out["loss"] + surrogate
+        return {k: detach_provenance(v) for k, v in out.items()}
+
+    def _score_function_loss(self, guide_trace, pieces, weight):
+        """The score-function (REINFORCE) surrogate of one particle's non-reparameterised,
+        non-enumerated guide draws, value 0 (Williams 1992; Schulman et al. 2015): for each
+        such site s,
+
+            −Σ_elements ∇-carrying ln q_s(z_s) · (c_s − b_s)|stopped  + (b_s's own loss)
+
+        c_s its downstream cost (`ppl_vae.objective.downstream`: −Σ_t w_t · piece_t over the
+        pieces whose value depends on z_s by provenance, as TraceGraph_ELBO finds them;
+        w_t = β, λ or 1), summed to s's plates, and b_s its baseline
+        (`ppl_vae.objective.baselined_signal`). The score ln q_s is unscaled (Pyro's
+        ``score_parts.score_function``): the weights and scales are in c_s, so E[∇ln q · c] is
+        the gradient of the weighted (or subsampled) objective. With enumerated sites, a piece
+        with enumerated dims is first its expectation under their (stopped) q, and depends on
+        whatever their q depends on. Zero without a gradient or a scored site."""
+        sites = {n: s for n, s in guide_trace.nodes.items()
+                 if s["type"] == "sample" and _is_scored(s)}
+        if not sites or not torch.is_grad_enabled():
+            return 0.0
+        enumerated = get_provenance(weight) if weight is not None else frozenset()
+        provenances = [get_provenance(p.value) | (enumerated if self._has_enumerated_dims(
+            p.value, weight) else frozenset()) for p in pieces]
+        costs = downstream(pieces, provenances, sites, self.beta, self.lam)
+        weight = None if weight is None else detach_provenance(weight).detach()
+        surrogate = 0.0
+        for name, site in sites.items():
+            score = detach_provenance(site["score_parts"].score_function)
+            if weight is not None and score.dim() > self.max_plate_nesting:
+                raise score_inside_enumeration(name)
+            cost = MultiFrameTensor()
+            for stack, value in costs[name]:
+                cost.add((stack, self._enumerated_mean(detach_provenance(value).detach(),
+                                                       weight)))
+            cost = cost.sum_to(_stack(site))
+            if not torch.is_tensor(cost):  # nothing depends on the draw: no term
+                continue
+            options = baseline_options(name, site["infer"])
+            average = None
+            if options.decaying:
+                # (a new batch shape, e.g. a smaller last batch, starts the average again)
+                average = self._baseline_averages.get(name)
+                if average is None or average.shape != cost.shape:
+                    average = torch.zeros_like(cost)
+            signal, baseline_loss, average = baselined_signal(
+                name, options, cost, average, torch.Tensor.detach)
+            if average is not None:
+                self._baseline_averages[name] = average
+            term = -(score * signal.detach()).sum() + baseline_loss
+            surrogate = surrogate + term - term.detach()
+        return surrogate
+
+    def _has_enumerated_dims(self, value, weight) -> bool:
+        return weight is not None and value.dim() > self.max_plate_nesting
+
+    def _check_score_function(self, sites) -> None:
+        name, site = next(iter(sites.items()))
+        check_score_function(name, type(site["fn"]).__name__, self.bound, self.free_bits,
+                             self.capacity_weight)
+
+    def _enumerated_mean(self, value: torch.Tensor, weight) -> torch.Tensor:
+        """A per-element tensor's expectation under the (detached) enumeration weights, the
+        enumerated dims summed and the plates kept (a value without them is its own)."""
+        if not self._has_enumerated_dims(value, weight):
+            return value
+        value = weight * value
+        return value.sum(tuple(range(value.dim() - self.max_plate_nesting)))
 
     def _expectation(self, value: torch.Tensor, weight, event: int = 0) -> torch.Tensor:
         """Σ of a per-element tensor under the enumeration weights (its last `event` dims kept).
@@ -439,7 +631,11 @@ class ScaledELBO(Trace_ELBO):
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             if dreg:
                 model_trace, path = self._dreg_path(model, guide, guide_trace, args, kwargs)
-            element, _ = self._parts(model_trace, guide_trace, False, detach_q=dreg)
+            scored = {n: s for n, s in guide_trace.nodes.items()
+                      if s["type"] == "sample" and _is_scored(s)}
+            if scored:
+                self._check_score_function(scored)
+            element, _, _ = self._parts(model_trace, guide_trace, False, detach_q=dreg)
             sum_dims = get_dependent_plate_dims(
                 [*model_trace.nodes.values(),
                  *(s for s in guide_trace.nodes.values()
@@ -511,7 +707,7 @@ class ScaledELBO(Trace_ELBO):
                   if _is_drawn(s)}
         guide_at = self._replay(guide, guide_trace, leaves, args, kwargs)
         model_at = self._replay(model, guide_at, {}, args, kwargs)
-        element, _ = self._parts(model_at, guide_at, False)
+        element, _, _ = self._parts(model_at, guide_at, False)
         lw = log_weight({k: v for k, v in element.items() if not k.startswith("aux/")},
                         self.beta, self.lam)
         grads = torch.autograd.grad(lw.sum(), list(leaves.values()), retain_graph=True,

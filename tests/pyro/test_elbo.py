@@ -166,7 +166,12 @@ def test_stock_svi_accepts_it():
     assert svi.evaluate_loss(data) < first
 
 
-def test_non_reparameterised_latent_is_a_clear_error():
+def test_a_non_reparameterised_latent_is_trained_by_its_score_function(float64):
+    """Once refused (issue 24): a Bernoulli latent that is not summed out is sampled; its loss
+    is Trace_ELBO's and its gradient TraceGraph_ELBO's on the same draws (more in
+    tests/test_score_function.py)."""
+    from pyro.infer import TraceGraph_ELBO
+
     def model():
         pyro.sample("coin", dist.Bernoulli(0.5))
 
@@ -174,8 +179,33 @@ def test_non_reparameterised_latent_is_a_clear_error():
         p = pyro.param("p", torch.tensor(0.3), constraint=constraints.unit_interval)
         pyro.sample("coin", dist.Bernoulli(p))
 
-    with pytest.raises(NotImplementedError, match="'coin'.*not reparameterised.*enumerate"):
-        ScaledELBO().loss(model, guide)
+    def run(elbo):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        loss = elbo.loss_and_grads(model, guide)
+        return torch.tensor(loss), {"p": pyro.param("p").unconstrained().grad}
+
+    ours = run(ScaledELBO(analytic_kl=False))
+    assert_same(ours, run(TraceGraph_ELBO()))
+    assert float(ours[0]) == pytest.approx(float(run(Trace_ELBO())[0]), rel=1e-12)
+    assert abs(float(ours[1]["p"])) > 0.1
+
+
+def test_a_guide_only_latent_not_marked_auxiliary_counts_as_in_trace_elbo(float64):
+    """A guide sample site the model lacks, not marked auxiliary: once refused as stray; the
+    stock Trace_ELBO counts its ln q (warning under validation), and so does ScaledELBO, in the
+    rate."""
+    def guide_with_extra(data):
+        two_latent_guide(data)
+        pyro.sample("extra", dist.Normal(pyro.param("e", torch.tensor(0.5)), 1.0))
+
+    results = []
+    for elbo in (ScaledELBO(analytic_kl=False), Trace_ELBO()):
+        with pytest.warns(UserWarning, match="non-auxiliary vars in guide but not model"):
+            results.append(loss_and_grads(elbo, two_latent_model, guide_with_extra, DATA))
+    assert_same(*results)
+    with pyro.validation_enabled(False):
+        assert "rate/extra" in ScaledELBO().terms(two_latent_model, guide_with_extra, DATA)
 
 
 def test_model_latent_without_guide_site_is_a_clear_error():
@@ -229,6 +259,15 @@ def test_enumerated_site_equals_traceenum_elbo(float64, with_z):
     stock = loss_and_grads(TraceEnum_ELBO(max_plate_nesting=1), enum_model, enum_guide, DATA,
                            with_z)
     assert_same(ours, stock)
+
+
+def test_enumeration_guesses_max_plate_nesting_as_traceenum_elbo(float64):
+    """Without max_plate_nesting: where TraceEnum_ELBO works (it guesses the nesting from one
+    unenumerated run), so does ScaledELBO, with its value and gradients on the same draws."""
+    elbo = ScaledELBO(analytic_kl=False)
+    ours = loss_and_grads(elbo, enum_model, enum_guide, DATA)
+    assert_same(ours, loss_and_grads(TraceEnum_ELBO(), enum_model, enum_guide, DATA))
+    assert elbo.max_plate_nesting == 1
 
 
 def enum_guide_with_factor(data, *args, **kwargs):
@@ -305,20 +344,6 @@ def test_observed_values_are_data_not_rate(float64):
     lik_unknown = (q * dist.Normal(nu, 0.7).log_prob(DATA[~known][:, None])).sum()
     torch.testing.assert_close(mixed["distortion/y"], -(lik + lik_unknown).detach(),
                                rtol=1e-9, atol=0)
-
-
-def test_enumeration_errors_say_what_to_do():
-    with pytest.raises(ValueError, match="max_plate_nesting"):
-        ScaledELBO().loss(enum_model, enum_guide, DATA)
-
-    def sequential(data, with_z=True):
-        with pyro.plate("N", len(data)):
-            pyro.sample("c", dist.Categorical(torch.ones(K) / K),
-                        infer={"enumerate": "sequential"})
-            pyro.sample("z", dist.Normal(torch.zeros(()), 1.0))
-
-    with pytest.raises(NotImplementedError, match="parallel"):
-        ScaledELBO(max_plate_nesting=1).loss(enum_model, sequential, DATA)
 
 
 # ---- on models built from a spec ----------------------------------------------------------
