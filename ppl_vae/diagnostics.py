@@ -30,6 +30,8 @@ __all__ = [
     "IWAEBound",
     "active_units",
     "active_units_from_draws",
+    "CodeUsage",
+    "code_usage",
     "GaussianMixture",
     "aggregate_log_density",
     "ess_from_log_weights",
@@ -190,6 +192,44 @@ def active_units_from_draws(draws, threshold: float = 0.01) -> tuple[int, np.nda
     noise = draws.var(axis=1, ddof=1).mean(axis=0) / draws.shape[1]
     statistic = np.var(means, axis=0) - noise
     return int(np.sum(statistic > threshold)), statistic
+
+
+class CodeUsage(NamedTuple):
+    """How a discrete site's code is used over N examples, per variable i = 1..d:
+
+    * `aggregate` (d, K): the aggregate posterior q̄(z_i = k) = (1/N) Σ_n q(z_i = k | y_n)
+      (K = 2 for a Bernoulli unit: [q̄(z_i = 0), q̄(z_i = 1)]; q̄(z_i = 1) is the unit's
+      activation frequency);
+    * `perplexity` (d,): exp H(q̄_i), the number of values the variable effectively takes
+      over the data (1: always the same value; K: every value equally often);
+    * `statistic` (d,): Σ_k Var_n q(z_i = k | y_n), how much the posterior moves with y (a
+      Bernoulli unit: 2 Var_n q(z_i = 1 | y_n)), and `n_active` the variables above the
+      threshold: the discrete twin of `active_units` (a variable whose posterior does not move
+      with y tells the decoder nothing about it, whatever its activation frequency)."""
+
+    n_active: int
+    statistic: np.ndarray
+    aggregate: np.ndarray
+    perplexity: np.ndarray
+
+
+def code_usage(probs, categories: int | None = None, threshold: float = 0.01) -> CodeUsage:
+    """`CodeUsage` of a discrete site from its posterior probabilities over N examples: probs
+    (N, d) q(z_i = 1 | y_n) of Bernoulli units (`categories` None), or (N, d·K) q(z_i = k | y_n)
+    of categorical variables (each variable's K values in a row)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] < 1:
+        raise ValueError(f"probs must have shape (N, width) with N >= 1; got {probs.shape}")
+    if categories is None:
+        probs = np.stack([1.0 - probs, probs], -1)
+    else:
+        probs = probs.reshape(probs.shape[0], -1, categories)
+    aggregate = probs.mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(aggregate > 0, aggregate * np.log(aggregate), 0.0).sum(-1)
+    statistic = probs.var(0).sum(-1)
+    return CodeUsage(int(np.sum(statistic > threshold)), statistic, aggregate,
+                     np.exp(entropy))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from ppl_vae.data import binarize, load_data
 from ppl_vae.diagnostics import (
     active_units,
     active_units_from_draws,
+    code_usage,
     ess_from_log_weights,
     information_limited,
     iwae_bound,
@@ -53,13 +54,17 @@ def collapse_verdict(n_active: int, dim: int, rate: float, mutual_info: float | 
 
 def posterior_means(model, spec, x: np.ndarray, labels=None, seed: int = 0,
                     batch_size: int = 1000) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """{site: (means (N, d), draws (N, S, d) or None)}: the exact posterior mean of sites whose
-    q(z|y) is Gaussian (`encode`), else the mean of `MEAN_DRAWS` joint draws (kept, for
-    `active_units_from_draws`)."""
+    """{site: (means (N, width), draws (N, S, width) or None)}: the exact posterior mean of
+    sites whose q(z|y) is Gaussian (`encode`) or discrete (`posterior_probs`: the
+    probabilities) and reads the data only, else the mean of `MEAN_DRAWS` joint draws (kept,
+    for `active_units_from_draws`)."""
     out, need_draws = {}, []
     for s in spec.sites:
         if graph.is_gaussian_of_data(s):
             out[s.name] = (model.encode(x, batch_size, labels=labels, site=s.name)[0], None)
+        elif graph.is_discrete_of_data(s):
+            out[s.name] = (model.posterior_probs(x, batch_size, labels=labels, site=s.name),
+                           None)
         else:  # an IAF, or a site inferred from other sites
             need_draws.append(s.name)
     if need_draws:
@@ -144,15 +149,18 @@ def site_reports(model, spec, x: np.ndarray, labels, metrics: dict, stderr: dict
                 else metrics["rate"] - metrics.get(f"rate/{LABEL_SITE}", 0.0))
         keys = [graph.rate_dim_key(spec, s.name, i) for i in range(s.dim)]
         mean, draws = means[s.name]
-        n_active, variance = (active_units(mean) if draws is None else
-                              active_units_from_draws(draws))
         site = {"dim": s.dim, "posterior": s.posterior.kind, "prior": s.prior.kind,
                 "rate": rate, "rate_stderr": stderr[f"rate/{s.name}"],
                 "rate_per_dim": [metrics[k] for k in keys if k in metrics],
-                "active_units": int(n_active),
-                "posterior_mean_variance": [float(v) for v in variance],
                 "mutual_information": None}
-        if s.posterior.kind == "diagonal" and not graph.posterior_sites(s):
+        if s.discrete:
+            site |= discrete_site_report(s, mean)
+        else:
+            n_active, variance = (active_units(mean) if draws is None else
+                                  active_units_from_draws(draws))
+            site |= {"active_units": int(n_active),
+                     "posterior_mean_variance": [float(v) for v in variance]}
+        if s.posterior.kind == "diagonal" and not graph.posterior_sites(s) and not s.discrete:
             bs = spec.train.eval_batch_size
             loc, scale = model.encode(x, bs, labels=labels, site=s.name)
             pool_q = model.encode(pool_x, bs, labels=pool_labels, site=s.name)
@@ -182,6 +190,29 @@ def site_reports(model, spec, x: np.ndarray, labels, metrics: dict, stderr: dict
         site["verdict"] = collapse_verdict(site["active_units"], s.dim, rate,
                                            site["mutual_information"])
         out[s.name] = site
+    return out
+
+
+def discrete_site_report(s, probs: np.ndarray) -> dict:
+    """The lines of a discrete site beside its rate: its kind, estimator and prior, and how its
+    code is used over the evaluated examples (`ppl_vae.diagnostics.code_usage`, from the
+    posterior probabilities `probs` (N, width), exact or the mean of draws): each variable's
+    activation frequency q̄(z_i = 1) (Bernoulli) or aggregate posterior q̄(z_i = ·)
+    (categorical), its perplexity, and the active variables (Σ_k Var_y q(z_i = k|y) > 0.01).
+    I_q is not estimated for it (`mutual_information` stays None)."""
+    categories = s.categories if s.kind == "categorical" else None
+    usage = code_usage(probs, categories)
+    out = {"kind": s.kind, "estimator": s.estimator,
+           "posterior": s.kind, "prior": "learned_probs" if s.prior.kind == "learned_probs"
+           else "uniform",
+           "active_units": usage.n_active,
+           "posterior_mean_variance": [float(v) for v in usage.statistic],
+           "perplexity": [float(v) for v in usage.perplexity]}
+    if categories is None:
+        out["activation"] = [float(v) for v in usage.aggregate[:, 1]]
+    else:
+        out |= {"categories": categories,
+                "usage": [[float(v) for v in row] for row in usage.aggregate]}
     return out
 
 
@@ -412,7 +443,7 @@ def export_posterior_draws(path, n_examples: int, num_draws: int = 1000,
     dim_name = {s.name: "latent" if one_site else f"{s.name}_dim" for s in spec.sites}
     idata = posterior_draws_to_inference_data(
         {name: v.transpose(1, 0, 2)[None] for name, v in draws.items()},
-        coords={"example": np.arange(len(x)),
-                **{dim_name[s.name]: np.arange(s.dim) for s in spec.sites}},
+        coords={"example": np.arange(len(x)),  # (a categorical site: d × K one-hot values)
+                **{dim_name[s.name]: np.arange(s.width) for s in spec.sites}},
         dims={name: ["example", dim_name[name]] for name in draws})
     return save_netcdf(idata, Path(path) / "posterior.nc")

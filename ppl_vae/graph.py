@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ppl_vae.schema import AuxSpec, PosteriorSpec, PriorSpec, SiteSpec, Spec
+    from ppl_vae.schema import (
+        AuxSpec,
+        PosteriorSpec,
+        PriorSpec,
+        SiteSpec,
+        Spec,
+        TemperatureSpec,
+    )
 
 #: The posterior input that stands for the data (through the `[encoder]` network).
 DATA = "y"
@@ -158,19 +165,40 @@ def sites_to_fill(spec: Spec, given) -> tuple[str, ...]:
 def is_gaussian_of_data(s: SiteSpec) -> bool:
     """Is q(z_s|y, label) a Gaussian in closed form: a diagonal or full posterior that reads the
     data (and the label) only?"""
-    return not guide_parents(s) and s.posterior.kind != "iaf"
+    return not guide_parents(s) and s.posterior.kind != "iaf" and not s.discrete
+
+
+def is_discrete_of_data(s: SiteSpec) -> bool:
+    """Is q(z_s|y, label) a discrete site's posterior of the data (and the label) only, whose
+    probabilities a `posterior_probs` hook can return?"""
+    return s.discrete and not guide_parents(s)
 
 
 def gaussian_data_site(spec: Spec, name: str | None = None) -> SiteSpec:
     """The site `name` (default: the first), checked to have a Gaussian posterior of the data
     alone, q(z|y, label), whose mean and standard deviations an `encode` hook can return."""
     s = site(spec, name or spec.sites[0].name)
+    if s.discrete:
+        raise ValueError(f"site {s.name!r} is a {s.kind} site, not a Gaussian: use "
+                         "posterior_probs")
     if guide_parents(s):
         raise ValueError(f"site {s.name!r}: its posterior reads {', '.join(guide_parents(s))}, "
                          "so q(z|y) is a mixture, not a Gaussian: use posterior_draws")
     if s.posterior.kind == "iaf":
         raise ValueError(f"site {s.name!r}: an IAF posterior is not Gaussian: use "
                          "posterior_draws")
+    return s
+
+
+def discrete_data_site(spec: Spec, name: str | None = None) -> SiteSpec:
+    """The site `name` (default: the first), checked to be a discrete site whose posterior
+    reads the data (and the label) only, whose probabilities a `posterior_probs` hook returns."""
+    s = site(spec, name or spec.sites[0].name)
+    if not s.discrete:
+        raise ValueError(f"site {s.name!r} is Gaussian, not discrete: use encode")
+    if guide_parents(s):
+        raise ValueError(f"site {s.name!r}: its posterior reads {', '.join(guide_parents(s))}, "
+                         "so q(z|y) is a mixture: use posterior_draws")
     return s
 
 
@@ -199,6 +227,12 @@ def encoder_module(spec: Spec, name: str) -> str:
     """The module of the posterior of site `name`: ``encoder`` in a one-site spec (the data
     network and the posterior in one, as always), ``encoder_<site>`` in a graph."""
     return f"encoder_{name}" if is_graph(spec) else "encoder"
+
+
+def baseline_module(spec: Spec, name: str) -> str:
+    """The module of the NVIL baseline network of a score-function site `name`: ``baseline`` or
+    ``baseline_<site>``."""
+    return f"baseline_{name}" if is_graph(spec) else "baseline"
 
 
 def prior_module(spec: Spec, name: str) -> str:
@@ -242,7 +276,7 @@ def posterior_extra_width(spec: Spec, s: SiteSpec, data_dim: int, image_shape) -
     label = label_width(spec)
     if not is_graph(spec):
         return label
-    dims = {x.name: x.dim for x in spec.sites}
+    dims = {x.name: x.width for x in spec.sites}
     width = sum(dims[i] for i in posterior_sites(s)) + label
     if DATA in s.posterior.inputs:
         width += data_feature_width(spec, data_dim, image_shape)
@@ -251,18 +285,20 @@ def posterior_extra_width(spec: Spec, s: SiteSpec, data_dim: int, image_shape) -
 
 def prior_input_width(spec: Spec, s: SiteSpec) -> int:
     """Width of what a `conditional` prior reads: its parents' values and the label."""
-    dims = {x.name: x.dim for x in spec.sites}
+    dims = {x.name: x.width for x in spec.sites}
     return (sum(dims[p] for p in prior_parents(s))
             + (spec.label.classes if spec.label.prior else 0))
 
 
 def decoder_input_width(spec: Spec) -> int:
-    """Width of the code the decoder reads: its sites' values, then the one-hot label."""
-    dims = {x.name: x.dim for x in spec.sites}
+    """Width of the code the decoder reads: its sites' values (a categorical site's one-hot
+    values flattened), then the one-hot label."""
+    dims = {x.name: x.width for x in spec.sites}
     return sum(dims[r] for r in spec.decoder.reads) + label_width(spec)
 
 
 def total_dim(spec: Spec) -> int:
+    """The latent dimensions of every site (a categorical variable counts once)."""
     return sum(s.dim for s in spec.sites)
 
 
@@ -292,7 +328,12 @@ class SitePlan:
     the one-hot label when ``label.prior``); `posterior_width` the width of what the posterior
     reads besides the raw data (in a graph: the data's features if it reads "y", the sites it
     reads, then the label; in a one-site spec: the label, appended to the encoder's features).
-    `closed_form`: whether its rate may be the closed-form KL (`closed_form_rate_valid`)."""
+    `closed_form`: whether its rate may be the closed-form KL (`closed_form_rate_valid`).
+
+    A discrete site (`kind` bernoulli or categorical) also has its `categories` (K, or None for
+    bernoulli), `estimator`, the module of its NVIL baseline network (`baseline_module`, or
+    None without one), that network's hidden widths and its `temperature` schedule; `width` is
+    the number of values its draw has (dim, or dim × K one-hot)."""
 
     name: str
     dim: int
@@ -306,6 +347,24 @@ class SitePlan:
     prior_width: int
     posterior_width: int
     closed_form: bool
+    kind: str = "gaussian"
+    categories: int | None = None
+    estimator: str | None = None
+    baseline_module: str | None = None
+    baseline_hidden: tuple[int, ...] = ()
+    temperature: TemperatureSpec | None = None
+
+    @property
+    def discrete(self) -> bool:
+        return self.kind != "gaussian"
+
+    @property
+    def width(self) -> int:
+        return self.dim * (self.categories or 1)
+
+    @property
+    def relaxed(self) -> bool:
+        return self.estimator == "relaxed"
 
 
 @dataclass(frozen=True)
@@ -345,6 +404,22 @@ class Plan:
                        + ", ".join(s.name for s in self.sites))
 
 
+def _discrete_plan(spec: Spec, s: SiteSpec) -> dict:
+    """The `SitePlan` fields of a discrete site."""
+    network = s.estimator == "score" and s.baseline == "network"
+    return dict(kind=s.kind, categories=s.categories if s.kind == "categorical" else None,
+                estimator=s.estimator,
+                baseline_module=baseline_module(spec, s.name) if network else None,
+                baseline_hidden=tuple(s.baseline_hidden) if network else (),
+                temperature=s.temperature if s.estimator == "relaxed" else None)
+
+
+def relaxed_sites(spec: Spec) -> tuple[str, ...]:
+    """The discrete sites trained through a relaxation (estimator = "relaxed"), in `Spec.sites`
+    order: each has a temperature that changes with the step."""
+    return tuple(s.name for s in spec.sites if s.discrete and s.estimator == "relaxed")
+
+
 def aux_names(spec: Spec) -> tuple[str, ...]:
     """Guide factor-site names of the aux terms: the kind (or function name), made unique."""
     names: list[str] = []
@@ -365,7 +440,8 @@ def plan(spec: Spec, data_dim: int, image_shape=None) -> Plan:
         SitePlan(s.name, s.dim, s.beta, s.prior, s.posterior, prior_parents(s),
                  s.posterior.inputs, prior_module(spec, s.name), encoder_module(spec, s.name),
                  prior_input_width(spec, s),
-                 posterior_extra_width(spec, s, data_dim, image_shape), closed_form[s.name])
+                 posterior_extra_width(spec, s, data_dim, image_shape), closed_form[s.name],
+                 **(_discrete_plan(spec, s) if s.discrete else {}))
         for s in spec.sites)
     aux = tuple(AuxPlan(name, a, aux_site(spec, a))
                 for name, a in zip(aux_names(spec), spec.objective.aux))

@@ -103,6 +103,59 @@ def latent_traversals(decode, order: np.ndarray, dim: int, shape, path,
                            f"(rows: {what}; {where})", ncols=len(values), row_labels=labels)
 
 
+def discrete_traversals(decode, order: np.ndarray, base: np.ndarray, categories: int | None,
+                        shape, path, title: str = "", rates=None) -> Path:
+    """The traversals of a discrete site: one row per variable (in `order`, e.g. by rate),
+    E[y|z] at each code of `base` (M, width) (e.g. the posterior modes of M test images) with
+    variable i set to each of its values in turn (0 and 1 for a Bernoulli unit, `categories`
+    one-hot values for a categorical one), the rest of the code as it is. Rows labelled with
+    the variable and, given `rates` (d,), its rate."""
+    k = categories or 2
+    base = np.asarray(base, dtype=np.float64)
+    rows = []
+    for i in order:
+        codes = np.repeat(base, k, axis=0)
+        for v in range(k):
+            if categories is None:
+                codes[v::k, i] = v
+            else:
+                codes[v::k, i * k:(i + 1) * k] = np.eye(k)[v]
+        rows.append(decode(codes).reshape(len(codes), *shape))
+    labels = [f"var {i}" + ("" if rates is None else f"\n{rates[i]:.2f} nats") for i in order]
+    values = "0 and 1" if categories is None else f"each of its {k} values"
+    return save_image_grid(np.concatenate(rows), path,
+                           f"discrete traversals: variable i set to {values} (columns), at "
+                           f"the code of each of {len(base)} test images ({title})",
+                           ncols=len(base) * k, row_labels=labels)
+
+
+def code_usage_bars(site: dict, path) -> Path:
+    """A discrete site's code usage (`ppl_vae.evaluation.discrete_site_report`): per variable,
+    in order of its rate, the activation frequency q̄(z_i = 1) of a Bernoulli unit or the
+    perplexity of a categorical variable, above its rate."""
+    rates = np.asarray(site.get("rate_per_dim") or np.zeros(site["dim"]))
+    order = np.argsort(rates)[::-1]
+    fig = figure((min(12, max(6, 0.05 * len(order) + 3)), 4.5))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    x = np.arange(len(order))
+    if "activation" in site:
+        top.bar(x, np.asarray(site["activation"])[order], color="C1", width=1.0)
+        top.set_ylabel("q̄(z_i = 1)")
+        top.set_ylim(0, 1)
+        what = "activation frequency of each unit"
+    else:
+        top.bar(x, np.asarray(site["perplexity"])[order], color="C1", width=1.0)
+        top.axhline(site["categories"], color="grey", lw=0.8, ls="--")
+        top.set_ylabel("perplexity")
+        what = f"perplexity of each variable (of {site['categories']} values)"
+    bottom.bar(x, rates[order], color="C0", width=1.0)
+    bottom.axhline(0.01, color="grey", lw=0.8, ls="--")
+    bottom.set_ylabel("rate, nats")
+    bottom.set_xlabel("variable, by rate")
+    top.set_title(f"code usage over the test examples: {what}; below, its rate", fontsize=8)
+    return save(fig, path)
+
+
 def training_curves(metrics: list[dict], path, distortion: str = "nll") -> Path:
     """rate, distortion, −ELBO and the objective against step, train (lines) and test (dots).
     `distortion` names the trained distortion: anything but "nll" (an RDA's mse or l1) is in

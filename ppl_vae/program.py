@@ -19,6 +19,16 @@ Sites, the same in both backends, all in the plate ``data``:
   posterior P_Ψ(z_s | inputs) in the guide, in `Plan.guide_order`. A guide site whose
   closed-form rate would be biased carries ``infer={"analytic_kl": False}``
   (`graph.closed_form_rate_valid`).
+* a discrete site (``kind = "bernoulli"`` or ``"categorical"``), event shape (width,): d
+  Bernoulli units or d one-hot categorical variables (flattened), `Discrete` with logits from
+  its encoder in the guide and its prior's probabilities (uniform or learned) in the model. In
+  the training pair (`model`, `guide`) it carries its estimator: ``estimator = "score"`` a
+  sampled site with ``infer={"baseline": {"baseline_value": b(y)}}`` (NVIL's network, when it
+  has one), ``"enumerate"`` ``infer={"enumerate": "parallel"}``, ``"relaxed"`` the `Concrete`
+  relaxation of both q and p̂ at the site's temperature (`Primitives.temperature`). The
+  evaluation pair (`eval_model`, `eval_guide`; and `elbo_model`, `posterior_guide`) draws every
+  discrete site as what it is: `Discrete`, sampled, so that every estimator is scored on the
+  same discrete model.
 * ``y``  distortion, in the model: observed under the likelihood P̂_Φ(y | the decoder's sites,
   label) (``distortion = "nll"``), or a factor −Dist_Φ(y|z) (``"mse"``, ``"l1"``: a
   rate–distortion autoencoder).
@@ -95,6 +105,16 @@ class Primitives(Protocol):
         """One inverse autoregressive flow step z ↦ σ ⊙ z + (1 − σ) ⊙ m, (m, logit σ) =
         flow_params(z) (`ppl_vae.autoregressive`)."""
 
+    def discrete(self, logits, categories: int | None):
+        """d independent Bernoulli units (categories None) or K-way categorical variables
+        (one-hot, flattened) with `logits` (..., width): the backend's `latents.Discrete`."""
+
+    def concrete(self, temperature, logits, categories: int | None):
+        """Their Concrete / Gumbel-softmax relaxation at `temperature`: `latents.Concrete`."""
+
+    def temperature(self, site: str):
+        """The current temperature of the relaxed site `site` (a 0-d array)."""
+
 
 class Program:
     """The model and the guide of one spec (`plan.spec`) over `primitives`.
@@ -107,6 +127,7 @@ class Program:
     * ``prior_of(site, values, onehot)`` -> P̂_Φ(z_site | parents' values, label);
     * ``posterior_of(site, y, values, onehot)`` -> (q, loc, scale) of P_Ψ(z_site | inputs);
     * ``code(values, onehot)`` -> what the decoder reads: its sites' values, then the label;
+    * ``discrete_logits(site, y, values, onehot)`` -> the logits of a discrete site's posterior;
     * ``label_logits(y)`` -> the classifier's logits (B, classes) of a latent label, and
       ``class_prior()`` -> p(label); None without a latent label.
     """
@@ -118,11 +139,19 @@ class Program:
                           if a.spec.kind not in ("infonce", "supervised")}
         lik = spec.likelihood
         self._learned_scale = lik.kind == "gaussian" and lik.scale == "learned"
-        self.model = self._make_model(spec.objective.distortion)
-        self.elbo_model = (self.model if spec.objective.distortion == "nll"
-                           else self._make_model("nll"))
-        self.guide = self._make_guide(with_aux=True)
-        self.posterior_guide = self._make_guide(with_aux=False) if plan.aux else self.guide
+        # the training pair carries each discrete site's estimator; the evaluation pair draws
+        # it as the discrete site it is (the same functions when the spec has no such site)
+        distortion = spec.objective.distortion
+        discrete = any(s.discrete for s in plan.sites)
+        relaxed = any(s.relaxed for s in plan.sites)
+        self.model = self._make_model(distortion, relaxed=True)
+        self.eval_model = self._make_model(distortion, relaxed=False) if relaxed else self.model
+        self.elbo_model = (self.eval_model if distortion == "nll"
+                           else self._make_model("nll", relaxed=False))
+        self.guide = self._make_guide(with_aux=True, train=True)
+        self.eval_guide = self._make_guide(with_aux=True, train=False) if discrete else self.guide
+        self.posterior_guide = (self._make_guide(with_aux=False, train=False)
+                                if plan.aux or discrete else self.guide)
         if not spec.label.latent:
             self.label_logits = self.class_prior = None
 
@@ -136,10 +165,15 @@ class Program:
             raise ValueError("this model reads the label (label.condition = true): pass labels")
         return self.P.one_hot(labels, lab.classes)
 
-    def prior_of(self, name: str, values: dict, onehot):
-        """P̂_Φ(z_name | parents' values, label), event shape (d,)."""
+    def prior_of(self, name: str, values: dict, onehot, relaxed: bool = False):
+        """P̂_Φ(z_name | parents' values, label), event shape (d,) (a discrete site: (width,),
+        its relaxation with `relaxed` where it is trained relaxed)."""
         P, s = self.P, self.plan.site(name)
         D, d, kind = P.dist, s.dim, s.prior.kind
+        if s.discrete:
+            logits = (P.param(f"{s.prior_module}.logits", (s.width,))
+                      if kind == "learned_probs" else P.zeros((s.width,)))
+            return self._discrete(s, logits, relaxed)
         if kind == "normal":
             zero = P.zeros((d,))
             return D.Normal(zero, zero + 1.0).to_event(1)
@@ -178,8 +212,18 @@ class Program:
         y itself when that network is the identity."""
         return self.P.network("encoder")(y) if self.plan.feature_network else y
 
-    def posterior_of(self, name: str, y, values: dict, onehot, features=None):
-        """(q, loc, scale): P_Ψ(z_name | its inputs) and its base Gaussian's loc and scale."""
+    def _discrete(self, s, logits, relaxed: bool):
+        """A discrete site's distribution from its logits: `Discrete`, or where the site is
+        trained relaxed and `relaxed` asks for it, its `Concrete` relaxation at the site's
+        temperature."""
+        if relaxed and s.relaxed:
+            return self.P.concrete(self.P.temperature(s.name), logits, s.categories)
+        return self.P.discrete(logits, s.categories)
+
+    def posterior_of(self, name: str, y, values: dict, onehot, features=None,
+                     relaxed: bool = False):
+        """(q, loc, scale): P_Ψ(z_name | its inputs) and its base Gaussian's loc and scale; a
+        discrete site's (q, logits, None), q relaxed with `relaxed` where it is trained so."""
         P, s = self.P, self.plan.site(name)
         net = P.network(s.encoder_module)
         if self.plan.one_site:
@@ -190,6 +234,8 @@ class Program:
             parts = [features if i == DATA else values[i] for i in s.inputs]
             label = [onehot] if self.spec.label.condition else []
             loc, scale, below, h = net(None, P.concat(parts + label))
+        if s.discrete:  # loc: the logits
+            return self._discrete(s, loc, relaxed), loc, None
         kind = s.posterior.kind
         if kind == "ladder":
             loc, scale = _precision_weighted(loc, scale,
@@ -242,7 +288,7 @@ class Program:
         return P.one_hot(value, classes), logits
 
     # -- model and guide --------------------------------------------------------------------
-    def _make_model(self, distortion: str) -> Callable:
+    def _make_model(self, distortion: str, relaxed: bool) -> Callable:
         P, plan, lik = self.P, self.plan, self.spec.likelihood
 
         def model(y, labels=None):
@@ -254,7 +300,8 @@ class Program:
             with P.plate("data", y.shape[0], y):
                 onehot = self._model_label(labels)
                 for name in plan.model_order:
-                    values[name] = P.sample(name, self.prior_of(name, values, onehot))
+                    values[name] = P.sample(name, self.prior_of(name, values, onehot,
+                                                                relaxed=relaxed))
                 params = decoder(self.code(values, onehot), y)  # y: teacher forcing (MADE)
                 if distortion == "nll":
                     P.sample("y", P.likelihood.likelihood_dist(lik, params, log_scale),
@@ -266,7 +313,7 @@ class Program:
 
         return model
 
-    def _make_guide(self, with_aux: bool) -> Callable:
+    def _make_guide(self, with_aux: bool, train: bool) -> Callable:
         P, plan = self.P, self.plan
 
         def guide(y, labels=None):
@@ -276,9 +323,9 @@ class Program:
                 onehot, logits = self._guide_label(y, labels)
                 features = None if plan.one_site else self.data_features(y)
                 for name in plan.guide_order:
-                    q, loc, scale = self.posterior_of(name, y, values, onehot, features)
-                    infer = {} if plan.site(name).closed_form else {"analytic_kl": False}
-                    values[name] = P.sample(name, q, infer=infer)
+                    q, loc, scale = self.posterior_of(name, y, values, onehot, features,
+                                                      relaxed=train)
+                    values[name] = P.sample(name, q, infer=self._infer(name, y, train))
                     gaussians[name] = (loc, scale)
             for aux in plan.aux if with_aux else ():
                 P.factor(aux.name, aux.spec.weight * self._aux_value(
@@ -286,6 +333,25 @@ class Program:
             return values
 
         return guide
+
+    def _infer(self, name: str, y, train: bool) -> dict:
+        """The guide site's ``infer`` marks: the Monte Carlo rate where the closed form would
+        be biased; in the training guide, a discrete site's estimator (score: its NVIL
+        baseline's value b(y), trained by ScaledELBO's (cost − b)²; enumerate: summed out;
+        relaxed: none, its q is the relaxation)."""
+        s = self.plan.site(name)
+        infer = {} if s.closed_form else {"analytic_kl": False}
+        if not (train and s.discrete):
+            return infer
+        if s.estimator == "enumerate":
+            infer["enumerate"] = "parallel"
+        elif s.estimator == "score" and s.baseline_module is not None:
+            infer["baseline"] = {"baseline_value": self.P.network(s.baseline_module)(y)}
+        return infer
+
+    def discrete_logits(self, name: str, y, values: dict, onehot):
+        """The logits (..., width) of a discrete site's posterior q(z_name | its inputs)."""
+        return self.posterior_of(name, y, values, onehot)[1]
 
     def _aux_value(self, aux, y, labels, values, gaussians, logits):
         """The loss of one encoder-only term (nats, before its weight)."""

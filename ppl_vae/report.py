@@ -60,9 +60,10 @@ def psis_line(report: dict) -> str:
 def _site_lines(name: str | None, site: dict) -> list[str]:
     """The lines of one latent site (`name` None: the one site of a one-site spec)."""
     head = "" if name is None else f"  site {name} (d = {site['dim']}, posterior "
+    kind = ("" if "categories" not in site else f" of {site['categories']} values")
     lines = [] if name is None else [
-        "", f"{head}{site['posterior']}, prior {site['prior']}): rate {site['rate']:.3f} "
-        f"± {site['rate_stderr']:.3f} nats"]
+        "", f"{head}{site['posterior']}{kind}, prior {site['prior']}): rate "
+        f"{site['rate']:.3f} ± {site['rate_stderr']:.3f} nats"]
     if site["mutual_information"] is not None:
         given = " | label" if site.get("mutual_information_given_label") else ""
         z = name or "z"
@@ -80,11 +81,36 @@ def _site_lines(name: str | None, site: dict) -> list[str]:
                       "it,",
                       f"{pad} so the true I_q can be larger and KL(q({z}) ‖ p̂({z})) = rate − I_q "
                       "is not resolved, and not shown)"]
+    elif "kind" in site:  # a discrete site
+        pad = "  " + ("" if name is None else "  ")
+        lines.append(f"{pad}I_q: not estimated (a {site['kind']} site, trained by "
+                     f"{ESTIMATOR_WORDS[site['estimator']]})")
+        lines += usage_lines(site, pad)
     else:  # a full-covariance or IAF posterior, or a site that reads other latents
         what = "of this site" if name is not None else ""
         lines.append(f"  {'' if name is None else '  '}I_q: not estimated (q(z|y) {what}"
                      f"{' ' if what else ''}is not a diagonal Gaussian of the data)")
     return lines
+
+
+#: How each discrete estimator is named in a report.
+ESTIMATOR_WORDS = {"score": "score-function gradients", "enumerate": "enumeration",
+                   "relaxed": "a Concrete relaxation"}
+
+
+def usage_lines(site: dict, pad: str) -> list[str]:
+    """A discrete site's code usage in words: activation frequencies (Bernoulli) or perplexity
+    per variable (categorical), over the evaluated examples."""
+    perplexity = np.asarray(site["perplexity"])
+    if "activation" in site:
+        act = np.asarray(site["activation"])
+        return [f"{pad}activation frequency q̄(z_i = 1) over the test examples: min "
+                f"{act.min():.2f}, median {np.median(act):.2f}, max {act.max():.2f}; "
+                f"{int(np.sum((act > 0.05) & (act < 0.95)))} of {len(act)} units between "
+                "0.05 and 0.95"]
+    return [f"{pad}perplexity per variable (values used, of {site['categories']}): min "
+            f"{perplexity.min():.2f}, median {np.median(perplexity):.2f}, max "
+            f"{perplexity.max():.2f}"]
 
 
 def format_report(report: dict, bits: bool = False) -> str:
@@ -235,9 +261,10 @@ def writable_folder(folder: Path, create: bool = False) -> Path:
 def plot_run(path, others=(), backend: str | None = None, device: str = "cpu",
              label: int | None = None) -> list[Path]:
     """Write the figures of a run to RUN/plots/: prior samples, reconstructions, latent
-    traversals (one figure per site of a latent graph), training curves, rate per dimension
-    (per site), the rate–distortion plane (with `others`, more run folders, as further points),
-    after `ppl-vae eval` the PSIS k̂ histogram, and for a label-conditional model the samples of
+    traversals (one figure per site of a latent graph; a discrete site's variables set to each
+    of their values), training curves, rate per dimension (per site), the rate–distortion plane
+    (with `others`, more run folders, as further points), after `ppl-vae eval` the PSIS k̂
+    histogram and each discrete site's code usage, and for a label-conditional model the samples of
     every class with the same noise (`samples_by_label.png`). `label` draws the samples and
     traversals of a label-conditional model for that class (default: the classes in turn for
     samples, class 0 for traversals)."""
@@ -270,7 +297,59 @@ def plot_run(path, others=(), backend: str | None = None, device: str = "cpu",
     if (Path(path) / KHAT_FILE).exists():
         written.append(plots.khat_histogram(np.load(Path(path) / KHAT_FILE),
                                             out / "khat.png"))
+    report = Path(path) / "report.json"
+    if report.exists():  # after `ppl-vae eval`: the discrete sites' code usage
+        import json
+
+        sites = json.loads(report.read_text()).get("sites", {})
+        for name, site in sites.items():
+            if "perplexity" in site:
+                file = "code_usage.png" if len(sites) == 1 else f"code_usage_{name}.png"
+                written.append(plots.code_usage_bars(site, out / file))
     return written
+
+
+def posterior_codes(spec, means: dict) -> dict:
+    """The codes to decode for reconstructions, {site: (N, width)}: the posterior mean of a
+    Gaussian site, the posterior mode of a discrete one (each unit 1 where q(z_i = 1|y) > 1/2,
+    each categorical variable one-hot at its most probable value): a discrete decoder never
+    saw the probabilities themselves."""
+    out = dict(means)
+    for s in spec.sites:
+        if not s.discrete:
+            continue
+        m = np.asarray(means[s.name])
+        if s.kind == "bernoulli":
+            out[s.name] = (m > 0.5).astype(np.float64)
+        else:
+            k = s.categories
+            grouped = m.reshape(len(m), -1, k)
+            out[s.name] = np.eye(k)[grouped.argmax(-1)].reshape(m.shape)
+    return out
+
+
+def _discrete_traversals(model, spec, s, codes: dict, order, rates, label, shape,
+                         out: Path) -> Path:
+    """A discrete site's traversals at the posterior modes of 4 test images (the other sites
+    at their codes for the same images)."""
+    from ppl_vae import plots
+
+    fixed = label_arrays(spec, 4 * (s.categories if s.kind == "categorical" else 2), label,
+                         cycle=False)
+    base = codes[s.name][:4]
+    others = {k: v[:4] for k, v in codes.items() if k != s.name}
+
+    def decode(z):
+        repeat = len(z) // len(base)
+        rest = {k: np.repeat(v, repeat, axis=0) for k, v in others.items()}
+        return model.decode_mean({s.name: z, **rest}, labels=fixed)
+
+    where = "the posterior modes" + (f", {len(order)} of {s.dim} variables with the largest "
+                                     "rate" if s.dim > len(order) else "")
+    name = "traversals.png" if not graph.is_graph(spec) else f"traversals_{s.name}.png"
+    return plots.discrete_traversals(
+        decode, order, base, s.categories if s.kind == "categorical" else None, shape,
+        out / name, title=where, rates=rates if np.isfinite(rates).all() else None)
 
 
 def _image_figures(model, spec, dataset, shape, rates: dict, label, out: Path) -> list[Path]:
@@ -282,7 +361,8 @@ def _image_figures(model, spec, dataset, shape, rates: dict, label, out: Path) -
     x, labels = evaluation_data(spec, dataset)
     x, labels = x[:16], (labels[:16] if spec.label.condition else None)
     drawn = label_arrays(spec, 64, label, cycle=True)
-    means = {k: v[0] for k, v in posterior_means(model, spec, x, labels).items()}
+    means = posterior_codes(spec, {k: v[0] for k, v in
+                                   posterior_means(model, spec, x, labels).items()})
     what = "" if drawn is None else (f", label {label}" if label is not None
                                      else ", labels 0, 1, … in turn")
     written += [
@@ -297,6 +377,10 @@ def _image_figures(model, spec, dataset, shape, rates: dict, label, out: Path) -
         r = rates[s.name]
         order = np.argsort(r)[::-1] if np.isfinite(r).all() else np.arange(s.dim)
         order = order[:TRAVERSAL_ROWS]
+        if s.discrete:
+            written.append(_discrete_traversals(model, spec, s, means, order, r, label,
+                                                shape, out))
+            continue
         fixed = label_arrays(spec, 9, label, cycle=False)
         # a graph site's other coordinates at the mean code of the test images shown (its
         # prior need not be centred at 0); the sites it does not fix at their prior means

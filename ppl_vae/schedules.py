@@ -7,7 +7,10 @@ filled in place):
 * ``beta``: the global β (`objective.beta_schedule`; each site's β is `objective.site_betas`);
 * ``lr``: Adam's learning rate, train.lr times `lr_factor` of `train.lr_schedule`;
 * ``capacity/<site>``: the capacity target C_site(t) in nats per example of every site with
-  one (`objective.capacity_schedule`; Burgess et al. 2018).
+  one (`objective.capacity_schedule`; Burgess et al. 2018);
+* ``temperature/<site>``: the temperature τ_site(t) of every relaxed discrete site
+  (`temperature_schedule`), which the trainers hand the program (Pyro: device tensors filled
+  in place, `Built.set_temperatures`; NumPyro: traced values, `Built.temperatures_at`).
 
 Each is a pure function of the step index, so a run resumed at step k sees the values a straight
 run sees. `elbo_options` is the constant half: the per-site settings `ScaledELBO` is built with.
@@ -19,8 +22,9 @@ import math
 
 import numpy as np
 
+from ppl_vae.graph import relaxed_sites
 from ppl_vae.objective import beta_schedule
-from ppl_vae.spec import LRScheduleSpec, Spec, TrainSpec
+from ppl_vae.spec import LRScheduleSpec, Spec, TemperatureSpec, TrainSpec
 
 #: Burda et al. (2016, appendix C): stage i = 0, 1, … lasts 3^i epochs at 10^(−i/7) × lr.
 BURDA_STAGE_BASE = 3
@@ -33,8 +37,23 @@ def capacity_sites(spec: Spec) -> tuple[str, ...]:
 
 
 def scalar_keys(spec: Spec) -> tuple[str, ...]:
-    """The keys of `step_scalars`: beta, lr, then capacity/<site> per `capacity_sites`."""
-    return ("beta", "lr", *(f"capacity/{name}" for name in capacity_sites(spec)))
+    """The keys of `step_scalars`: beta, lr, then capacity/<site> per `capacity_sites`, then
+    temperature/<site> per relaxed site (`graph.relaxed_sites`)."""
+    return ("beta", "lr", *(f"capacity/{name}" for name in capacity_sites(spec)),
+            *(f"temperature/{name}" for name in relaxed_sites(spec)))
+
+
+def temperature_schedule(temperature: TemperatureSpec, steps: np.ndarray,
+                         total_steps: int) -> np.ndarray:
+    """τ at each 0-based step t in `steps`, float64 (len(steps),): geometric from `start` to
+    `end` over T = temperature.steps steps (T = 0: `total_steps`, the whole run),
+    τ(t) = start · (end / start)^min(1, t / T), then `end` (Jang et al. 2017 anneal
+    τ = max(τ_min, exp(−r t)): the same curve with exp(−r T) = end / start). A pure function
+    of the step, so a resumed run sees the τ a straight run sees."""
+    t = np.asarray(steps, dtype=np.float64)
+    length = temperature.steps or total_steps
+    progress = np.minimum(1.0, t / max(length, 1))
+    return temperature.start * (temperature.end / temperature.start) ** progress
 
 
 def steps_per_epoch(train: TrainSpec, n_train: int) -> int:
@@ -114,7 +133,18 @@ def step_scalars(spec: Spec, steps: np.ndarray, n_train: int) -> dict[str, np.nd
 
         for s in sites:
             out[f"capacity/{s.name}"] = capacity_schedule(s.capacity, steps)
+    for s in spec.sites:
+        if s.discrete and s.estimator == "relaxed":
+            out[f"temperature/{s.name}"] = temperature_schedule(s.temperature, steps,
+                                                                spec.train.steps)
     return out
+
+
+def step_temperatures(scalars: dict) -> dict:
+    """{site: τ} from one step's scalars (`step_scalars` at one step: numbers or traced
+    values): what a trainer hands `Built.set_temperatures` / `Built.temperatures_at`."""
+    prefix = "temperature/"
+    return {k[len(prefix):]: v for k, v in scalars.items() if k.startswith(prefix)}
 
 
 def check_scalars(spec: Spec, scalars: dict[str, np.ndarray]) -> int:

@@ -22,7 +22,20 @@ from typing import Any
 DATA_SOURCES = ("digits", "mnist", "npz", "npy", "dsprites")  # or "synthetic:<population>"
 SYNTHETIC_POPULATIONS = ("bars",)  # "synthetic:bars"; see ppl_vae/groundtruth/populations.py
 BINARIZE = ("none", "static", "dynamic")
-PRIOR_KINDS = ("normal", "learned_normal", "mixture", "conditional", "vamp")
+PRIOR_KINDS = ("normal", "learned_normal", "mixture", "conditional", "vamp", "uniform",
+               "learned_probs")
+#: The priors of a discrete site: fixed uniform probabilities (its default: "normal", the default
+#: of `PriorSpec.kind`, reads as "uniform" there) or learned ones.
+DISCRETE_PRIOR_KINDS = ("uniform", "learned_probs")
+#: What a latent site is: a Gaussian vector, d binary units, or d categorical variables of K values.
+LATENT_KINDS = ("gaussian", "bernoulli", "categorical")
+#: How a discrete site is trained: score-function gradients, summed out exactly, or relaxed.
+ESTIMATORS = ("score", "enumerate", "relaxed")
+#: The baseline of a score-function site: NVIL's network of the data, or none.
+BASELINES = ("network", "none")
+#: The most values a site's support may have for ``estimator = "enumerate"`` (all enumerated
+#: sites together): each step evaluates the decoder once per value.
+MAX_ENUMERATED = 1024
 POSTERIOR_KINDS = ("diagonal", "full", "iaf", "ladder")
 ENCODER_KINDS = ("mlp", "conv")
 DECODER_KINDS = ("mlp", "conv", "autoregressive")
@@ -116,6 +129,24 @@ class CapacitySpec:
 
 
 @dataclass(frozen=True)
+class TemperatureSpec:
+    """The temperature τ of a relaxed discrete site (``estimator = "relaxed"``): the Concrete /
+    Gumbel-softmax relaxation (Maddison et al. 2017; Jang et al. 2017) draws
+    σ((logit + Logistic noise) / τ) for a binary unit and softmax((logits + Gumbel noise) / τ)
+    for a categorical one; as τ → 0 the draws become the discrete values, with gradients of
+    growing variance. τ moves geometrically from `start` to `end` over `steps` steps (as Jang et
+    al.'s exp(−r t) annealing), then stays at `end`; evaluation always uses the discrete site."""
+
+    start: float = 1.0
+    """τ at the first step (> 0)."""
+    end: float = 0.5
+    """τ from step `steps` on (> 0; Jang et al. anneal to 0.5)."""
+    steps: int = 0
+    """Steps over which τ goes from `start` to `end`; 0 = the whole run (train.steps); at most
+    train.steps."""
+
+
+@dataclass(frozen=True)
 class LatentSpec:
     """The one latent site z of a one-site spec (for several sites, `[[latents]]`)."""
 
@@ -127,6 +158,32 @@ class LatentSpec:
     prior. An objective change, not a bound: the logged ELBO stays the ELBO."""
     capacity: CapacitySpec = CapacitySpec()
     """A capacity target for the rate: a `[latent.capacity]` table."""
+    kind: str = _choice("gaussian", LATENT_KINDS)
+    """gaussian: z real (dim coordinates); bernoulli: dim binary units; categorical: dim
+    variables of `categories` values each (one-hot, read by the decoder as dim × categories
+    numbers). A discrete site's posterior is Bernoulli / Categorical with logits from its
+    encoder, its prior `prior.kind` = uniform (the default) or learned_probs."""
+    categories: int = 10
+    """categorical only: K, the values of each of the dim variables."""
+    estimator: str = _choice("score", ESTIMATORS)
+    """A discrete site's gradient estimator. score: sampled, with score-function (REINFORCE)
+    terms and the `baseline` (`ScaledELBO`, as TraceGraph_ELBO); enumerate: summed out exactly
+    (every value of its support at each step: at most `MAX_ENUMERATED` values, e.g. 10 binary
+    units); relaxed: the Concrete / Gumbel-softmax relaxation at the `temperature` schedule,
+    reparameterised. A relaxed site's rate is the KL of the discrete posterior to the discrete
+    prior (with objective.analytic_kl = true, the default): the rate of the model evaluated,
+    exact, so logged rate, β's weight and eval's rate are one quantity and the objective tends
+    to the discrete ELBO as τ → 0; analytic_kl = false takes ln q − ln p̂ of the relaxed
+    densities at the draw (Maddison et al.'s relaxed ELBO, of another model, diverging as
+    τ → 0)."""
+    baseline: str = _choice("network", BASELINES)
+    """score only: network: NVIL's input-dependent baseline (Mnih & Gregor 2014), an MLP of the
+    data (`baseline_hidden`) trained by the squared error to the downstream cost; none: plain
+    REINFORCE."""
+    baseline_hidden: tuple[int, ...] = (100,)
+    """score with baseline = network: the baseline MLP's hidden widths ([] = linear in y)."""
+    temperature: TemperatureSpec = TemperatureSpec()
+    """relaxed only: the temperature schedule, a `[latent.temperature]` table."""
 
 
 @dataclass(frozen=True)
@@ -134,11 +191,14 @@ class PriorSpec:
     """P̂_Φ(z) of one latent site: `normal` N(0, I); `learned_normal` N(loc, diag scale²);
     `mixture` of `components` diagonal Gaussians; `conditional` p(z | parents, label) a diagonal
     Gaussian whose loc and scale come from an MLP (`hidden`) of the parent sites' values (and the
-    one-hot label when ``label.prior``)."""
+    one-hot label when ``label.prior``). A discrete site's prior: `uniform` or `learned_probs`."""
 
     kind: str = _choice("normal", PRIOR_KINDS)
     """normal: N(0, I), fixed; learned_normal: N(loc, diag scale²), learned; mixture: `components`
-    learnable diagonal Gaussians; conditional: p(z | parents, label) from an MLP."""
+    learnable diagonal Gaussians; conditional: p(z | parents, label) from an MLP; vamp: the
+    VampPrior. A discrete site (`SiteSpec.kind`): uniform, fixed uniform probabilities (its
+    default: "normal" reads as "uniform" there); learned_probs, probabilities learned
+    (softmax of learned logits, per dimension)."""
     components: int = 10
     """mixture only: the number K of learnable diagonal Gaussians."""
     parents: tuple[str, ...] = ()
@@ -194,6 +254,29 @@ class SiteSpec:
     """Free bits of this site, nats per dimension (see `LatentSpec.free_bits`; 0 = off)."""
     capacity: CapacitySpec = CapacitySpec()
     """A capacity target for this site's rate (see `CapacitySpec`)."""
+    kind: str = _choice("gaussian", LATENT_KINDS)
+    """gaussian, bernoulli or categorical (see `LatentSpec.kind`)."""
+    categories: int = 10
+    """categorical only: K, the values of each variable (see `LatentSpec.categories`)."""
+    estimator: str = _choice("score", ESTIMATORS)
+    """A discrete site's estimator: score, enumerate or relaxed (see `LatentSpec.estimator`)."""
+    baseline: str = _choice("network", BASELINES)
+    """score only: network or none (see `LatentSpec.baseline`)."""
+    baseline_hidden: tuple[int, ...] = (100,)
+    """score with baseline = network: the baseline MLP's hidden widths."""
+    temperature: TemperatureSpec = TemperatureSpec()
+    """relaxed only: the temperature schedule (see `TemperatureSpec`)."""
+
+    @property
+    def discrete(self) -> bool:
+        """A bernoulli or categorical site."""
+        return self.kind != "gaussian"
+
+    @property
+    def width(self) -> int:
+        """How many numbers its value has: dim, or dim × categories for a categorical site
+        (one-hot, flattened)."""
+        return self.dim * (self.categories if self.kind == "categorical" else 1)
 
 
 @dataclass(frozen=True)
@@ -457,7 +540,8 @@ class Spec:
             return self.latents
         lat = self.latent
         return (SiteSpec("z", lat.dim, 1.0, self.prior, self.posterior, lat.free_bits,
-                         lat.capacity),)
+                         lat.capacity, lat.kind, lat.categories, lat.estimator, lat.baseline,
+                         lat.baseline_hidden, lat.temperature),)
 
 
 # ---- conversion from plain data (TOML tables) ----------------------------------------------

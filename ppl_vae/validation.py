@@ -7,6 +7,7 @@ Each check raises a `SpecError` naming the dotted key, the value given and what 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ppl_vae import graph
@@ -15,7 +16,9 @@ from ppl_vae.schema import (
     _USER_FN,
     AUX_KINDS,
     DATA_SOURCES,
+    DISCRETE_PRIOR_KINDS,
     LABEL_SITE,
+    MAX_ENUMERATED,
     PATH_SOURCES,
     RESERVED_SITE_NAMES,
     SOURCE_IMAGE_SHAPES,
@@ -23,8 +26,10 @@ from ppl_vae.schema import (
     LatentSpec,
     PosteriorSpec,
     PriorSpec,
+    SiteSpec,
     Spec,
     SpecError,
+    TemperatureSpec,
     _to_dict,
     resolve_user_function,
 )
@@ -44,8 +49,9 @@ class _Need:
 def validate(spec: Spec) -> None:
     """Checks that need more than one field. Raises `SpecError`; returns None when valid."""
     need = _Need(spec.source or None)
-    for check in (_data, _graph_tables, _site_names, _sites, _orders, _decoder_reads, _label,
-                  _networks, _likelihood, _objective, _aux_terms, _train):
+    for check in (_data, _graph_tables, _site_names, _sites, _orders, _discrete_sites,
+                  _decoder_reads, _label, _networks, _likelihood, _objective, _aux_terms,
+                  _train):
         check(spec, need)
 
 
@@ -166,6 +172,9 @@ def _aux_terms(spec: Spec, need: _Need) -> None:
              "a term whose name (its kind, or the function's name) is not a latent site's "
              "(both are sites of the guide); rename the site")
         aux_site = next(s for s in spec.sites if s.name == (aux.site or site_names[0]))
+        need(not aux_site.discrete, f"{key}.site", aux.site or aux_site.name,
+             f"a Gaussian site (aux terms read its posterior's loc and scale; "
+             f"{aux_site.name!r} is a {aux_site.kind} site)")
         need(aux_site.posterior.kind == "diagonal", f"{key}.site", aux.site or aux_site.name,
              f"a site with a diagonal posterior (aux terms read its loc and scale; "
              f"{aux_site.name!r} has posterior {aux_site.posterior.kind!r})")
@@ -232,7 +241,12 @@ def _site_key(spec: Spec, i: int, part: str) -> str:
     spec's own tables (``latent.dim``, ``prior.kind``, …) otherwise."""
     if spec.latents:
         return f"latents[{i}].{part}"
-    return {"dim": "latent.dim", "name": "latent", "beta": "latent"}.get(part, part)
+    if part.split(".")[0] in _LATENT_FIELDS:
+        return f"latent.{part}"
+    return {"name": "latent", "beta": "latent"}.get(part, part)
+
+
+_LATENT_FIELDS = {f.name for f in dataclasses.fields(LatentSpec)}
 
 
 def _names_of(names) -> str:
@@ -269,12 +283,19 @@ def _sites(spec: Spec, need: _Need) -> None:
         others = [n for n in names if n != s.name]
         need(s.dim >= 1, key("dim"), s.dim, "an integer >= 1")
         need(s.beta >= 0, key("beta"), s.beta, "a number >= 0")
+        if s.discrete:
+            _discrete_site(spec, s, others, key, need)
+            continue
+        _gaussian_only(spec, s, key, need)
         _prior(spec, s.prior, others, key, need)
         _posterior(spec, s.posterior, others, key, need)
         _recipes(spec, s, key, need)
 
 
 def _prior(spec: Spec, pr: PriorSpec, others: list[str], key, need: _Need) -> None:
+    need(pr.kind not in DISCRETE_PRIOR_KINDS, key("prior.kind"), pr.kind,
+         "a prior of a Gaussian site (normal, learned_normal, mixture, conditional, vamp); "
+         f"{pr.kind!r} is for a discrete site (kind = 'bernoulli' or 'categorical')")
     need(pr.components >= 1, key("prior.components"), pr.components, "an integer >= 1")
     need(all(h >= 1 for h in pr.hidden), key("prior.hidden"), list(pr.hidden),
          "a list of positive widths ([] means linear)")
@@ -309,6 +330,126 @@ def _posterior(spec: Spec, post: PosteriorSpec, others: list[str], key, need: _N
     need(post.flow_steps >= 1, key("posterior.flow_steps"), post.flow_steps, "an integer >= 1")
     need(all(h >= 1 for h in post.flow_hidden), key("posterior.flow_hidden"),
          list(post.flow_hidden), "a list of positive widths ([] means a linear MADE)")
+
+
+#: The keys only a discrete site reads, with their defaults.
+_DISCRETE_KEYS = ("categories", "estimator", "baseline", "baseline_hidden", "temperature")
+
+
+def _gaussian_only(spec: Spec, s: SiteSpec, key, need: _Need) -> None:
+    """A Gaussian site leaves the discrete sites' keys at their defaults."""
+    default = SiteSpec()
+    for name in _DISCRETE_KEYS:
+        value = getattr(s, name)
+        need(value == getattr(default, name), key(name),
+             _to_dict(value) if isinstance(value, TemperatureSpec) else
+             list(value) if isinstance(value, tuple) else value,
+             f"its default for a Gaussian site: only a discrete site (kind = 'bernoulli' or "
+             f"'categorical') reads {name}")
+
+
+def _discrete_site(spec: Spec, s: SiteSpec, others: list[str], key, need: _Need) -> None:
+    """A bernoulli or categorical site: its prior, posterior, estimator and what applies to it
+    (checks that need only the site; `_discrete_sites` those that need the graph)."""
+    pr, post, where = s.prior, s.posterior, _site_prefix(spec, key)
+    need(pr.kind in ("normal", *DISCRETE_PRIOR_KINDS), key("prior.kind"), pr.kind,
+         f"'uniform' (the default) or 'learned_probs' for a {s.kind} site (its prior is "
+         "probabilities of its values: mixtures, conditional priors and VampPriors are of "
+         "Gaussian sites)")
+    need(pr == PriorSpec(kind=pr.kind), key("prior"), _to_dict(pr),
+         f"only kind ('uniform' or 'learned_probs') for a {s.kind} site: components, parents, "
+         "hidden and activation are Gaussian priors' keys")
+    need(post.kind == "diagonal", key("posterior.kind"), post.kind,
+         f"'diagonal' (the default) for a {s.kind} site: its posterior is {s.kind} with "
+         "logits from its encoder (full, iaf and ladder posteriors are Gaussian)")
+    _posterior(spec, post, others, key, need)
+    need(s.kind == "categorical" or s.categories == SiteSpec().categories, key("categories"),
+         s.categories, "its default for a bernoulli site: only a categorical site reads "
+         "categories")
+    need(s.categories >= 2, key("categories"), s.categories, "an integer >= 2")
+    need(s.free_bits == 0, f"{where}.free_bits", s.free_bits,
+         f"0 for a {s.kind} site: free bits are a floor on a Gaussian dimension's rate "
+         "(its rate is a closed-form KL; use a capacity target, or β)")
+    need(s.estimator != "score" or s.capacity.max == 0, f"{where}.capacity.max",
+         s.capacity.max, "0 for a site trained by score-function terms (a capacity target's "
+         "|rate − C| is not a sum over the draws): use estimator 'relaxed' or 'enumerate'")
+    cap = s.capacity
+    need(cap.max >= 0, f"{where}.capacity.max", cap.max, "a number of nats >= 0 (0 = off)")
+    need(cap.weight > 0, f"{where}.capacity.weight", cap.weight, "a number > 0")
+    need(cap.steps >= 1, f"{where}.capacity.steps", cap.steps, "an integer >= 1")
+    if cap.max > 0:
+        need(cap.steps <= spec.train.steps, f"{where}.capacity.steps", cap.steps,
+             f"at most train.steps ({spec.train.steps}): the target must reach capacity.max "
+             "before the run ends")
+    # (a baseline and a temperature may stay in a spec whose estimator does not read them, so
+    # that one --set switches the estimator)
+    need(all(h >= 1 for h in s.baseline_hidden), key("baseline_hidden"),
+         list(s.baseline_hidden), "a list of positive widths ([] means linear)")
+    t = s.temperature
+    need(t.start > 0, key("temperature.start"), t.start, "a number > 0")
+    need(t.end > 0, key("temperature.end"), t.end, "a number > 0")
+    need(0 <= t.steps <= spec.train.steps, key("temperature.steps"), t.steps,
+         f"an integer from 0 (the whole run) to train.steps ({spec.train.steps}): the "
+         "temperature must reach temperature.end before the run ends")
+    if s.estimator == "enumerate":
+        values = s.categories ** s.dim if s.kind == "categorical" else 2 ** s.dim
+        need(values <= MAX_ENUMERATED, key("estimator"), s.estimator,
+             f"'score' or 'relaxed' for site {s.name!r}: enumeration sums over its support, "
+             f"{_support_size(s)} values, and at most {MAX_ENUMERATED} are enumerated")
+    obj = spec.objective
+    if s.estimator in ("score", "relaxed"):
+        need(obj.bound == "elbo", "objective.bound", obj.bound,
+             f"'elbo' with the {s.estimator} site {s.name!r}: "
+             + ("the importance-weighted bound's score-function estimator (VIMCO) is not "
+                "implemented" if s.estimator == "score" else
+                "a relaxed site's rate is the discrete KL, which the importance weights do not "
+                "have")
+             + " (use estimator = 'enumerate' for a small site)")
+        need(obj.gradient == "reparam", "objective.gradient", obj.gradient,
+             f"'reparam' with the {s.estimator} site {s.name!r} (STL and DReG are path "
+             "derivatives of ln q of a Gaussian draw)")
+
+
+def _support_size(s: SiteSpec) -> str:
+    base = s.categories if s.kind == "categorical" else 2
+    return f"{base}^{s.dim}" if base ** s.dim > 10 ** 6 else str(base ** s.dim)
+
+
+def _discrete_sites(spec: Spec, need: _Need) -> None:
+    """Discrete sites in the graph: enumerated sites sum out at most `MAX_ENUMERATED` joint
+    values together; a site trained by score-function terms is not drawn inside an enumerated
+    branch (its posterior reads no enumerated site, nor a latent label)."""
+    sites = {s.name: s for s in spec.sites}
+    enumerated = [s for s in spec.sites if s.discrete and s.estimator == "enumerate"]
+    total = 1
+    for s in enumerated:
+        total *= s.categories ** s.dim if s.kind == "categorical" else 2 ** s.dim
+    if len(enumerated) > 1:
+        i = [x.name for x in spec.sites].index(enumerated[-1].name)
+        need(total <= MAX_ENUMERATED, _site_key(spec, i, "estimator"), "enumerate",
+             f"'score' or 'relaxed' for one of the enumerated sites "
+             f"{_names_of(s.name for s in enumerated)}: together they have {total} joint "
+             f"values, and at most {MAX_ENUMERATED} are enumerated")
+    for i, s in enumerate(spec.sites):
+        if not (s.discrete and s.estimator == "score"):
+            continue
+        need(not spec.label.latent, _site_key(spec, i, "estimator"), "score",
+             f"'relaxed' or 'enumerate' for site {s.name!r} with label.latent = true: its "
+             "posterior reads the label, which is summed out, and a score-function term needs "
+             "one draw shared by every value of it")
+        todo, seen = list(graph.guide_parents(s)), set()
+        while todo:
+            n = todo.pop()
+            if n in seen or n not in sites:
+                continue
+            seen.add(n)
+            up = sites[n]
+            need(not (up.discrete and up.estimator == "enumerate"),
+                 _site_key(spec, i, "posterior.inputs"), list(s.posterior.inputs),
+                 f"inputs without the enumerated site {n!r} (a site trained by score-function "
+                 "terms needs one draw shared by every enumerated value; enumerate it too, or "
+                 "draw it first)")
+            todo.extend(graph.guide_parents(up))
 
 
 def _site_prefix(spec: Spec, key) -> str:

@@ -47,8 +47,6 @@ SLOW = (
     'tests/numpyro/test_elbo.py::test_enumerated_terms_match_the_pyro_twin',
     'tests/numpyro/test_elbo.py::test_aux_gradients_reach_the_encoder_only',
     'tests/numpyro/test_elbo.py::test_batchnorm_state_is_carried_through_svi_run',
-    'tests/numpyro/test_elbo.py::test_identities_float32',
-    'tests/numpyro/test_elbo.py::test_identities_float64',
     'tests/numpyro/test_elbo.py::test_model_and_guide_are_checked_as_the_stock_elbo_checks_them',
     'tests/numpyro/test_elbo.py::test_stock_svi_accepts_it',
     'tests/numpyro/test_train.py::test_a_numpyro_run_evaluates_with_pyro',

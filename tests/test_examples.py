@@ -20,7 +20,8 @@ ROOT = Path(__file__).parents[1]
 #: 2 idle cores; several times that under load).
 SMOKE_TIMEOUT_S = 1800
 #: Scripts that need the MNIST files (--mnist, $PPL_VAE_MNIST or ../shared/data/mnist).
-NEEDS_MNIST = ("latent_graphs", "semi_supervised", "mnist_table", "bench_latent_graphs")
+NEEDS_MNIST = ("latent_graphs", "semi_supervised", "mnist_table", "bench_latent_graphs",
+               "discrete_latents")
 #: ... and those that need its 60 000 training images too.
 NEEDS_MNIST_TRAIN = ("bench_peers",)
 SCRIPTS = sorted([*(ROOT / "examples").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")])

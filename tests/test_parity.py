@@ -24,10 +24,12 @@ from pyro import poutine  # noqa: E402
 from ppl_vae import spec as spec_module  # noqa: E402
 from ppl_vae.numpyro import hooks as nmodel  # noqa: E402
 from ppl_vae.numpyro.elbo import ScaledELBO as NumPyroELBO  # noqa: E402
+from ppl_vae.numpyro.latents import Concrete as NumPyroConcrete  # noqa: E402
 from ppl_vae.numpyro.params import export_params as numpyro_export  # noqa: E402
 from ppl_vae.objective import site_betas  # noqa: E402
 from ppl_vae.pyro import hooks as pmodel  # noqa: E402
 from ppl_vae.pyro.elbo import ScaledELBO as PyroELBO  # noqa: E402
+from ppl_vae.pyro.latents import Concrete as PyroConcrete  # noqa: E402
 from ppl_vae.spec import CapacitySpec, Spec, SpecError, load_spec  # noqa: E402
 
 SMALL = ["latent.dim=3", "encoder.hidden=[7]", "decoder.hidden=[6]"]
@@ -92,6 +94,31 @@ CASES = {
                          "label.condition=true", 'decoder.kind="autoregressive"'],
     **{f"act-{a}": [f'encoder.activation="{a}"', f'decoder.activation="{a}"']
        for a in spec_module.ACTIVATIONS},
+    # discrete sites (issue 24): score-function terms with NVIL's baseline network (the
+    # surrogate's gradients compared at the given draws), without one at β ≠ 1 and learned
+    # prior probabilities, summed out exactly, relaxed (the discrete KL; the relaxed densities
+    # with analytic_kl = false), and a graph with an enumerated categorical parent of a Gaussian
+    # site beside a score-function site
+    "bernoulli-score": ['latent.kind="bernoulli"', 'latent.baseline="network"',
+                        "latent.baseline_hidden=[5]", 'prior.kind="uniform"'],
+    "categorical-score-learned": ['latent.kind="categorical"', "latent.categories=3",
+                                  'latent.estimator="score"', 'latent.baseline="none"',
+                                  'prior.kind="learned_probs"', "objective.beta=2.5"],
+    "bernoulli-enumerate": ['latent.kind="bernoulli"', 'latent.estimator="enumerate"',
+                            'prior.kind="learned_probs"'],
+    "categorical-relaxed": ['latent.kind="categorical"', "latent.categories=3",
+                            'latent.estimator="relaxed"'],
+    "bernoulli-relaxed-mc": ['latent.kind="bernoulli"', 'latent.estimator="relaxed"',
+                             "objective.analytic_kl=false",
+                             "latent.temperature={start=2.0, end=0.7}"],
+    "discrete-graph": ['latents=[{name="c", dim=1, kind="categorical", categories=4, estimator='
+                       '"enumerate"}, {name="z", dim=2, posterior={inputs=["y", "c"], hidden='
+                       '[4]}, prior={kind="conditional", parents=["c"], hidden=[3]}}, {name="b",'
+                       ' dim=3, kind="bernoulli", baseline_hidden=[]}]',
+                       'decoder.reads=["z", "b"]'],
+    "enumerate-graph": ['latents=[{name="c", dim=1, kind="categorical", categories=4, '
+                        'estimator="enumerate"}, {name="z", dim=2, posterior={inputs=["y", "c"],'
+                        ' hidden=[4]}}]', 'decoder.reads=["c", "z"]'],
 }
 
 
@@ -113,6 +140,8 @@ OBJECTIVE_CASES = {
     "normal-bernoulli": tuple(OBJECTIVES), "two-layer": tuple(OBJECTIVES),
     "m2": ("iwae", "iwae-dreg", "stl", "free-bits-stl"),
     "full": ("stl", "iwae-dreg"), "iaf": ("stl", "iwae-dreg"),
+    # an enumerated discrete site under the bounds; a relaxed one's draws from the same noise
+    "enumerate-graph": ("iwae", "iwae-dreg", "stl"), "categorical-relaxed": ("capacity",),
 }
 #: The pairs also checked in float64.
 OBJECTIVES_FLOAT64 = [("two-layer", "iwae-dreg"), ("two-layer", "capacity"),
@@ -125,7 +154,8 @@ def test_cases_cover_every_registered_kind():
                      spec_module.ENCODER_KINDS,
                      spec_module.DECODER_KINDS, spec_module.LIKELIHOOD_KINDS,
                      spec_module.DISTORTIONS[1:], spec_module.AUX_KINDS,
-                     spec_module.ACTIVATIONS):
+                     spec_module.ACTIVATIONS, spec_module.LATENT_KINDS[1:],
+                     spec_module.ESTIMATORS, spec_module.BASELINES):
         for kind in registry:
             assert f'"{kind}"' in text, f"no parity case for kind {kind!r}"
 
@@ -141,12 +171,35 @@ def _inputs(spec, n=6, seed=0):
         y = rng.integers(0, 2, (n, 64)).astype(float)
     # a latent label is enumerated: every site after it has one draw per class
     lead = (spec.label.classes, n) if spec.label.latent else (n,)
-    z = {s.name: rng.normal(size=(*lead, s.dim)) for s in spec.sites}
+    z = {s.name: _draw(s, rng, lead) for s in spec.sites
+         if not (s.discrete and s.estimator == "enumerate")}  # (summed out by the ELBO)
     # -1 (unknown) for the supervised aux term and a latent label; a conditional VAE reads
     # every label
     labels = np.array([0, 3, 2, 9, 1, 5][:n] if spec.label.condition and not spec.label.latent
                       else [0, 3, -1, 9, 1, -1][:n])
     return y, z, labels
+
+
+def _draw(s, rng, lead):
+    """A given value of site `s` (noise, for `OBJECTIVES`): Gaussian coordinates; a sampled
+    discrete site's bits or one-hot rows; a relaxed site's point inside the (relaxed) support,
+    or as noise the Logistic / Gumbel-like noise its draw is a function of (`_pyro_draw`)."""
+    if not s.discrete or s.estimator == "relaxed":
+        return rng.normal(size=(*lead, s.width))
+    if s.kind == "bernoulli":
+        return rng.integers(0, 2, (*lead, s.dim)).astype(float)
+    return np.eye(s.categories)[rng.integers(0, s.categories, (*lead, s.dim))].reshape(
+        *lead, s.width)
+
+
+def _given(s, value):
+    """A relaxed site's given value (not noise): a point of its support from a normal draw."""
+    if not (s.discrete and s.estimator == "relaxed"):
+        return value
+    if s.kind == "bernoulli":
+        return 1 / (1 + np.exp(-value))
+    grouped = np.exp(value.reshape(*value.shape[:-1], -1, s.categories))
+    return (grouped / grouped.sum(-1, keepdims=True)).reshape(value.shape)
 
 
 def with_objective(spec, objective: str):
@@ -195,7 +248,14 @@ def _elbo_options(spec) -> dict:
 
 
 def _pyro_draw(fn, eps):
-    """A reparameterised draw of a Pyro posterior at the standard normal noise `eps`."""
+    """A reparameterised draw of a Pyro posterior at the standard normal noise `eps` (a relaxed
+    discrete site: eps in place of its Logistic or Gumbel noise)."""
+    if isinstance(fn, PyroConcrete):
+        if fn.categories is None:
+            return torch.sigmoid((fn.logits + eps) / fn.temperature)
+        k = fn.categories
+        x = torch.softmax((fn.logits + eps).reshape(*eps.shape[:-1], -1, k) / fn.temperature, -1)
+        return x.reshape(fn.logits.shape[:-1] + eps.shape[-1:])
     if isinstance(fn, pyro.distributions.TransformedDistribution):
         x = _pyro_draw(fn.base_dist, eps)
         for t in fn.transforms:  # (each step caches its output: ln q costs no inverse)
@@ -213,6 +273,13 @@ def _numpyro_draw(fn, eps):
 
     while isinstance(fn, ndist.ExpandedDistribution):
         fn = fn.base_dist
+    if isinstance(fn, NumPyroConcrete):
+        if fn.categories is None:
+            return jax.nn.sigmoid((fn.logits + eps) / fn.temperature)
+        k = fn.categories
+        x = jax.nn.softmax((fn.logits + eps).reshape(*eps.shape[:-1], -1, k) / fn.temperature,
+                           -1)
+        return x.reshape(fn.logits.shape[:-1] + eps.shape[-1:])
     if isinstance(fn, ndist.TransformedDistribution):
         x = _numpyro_draw(fn.base_dist, eps)
         for t in fn.transforms:
@@ -272,6 +339,8 @@ def compare(case: str, dtype: str, objective: str | None = None) -> dict:
     params = pm.export_params()
     nm = nmodel.Model(spec, 64, shape, "cpu", params=params)
     y, z, labels = _inputs(spec)
+    if objective is None:  # values, not noise
+        z = {s.name: _given(s, z[s.name]) for s in spec.sites if s.name in z}
     obj = spec.objective
     options = _elbo_options(spec)
     capacity = {name: 0.7 for name in options["capacity_weight"]}  # C_t, nats per example
@@ -285,8 +354,10 @@ def compare(case: str, dtype: str, objective: str | None = None) -> dict:
         trace = poutine.trace(pm.built.guide).get_trace(yt, lt)
         for name, value in z.items():
             trace.nodes[name]["value"] = torch.as_tensor(value, dtype=tdtype)
-        if spec.label.latent:
-            trace.remove_node("label")  # enumerated by the ELBO, not replayed
+        for name in ("label", *(s.name for s in spec.sites if s.discrete
+                                and s.estimator == "enumerate")):
+            if name in trace.nodes:
+                trace.remove_node(name)  # enumerated by the ELBO, not replayed
         guide = poutine.replay(pm.built.guide, trace=trace)
     else:
         guide = PyroNoise({k: torch.as_tensor(v, dtype=tdtype) for k, v in z.items()})(
@@ -332,11 +403,18 @@ def compare(case: str, dtype: str, objective: str | None = None) -> dict:
     return worst
 
 
+#: Cases whose float32 gradients agree less closely than 1e-5, and why. The encoder's gradient
+#: through a summed-out site's weights is Σ_k ∂q(k) · term(k) with Σ_k ∂q(k) = 0 and terms of
+#: ≈ 230 nats: float32 rounds each term by ≈ 1e-5 nats, about 1e-5 of that small difference
+#: (in float64 the two backends agree to 1e-13, `test_terms_and_gradients_agree_float64`).
+FLOAT32_GRADIENTS = {"bernoulli-enumerate": 5e-5}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_terms_and_gradients_agree_float32(case):
     worst = compare(case, "float32")
     assert worst["terms"] < 1e-5, worst
-    assert worst["grads"] < 1e-5, worst
+    assert worst["grads"] < FLOAT32_GRADIENTS.get(case, 1e-5), worst
 
 
 def test_objective_cases_cover_every_objective():

@@ -40,8 +40,9 @@ def test_overrides_take_toml_values_and_bare_words():
 def test_toml_round_trip_of_every_bundled_model():
     for name, _ in list_models():
         base = load_spec(name)
-        # aux terms need a diagonal posterior; an M2 model takes only its label's
-        extra_aux = base.sites[0].posterior.kind == "diagonal" and not base.label.latent
+        # aux terms need a diagonal Gaussian posterior; an M2 model takes only its label's
+        extra_aux = (base.sites[0].posterior.kind == "diagonal" and not base.label.latent
+                     and not base.sites[0].discrete)
         spec = load_spec(name, ['objective.aux=[{kind="infonce", weight=0.5}]'] if extra_aux
                          else [])
         again = spec_from_dict(tomllib.loads(spec_to_toml(spec)))

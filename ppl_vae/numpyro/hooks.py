@@ -13,16 +13,24 @@ import numpyro
 from numpyro import handlers
 from numpyro.distributions import kl_divergence
 
-from ppl_vae import graph
+from ppl_vae import graph, schedules
 from ppl_vae.backends import BackendError
 from ppl_vae.diagnostics import log_weights_from_parts
 from ppl_vae.numpyro.elbo import ScaledELBO, _enumeration_weight, enumerate_parallel
-from ppl_vae.numpyro.latents import factorised_normal, marginal_std, site_log_prob
+from ppl_vae.numpyro.latents import (
+    discrete_factors,
+    discrete_kl_per_dim,
+    discrete_log_prob_per_dim,
+    discrete_probs,
+    factorised_normal,
+    marginal_std,
+    site_log_prob,
+)
 from ppl_vae.numpyro.likelihood import ancestral_sample, likelihood_mean
 from ppl_vae.numpyro.model import build
 from ppl_vae.numpyro.params import export_params, import_params, init_params
 from ppl_vae.numpyro.precision import with_precision
-from ppl_vae.objective import rate_sites
+from ppl_vae.objective import rate_sites, site_betas
 from ppl_vae.spec import LABEL_SITE, Spec
 
 
@@ -122,6 +130,25 @@ class Model:
         return (np.concatenate([np.asarray(p[0]) for p in parts]),
                 np.concatenate([np.asarray(p[1]) for p in parts]))
 
+    def posterior_probs(self, x: np.ndarray, batch_size: int = 1000, labels=None,
+                        site: str | None = None) -> np.ndarray:
+        """The probabilities of a discrete site's posterior q(z_site|y), (N, width) (see the
+        Pyro twin)."""
+        s = graph.discrete_data_site(self.spec, site)
+        categories = self.built.plan.site(s.name).categories
+
+        def probs(param_map, y, labels, name):
+            with handlers.substitute(data=param_map):
+                logits = self.built.discrete_logits(name, y, {}, self.built.label_input(labels))
+            return discrete_probs(logits, categories)
+
+        fn = self._jit("probs", probs, static_argnums=3)
+        return np.concatenate([
+            np.asarray(fn(self.param_map, self.tensor(x[i:i + batch_size]),
+                          self._labels(None if labels is None else labels[i:i + batch_size]),
+                          s.name))
+            for i in range(0, len(x), batch_size)])
+
     def posterior_draws(self, x: np.ndarray, labels=None, num_samples: int = 1, seed: int = 0,
                         batch_size: int = 1000) -> dict[str, np.ndarray]:
         """Draws from the joint posterior q(z_1, ..., z_S | y): {site: (N, num_samples, d)}."""
@@ -194,6 +221,8 @@ class Model:
         learned factorised normal; None otherwise."""
         s = self.built.plan.site(site or self.spec.sites[0].name)
         prefix = s.prior_module
+        if s.discrete:
+            return None
         if s.prior.kind == "normal":
             return np.zeros(s.dim), np.ones(s.dim)
         if s.prior.kind == "learned_normal":
@@ -275,17 +304,54 @@ class Model:
         out = {}
         for s in self.spec.sites:
             gsite, msite = guide_trace[s.name], model_trace[s.name]
-            q, p = factorised_normal(gsite["fn"]), factorised_normal(msite["fn"])
-            if q is None or p is None:
-                continue
             value = gsite["value"]
             closed_form = self.built.plan.site(s.name).closed_form
-            per = kl_divergence(q, p) if closed_form else q.log_prob(value) - p.log_prob(value)
-            per = jnp.broadcast_to(per, value.shape)
+            q, p = discrete_factors(gsite["fn"]), discrete_factors(msite["fn"])
+            if q is not None and p is not None:  # a discrete site: per variable
+                per = (discrete_kl_per_dim(q.logits, p.logits, q.categories) if closed_form else
+                       discrete_log_prob_per_dim(q, value) - discrete_log_prob_per_dim(p, value))
+                per = jnp.broadcast_to(per, (*value.shape[:-1], s.dim))
+            else:
+                q, p = factorised_normal(gsite["fn"]), factorised_normal(msite["fn"])
+                if q is None or p is None:
+                    continue
+                per = kl_divergence(q, p) if closed_form else (q.log_prob(value)
+                                                               - p.log_prob(value))
+                per = jnp.broadcast_to(per, value.shape)
             if weight is not None:
                 per = weight[..., None] * per
             out[s.name] = per.reshape(-1, s.dim).sum(0)
         return out
+
+    def gradient_draws(self, x: np.ndarray, num_draws: int, seed: int = 0, labels=None,
+                       prefix: str = "encoder") -> np.ndarray:
+        """(num_draws, P) float64 draws of the training objective's gradient per example with
+        respect to the parameters of the modules named `prefix`… (see the Pyro twin; the same
+        order: sorted canonical names, PyTorch layouts)."""
+        spec, obj = self.spec, self.spec.objective
+        options = schedules.elbo_options(spec)
+        capacity = {s.name: s.capacity.max for s in spec.sites if s.capacity.max > 0}
+        elbo = ScaledELBO(num_particles=obj.num_particles, analytic_kl=obj.analytic_kl,
+                          max_plate_nesting=1, **options).with_weights(
+            site_betas(spec, obj.beta), obj.lam, capacity or None)
+        n = len(x)
+
+        def grad(param_map, key, y, labels):
+            mine = {k: v for k, v in param_map.items() if k.startswith(prefix)}
+
+            def loss(sub):
+                return elbo.loss(key, {**param_map, **sub}, self.built.model, self.built.guide,
+                                 y, labels) / n
+
+            return jax.grad(loss)(mine)
+
+        fn = self._jit(f"gradient/{prefix}", grad)
+        y, lab, key = self.tensor(x), self._labels(labels), jax.random.PRNGKey(seed)
+        out = []
+        for i in range(num_draws):
+            flat = export_params(fn(self.param_map, jax.random.fold_in(key, i), y, lab))
+            out.append(np.concatenate([np.ravel(flat[k]) for k in sorted(flat)]))
+        return np.stack(out).astype(np.float64)
 
     def eval_terms(self, x: np.ndarray, labels, beta, lam: float, seed: int = 0,
                    batch_size: int = 1000, num_particles: int | None = None) -> dict[str, float]:
@@ -318,12 +384,13 @@ class Model:
             labels = None
         k1, k2 = jax.random.split(key)
         k3 = jax.random.fold_in(key, 2)
-        t = elbo.with_weights(beta, lam).terms(k1, param_map, self.built.model, self.built.guide,
-                                               y, labels)
-        if self.built.elbo_model is self.built.model:
+        # the evaluation pair: discrete sites drawn as what they are (see the Pyro twin)
+        t = elbo.with_weights(beta, lam).terms(k1, param_map, self.built.eval_model,
+                                               self.built.eval_guide, y, labels)
+        if self.built.elbo_model is self.built.eval_model:
             nll = t["distortion"]
         else:
-            nll = elbo.terms(k2, param_map, self.built.elbo_model, self.built.guide, y,
+            nll = elbo.terms(k2, param_map, self.built.elbo_model, self.built.eval_guide, y,
                              labels)["distortion"]
         out = {"objective": t["loss"], "rate": t["rate"], "distortion": t["distortion"],
                "aux": t["aux"], "nll": nll}

@@ -11,6 +11,8 @@ inside a handler that substitutes the param map.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import jax
 import jax.numpy as jnp
 import numpyro
@@ -19,7 +21,7 @@ from numpyro.contrib.module import flax_module
 
 from ppl_vae import graph
 from ppl_vae.numpyro import aux, likelihood
-from ppl_vae.numpyro.latents import IAFStep, lower_cholesky
+from ppl_vae.numpyro.latents import Concrete, Discrete, IAFStep, lower_cholesky
 from ppl_vae.numpyro.networks import build_networks, concat
 from ppl_vae.program import Program
 from ppl_vae.spec import Spec
@@ -37,9 +39,15 @@ class Primitives:
     concat = staticmethod(concat)
     lower_cholesky = staticmethod(lower_cholesky)
     iaf_step = IAFStep
+    discrete = Discrete
+    concrete = Concrete
 
-    def __init__(self, networks: dict):
+    def __init__(self, networks: dict, temperatures: dict):
         self.networks = networks  # name -> (Flax module, example input shapes or None)
+        self.temperatures = temperatures  # relaxed site -> τ (`Built.temperatures_at`)
+
+    def temperature(self, site):
+        return jnp.asarray(self.temperatures[site], jnp.result_type(float))
 
     def enter(self, role: str) -> None:  # flax_module registers as it is called
         pass
@@ -102,7 +110,21 @@ class Built(Program):
 
     def __init__(self, plan: graph.Plan, networks: dict):
         self.decoder_module = networks["decoder"][0]
-        super().__init__(plan, Primitives(networks))
+        # a relaxed site's temperature outside `temperatures_at`: its schedule's last value
+        super().__init__(plan, Primitives(
+            networks, {s.name: s.temperature.end for s in plan.sites if s.relaxed}))
+
+    @contextmanager
+    def temperatures_at(self, values: dict):
+        """Within the block the relaxed sites run at the temperatures {site: τ} (numbers or
+        traced values: a trainer's jitted step passes the step's,
+        `ppl_vae.schedules.step_temperatures`); the defaults again after it."""
+        saved = self.P.temperatures
+        self.P.temperatures = {**saved, **values}
+        try:
+            yield
+        finally:
+            self.P.temperatures = saved
 
     def decoder(self):
         """The decoder as a callable ``(code, y)`` (inside a handler with the param map)."""

@@ -136,6 +136,36 @@ class Encoder(Features):
         return m, s + autoregressive.IAF_GATE_BIAS
 
 
+class DiscreteEncoder(Features):
+    """`Features`, then `out`: a discrete site's posterior logits (..., width); the twin of the
+    Pyro backend's."""
+
+    width: int = 1
+
+    def setup(self):
+        super().setup()
+        self.out = nn.Dense(self.width)
+
+    def __call__(self, y, extra=None):
+        """-> (logits, None, None, features h)."""
+        h = self.features(y, extra)
+        return self.out(h), None, None, h
+
+
+class Baseline(nn.Module):
+    """NVIL's input-dependent baseline of a score-function site: an MLP `body` (relu) of y,
+    then `out`, one number per example; the twin of the Pyro backend's."""
+
+    hidden: tuple[int, ...]
+
+    def setup(self):
+        self.body = MLP(tuple(self.hidden), "relu")
+        self.out = nn.Dense(1)
+
+    def __call__(self, y):
+        return self.out(self.body(y))[..., 0]
+
+
 class Decoder(nn.Module):
     """code (..., C) -> likelihood parameters (..., D), or (..., D, K) when per_pixel = K > 1."""
 
@@ -295,7 +325,14 @@ def build_networks(plan: graph.Plan) -> dict[str, tuple[nn.Module, tuple]]:
     out: dict[str, tuple[nn.Module, tuple]] = {}
     for s in plan.sites:
         extra = (1, s.posterior_width) if s.posterior_width else None
-        if plan.one_site:
+        if s.discrete:
+            post = s.posterior
+            out[s.encoder_module] = (
+                DiscreteEncoder(tuple(enc.hidden), enc.activation, image_shape, channels,
+                                s.width) if plan.one_site else
+                DiscreteEncoder(tuple(post.hidden), post.activation, None, None, s.width),
+                (data if plan.one_site else None, extra))
+        elif plan.one_site:
             out[s.encoder_module] = (Encoder(tuple(enc.hidden), enc.activation, image_shape,
                                              channels, s.dim, s.posterior), (data, extra))
         else:
@@ -319,6 +356,9 @@ def build_networks(plan: graph.Plan) -> dict[str, tuple[nn.Module, tuple]]:
         out[f"encoder_{graph.LABEL}"] = (Classifier(tuple(lab.hidden), enc.activation,
                                                     image_shape, channels, classes=lab.classes),
                                          (data,))
+    for s in plan.sites:
+        if s.baseline_module is not None:
+            out[s.baseline_module] = (Baseline(tuple(s.baseline_hidden)), (data,))
     return out
 
 

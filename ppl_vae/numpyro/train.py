@@ -153,7 +153,8 @@ class Trainer:
                         if self.capacity_sites else None)
             elbo = self.elbo.with_weights(site_betas(self.spec, scalar["beta"]), lam,
                                           **({"capacity": capacity} if capacity else {}))
-            t = elbo.differentiable_terms(k, p, built.model, built.guide, y, lab)
+            with built.temperatures_at(schedules.step_temperatures(scalar)):
+                t = elbo.differentiable_terms(k, p, built.model, built.guide, y, lab)
             return t["loss"] / batch, jnp.stack([t[name] for name in keys]) / batch
 
         def sgd_step(carry, inputs):

@@ -656,6 +656,10 @@ class ScaledELBO(Trace_ELBO):
             for key, value in element.items():
                 parts.setdefault(key, []).append(value.expand(shape))
         if dreg:
+            if self.max_plate_nesting == float("inf"):
+                # unknown (one particle at a time, nothing enumerated): guessed from the traces,
+                # as the first call guesses it where a site is enumerated (`_guess_from`)
+                self._guess_from(model_trace, guide_trace)
             self._check_dreg_sites(guide_trace, shape)
         log_w = self._particles_first(log_w)
         reduce = (0, *range(1, log_w.dim() - self._plate_dims(log_w)))

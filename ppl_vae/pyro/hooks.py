@@ -19,12 +19,19 @@ from pyro import poutine
 from pyro.poutine.enum_messenger import EnumMessenger
 from torch.distributions import kl_divergence
 
-from ppl_vae import graph
+from ppl_vae import graph, schedules
 from ppl_vae.backends import BackendError
 from ppl_vae.diagnostics import log_weights_from_parts
-from ppl_vae.objective import rate_sites
+from ppl_vae.objective import rate_sites, site_betas
 from ppl_vae.pyro.elbo import ScaledELBO
-from ppl_vae.pyro.latents import factorised_normal, marginal_std
+from ppl_vae.pyro.latents import (
+    discrete_factors,
+    discrete_kl_per_dim,
+    discrete_log_prob_per_dim,
+    discrete_probs,
+    factorised_normal,
+    marginal_std,
+)
 from ppl_vae.pyro.likelihood import ancestral_sample, likelihood_mean
 from ppl_vae.pyro.model import build
 from ppl_vae.pyro.params import export_params, import_params
@@ -130,6 +137,23 @@ class Model:
         return torch.cat(locs).cpu().numpy(), torch.cat(stds).cpu().numpy()
 
     @_inference
+    def posterior_probs(self, x: np.ndarray, batch_size: int = 1000, labels=None,
+                        site: str | None = None) -> np.ndarray:
+        """The probabilities of a discrete site's posterior q(z_site|y), (N, width): q(z_i = 1|y)
+        of each Bernoulli unit, or q(z_i = k|y) of each categorical variable (its K values in
+        a row, flattened), for a site whose posterior reads the data only (default: the first
+        site); sites that read other latents: the mean of `posterior_draws`."""
+        s = graph.discrete_data_site(self.spec, site)
+        out = []
+        for i in range(0, len(x), batch_size):
+            y = self.tensor(x[i:i + batch_size])
+            onehot = self.built.label_input(self._labels(None if labels is None
+                                                         else labels[i:i + batch_size]))
+            logits = self.built.discrete_logits(s.name, y, {}, onehot)
+            out.append(discrete_probs(logits, self.built.plan.site(s.name).categories))
+        return torch.cat(out).cpu().numpy()
+
+    @_inference
     def posterior_draws(self, x: np.ndarray, labels=None, num_samples: int = 1, seed: int = 0,
                         batch_size: int = 1000) -> dict[str, np.ndarray]:
         """Draws from the joint posterior q(z_1, ..., z_S | y): {site: (N, num_samples, d)}."""
@@ -182,6 +206,8 @@ class Model:
         """(loc, scale), each (d,), when the prior of `site` (default: the first) is a fixed or
         learned factorised normal; None otherwise."""
         name = site or self.spec.sites[0].name
+        if self.built.plan.site(name).discrete:
+            return None
         prior = self.modules[self.built.plan.site(name).prior_module]
         if prior.kind == "normal":
             return np.zeros(prior.dim), np.ones(prior.dim)
@@ -278,17 +304,54 @@ class Model:
         out = {}
         for s in self.spec.sites:
             gsite, msite = guide_trace.nodes[s.name], model_trace.nodes[s.name]
-            q, p = factorised_normal(gsite["fn"]), factorised_normal(msite["fn"])
-            if q is None or p is None:
-                continue
             value = gsite["value"]
             closed_form = self.built.plan.site(s.name).closed_form
-            per = kl_divergence(q, p) if closed_form else q.log_prob(value) - p.log_prob(value)
-            per = per.expand(value.shape)
+            q, p = discrete_factors(gsite["fn"]), discrete_factors(msite["fn"])
+            if q is not None and p is not None:  # a discrete site: per variable
+                per = (discrete_kl_per_dim(q.logits, p.logits, q.categories) if closed_form else
+                       discrete_log_prob_per_dim(q, value) - discrete_log_prob_per_dim(p, value))
+                per = per.expand(*value.shape[:-1], s.dim)
+            else:
+                q, p = factorised_normal(gsite["fn"]), factorised_normal(msite["fn"])
+                if q is None or p is None:
+                    continue
+                per = kl_divergence(q, p) if closed_form else (q.log_prob(value)
+                                                               - p.log_prob(value))
+                per = per.expand(value.shape)
             if weight is not None:
                 per = weight[..., None] * per
             out[s.name] = per.reshape(-1, s.dim).sum(0)
         return out
+
+    def gradient_draws(self, x: np.ndarray, num_draws: int, seed: int = 0, labels=None,
+                       prefix: str = "encoder") -> np.ndarray:
+        """(num_draws, P) float64: independent draws of the gradient of the training objective
+        per example (the loss over x divided by len(x), at the spec's β, λ and estimator; the
+        training pair: each discrete site's estimator, a relaxed site at its current
+        temperature) with respect to the parameters of the modules whose names start with
+        `prefix` (default: the encoder's), in the order of their sorted canonical names, the
+        data x fixed: Σ_i Var(g_i) over the draws is the estimator's gradient variance."""
+        spec, obj = self.spec, self.spec.objective
+        options = schedules.elbo_options(spec)
+        if "capacity_weight" in options:  # the targets as at the end of the run
+            options["capacity"] = {s.name: s.capacity.max for s in spec.sites
+                                   if s.capacity.max > 0}
+        elbo = ScaledELBO(beta=site_betas(spec, obj.beta), lam=obj.lam,
+                          num_particles=obj.num_particles, analytic_kl=obj.analytic_kl,
+                          vectorize_particles=obj.num_particles > 1, max_plate_nesting=1,
+                          **options)
+        named = sorted((n, p) for n, p in self.modules.named_parameters() if n.startswith(prefix))
+        params = [p for _, p in named]
+        y, lab = self.tensor(x), self._labels(labels)
+        out = []
+        with self._seeded(seed), matmul_precision(spec.train.matmul_precision), \
+                intra_op_threads(spec.train.threads), pyro.validation_enabled(False):
+            for _ in range(num_draws):
+                loss = elbo.differentiable_loss(self.built.model, self.built.guide, y, lab)
+                grads = torch.autograd.grad(loss / len(x), params, allow_unused=True)
+                out.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                      for p, g in zip(params, grads)]))
+        return torch.stack(out).double().cpu().numpy()
 
     @_inference
     def eval_terms(self, x: np.ndarray, labels: np.ndarray | None, beta, lam: float,
@@ -325,14 +388,16 @@ class Model:
                         hit = self.built.label_logits(y).argmax(-1) == lab
                         sums["accuracy"] += (hit & (lab >= 0)).sum()
                     lab = None
-                t = elbo.terms(self.built.model, self.built.guide, y, lab)
+                # the evaluation pair: discrete sites drawn as the discrete sites they are,
+                # whatever their estimator
+                t = elbo.terms(self.built.eval_model, self.built.eval_guide, y, lab)
                 for k in keys:
                     sums[k] += t[k]
-                if self.built.elbo_model is self.built.model:
+                if self.built.elbo_model is self.built.eval_model:
                     sums["nll"] += t["distortion"]
                 else:
-                    sums["nll"] += nll_elbo.terms(self.built.elbo_model, self.built.guide, y,
-                                                  lab)["distortion"]
+                    sums["nll"] += nll_elbo.terms(self.built.elbo_model, self.built.eval_guide,
+                                                  y, lab)["distortion"]
                 for name, per in self._rate_per_dim(y, lab).items():
                     dims[name] = dims[name] + per.double() if name in dims else per.double()
         out = {k: float(v) for k, v in sums.items()}

@@ -18,7 +18,7 @@ from torch import nn
 from ppl_vae import graph
 from ppl_vae.program import Program
 from ppl_vae.pyro import aux, likelihood
-from ppl_vae.pyro.latents import IAFStep, lower_cholesky, one_hot
+from ppl_vae.pyro.latents import Concrete, Discrete, IAFStep, lower_cholesky, one_hot
 from ppl_vae.pyro.networks import build_networks, concat
 from ppl_vae.spec import Spec
 
@@ -34,6 +34,8 @@ class Primitives:
     concat = staticmethod(concat)
     lower_cholesky = staticmethod(lower_cholesky)
     iaf_step = IAFStep
+    discrete = Discrete
+    concrete = Concrete
 
     def __init__(self, modules: nn.ModuleDict, register: bool):
         self.modules = modules
@@ -41,7 +43,7 @@ class Primitives:
         # device and dtype
         self._ref = next(modules.parameters())
         self._register = register
-        guide = [n for n in modules if n.startswith(("encoder", "aux_"))]
+        guide = [n for n in modules if n.startswith(("encoder", "aux_", "baseline"))]
         self._roles = {"guide": guide, "model": [n for n in modules if n not in guide]}
 
     def enter(self, role: str) -> None:
@@ -64,6 +66,9 @@ class Primitives:
 
     def param(self, name, shape, init="zeros"):
         return self.modules.get_parameter(name)  # created (and initialised) with its module
+
+    def temperature(self, site):
+        return self.modules["temperature"].get_buffer(site)
 
     def network(self, name):
         module = self.modules[name]
@@ -103,6 +108,13 @@ class Built(Program):
     def __init__(self, plan: graph.Plan, modules: nn.ModuleDict, register: bool):
         self.modules = modules
         super().__init__(plan, Primitives(modules, register))
+
+    def set_temperatures(self, values: dict) -> None:
+        """The relaxed sites' temperatures {site: τ} from now on, written in place into their
+        device buffers (a captured CUDA graph reads them); a trainer calls it every step with
+        `ppl_vae.schedules.step_temperatures` of the step's scalars."""
+        for site, value in values.items():
+            self.modules["temperature"].get_buffer(site).fill_(float(value))
 
 
 def build(spec: Spec, data_dim: int, image_shape=None, register: bool = True) -> Built:

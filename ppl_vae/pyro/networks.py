@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppl_vae import autoregressive, graph
+from ppl_vae.pyro.latents import Temperatures
 from ppl_vae.spec import (
     LABEL_SITE,
     AuxSpec,
@@ -148,6 +149,34 @@ class Encoder(Features):
         return m, s + autoregressive.IAF_GATE_BIAS
 
 
+class DiscreteEncoder(Features):
+    """`Features`, then `out`: the logits of a discrete site's posterior, (..., width) (d
+    Bernoulli logits, or d groups of K categorical logits)."""
+
+    def __init__(self, data_dim: int, image_shape, extra_width: int, hidden, activation: str,
+                 width: int, channels=None):
+        super().__init__(data_dim, image_shape, extra_width, hidden, activation, channels)
+        self.out = nn.Linear(self.width, width)
+
+    def forward(self, y, extra=None):
+        """-> (logits, None, None, features h): the `Encoder` call's shape."""
+        h = super().forward(y, extra)
+        return self.out(h), None, None, h
+
+
+class Baseline(nn.Module):
+    """NVIL's input-dependent baseline (Mnih & Gregor 2014) of a score-function site: an MLP
+    `body` (relu) of the data y (..., D), then `out`: one number per example (...)."""
+
+    def __init__(self, data_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.body = MLP([data_dim, *hidden], "relu")
+        self.out = nn.Linear(hidden[-1] if hidden else data_dim, 1)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(y))[..., 0]
+
+
 class Decoder(nn.Module):
     """code (..., C) -> likelihood parameters (..., D) or (..., D, K) for K categories; the code
     is the values of the sites the decoder reads, then the one-hot label.
@@ -247,12 +276,18 @@ class Prior(nn.Module):
     N(loc, diag exp(log_scale)²), `mixture` Σ_k softmax(logits)_k N(loc_k, diag exp(log_scale_k)²),
     `vamp` (1/K) Σ_k q(z | pseudo_inputs_k) (the pseudo-inputs (K, D) its only parameter), or
     `conditional` N(loc(h), diag scale(h)²) with h = body(parents, label): `body`, `loc`,
-    `scale` as in an encoder."""
+    `scale` as in an encoder; a discrete site's `learned_probs` its `logits` (width,) (zeros:
+    uniform at first; uniform has no parameters)."""
 
-    def __init__(self, spec: PriorSpec, latent_dim: int, in_width: int = 0, data_dim: int = 0):
+    def __init__(self, spec: PriorSpec, latent_dim: int, in_width: int = 0, data_dim: int = 0,
+                 width: int = 0, discrete: bool = False):
         super().__init__()
         self.kind, self.dim = spec.kind, latent_dim
-        if spec.kind == "learned_normal":
+        if discrete:  # "normal" (the default) and "uniform": no parameters
+            self.kind = "learned_probs" if spec.kind == "learned_probs" else "uniform"
+            if spec.kind == "learned_probs":
+                self.logits = nn.Parameter(torch.zeros(width))
+        elif spec.kind == "learned_normal":
             self.loc = nn.Parameter(torch.zeros(latent_dim))
             self.log_scale = nn.Parameter(torch.zeros(latent_dim))
         elif spec.kind == "mixture":
@@ -320,8 +355,9 @@ class ClassPrior(nn.Module):
 
 def build_networks(plan: graph.Plan) -> dict[str, nn.Module]:
     """All modules of a spec's plan, by canonical module name. The prefix decides the role:
-    `encoder*` and `aux_*` belong to the guide (Ψ); `decoder`, `prior*`, `likelihood` to the
-    model (Φ)."""
+    `encoder*`, `aux_*` and `baseline*` (a score-function site's NVIL baseline) belong to the
+    guide (Ψ); `decoder`, `prior*`, `likelihood` to the model (Φ); `temperature` holds the
+    relaxed sites' temperatures (buffers, not parameters)."""
     spec, data_dim, image_shape = plan.spec, plan.data_dim, plan.image_shape
     enc, per_pixel = spec.encoder, params_per_pixel(spec.likelihood)
     channels = enc.channels if enc.kind == "conv" else None
@@ -334,18 +370,24 @@ def build_networks(plan: graph.Plan) -> dict[str, nn.Module]:
     modules: dict[str, nn.Module] = {}
     if plan.one_site:
         (s,) = plan.sites
-        modules["encoder"] = Encoder(data_dim, image_shape, s.posterior_width, enc.hidden,
-                                     enc.activation, s.dim, s.posterior, channels)
+        modules["encoder"] = (
+            DiscreteEncoder(data_dim, image_shape, s.posterior_width, enc.hidden,
+                            enc.activation, s.width, channels) if s.discrete else
+            Encoder(data_dim, image_shape, s.posterior_width, enc.hidden, enc.activation,
+                    s.dim, s.posterior, channels))
     elif plan.feature_network:
         modules["encoder"] = Features(data_dim, image_shape, 0, enc.hidden, enc.activation,
                                       channels)
     for s in () if plan.one_site else plan.sites:
         post = s.posterior
-        modules[s.encoder_module] = Encoder(0, None, s.posterior_width, post.hidden,
-                                            post.activation, s.dim, post)
+        modules[s.encoder_module] = (
+            DiscreteEncoder(0, None, s.posterior_width, post.hidden, post.activation, s.width)
+            if s.discrete else
+            Encoder(0, None, s.posterior_width, post.hidden, post.activation, s.dim, post))
     modules["decoder"] = decoder
     for s in plan.sites:
-        modules[s.prior_module] = Prior(s.prior, s.dim, s.prior_width, data_dim)
+        modules[s.prior_module] = Prior(s.prior, s.dim, s.prior_width, data_dim, s.width,
+                                        s.discrete)
     modules["likelihood"] = Likelihood(spec.likelihood, data_dim)
     for aux in plan.aux:
         if aux.spec.kind == "supervised" and aux.site != LABEL_SITE:
@@ -355,4 +397,10 @@ def build_networks(plan: graph.Plan) -> dict[str, nn.Module]:
         modules[f"encoder_{LABEL_SITE}"] = Classifier(data_dim, image_shape, lab.hidden,
                                                       enc.activation, lab.classes, channels)
         modules[f"prior_{LABEL_SITE}"] = ClassPrior(lab.classes, lab.class_prior == "learned")
+    for s in plan.sites:  # made after the rest, as the label's modules
+        if s.baseline_module is not None:
+            modules[s.baseline_module] = Baseline(data_dim, s.baseline_hidden)
+    relaxed = {s.name: s.temperature.end for s in plan.sites if s.relaxed}
+    if relaxed:
+        modules["temperature"] = Temperatures(relaxed)
     return modules

@@ -208,12 +208,14 @@ class Trainer:
             return self._step()
 
     def _set_scalars(self, scalars: dict[str, float], lam: float) -> None:
-        """This step's β (per site), λ, capacity targets and learning rate, in place."""
+        """This step's β (per site), λ, capacity targets, relaxed sites' temperatures and
+        learning rate, in place."""
         for name, value in site_betas(self.spec, scalars["beta"]).items():
             self.beta[name].fill_(value)
         self.lam.fill_(lam)
         for name, target in self.capacity.items():
             target.fill_(scalars[f"capacity/{name}"])
+        self.model.built.set_temperatures(schedules.step_temperatures(scalars))
         if self._lr is not None:
             self._lr.fill_(scalars["lr"])
         else:

@@ -558,6 +558,18 @@ def test_iwae_equals_renyi_elbo_alpha_zero(float64, num_particles, vectorize, b)
     assert not torch.allclose(dreg[1]["a"], stock[1]["a"])
 
 
+def test_dreg_without_max_plate_nesting_guesses_it(float64):
+    """ScaledELBO(bound="iwae", gradient="dreg") one particle at a time, max_plate_nesting not
+    given: it raised TypeError ('float' object cannot be interpreted as an integer) in its
+    check of the drawn sites; it now guesses the nesting from the traces, as the ELBO does
+    where a site is enumerated, and gives what it gives with the nesting given."""
+    kw = dict(bound="iwae", gradient="dreg", num_particles=3)
+    guessed = loss_and_grads(ScaledELBO(**kw), two_latent_model, two_latent_guide, DATA)
+    given = loss_and_grads(ScaledELBO(max_plate_nesting=1, **kw), two_latent_model,
+                           two_latent_guide, DATA)
+    assert_same(guessed, given)
+
+
 def test_iwae_terms_are_self_normalised_and_loss_is_the_bound(float64):
     """terms: loss = −L_K (no aux here); rate/<site> and distortion/<site> are the particles'
     terms under the normalised weights w̃ (detached), from the same draws."""
