@@ -19,6 +19,7 @@ cannot work with the data it names (a conv network on flat data) is a `SpecError
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import zipfile
@@ -170,7 +171,20 @@ def _mnist_expected() -> str:
 
 
 def _read_mnist_pair(images: Path, labels: Path):
-    """One split: (N, H*W) float32 in [0, 1], (N,) int64 labels, (H, W)."""
+    """One split: (N, H*W) float32 in [0, 1], (N,) int64 labels, (H, W); the arrays read-only.
+
+    Decoded once per process for the same files (same paths, sizes and modification times):
+    an experiment trains and evaluates many runs on the same 70 000 images, and decoding them
+    (gunzip, then bytes to float32) took 0.6 s each time; read-only, so that no caller can
+    change what another one reads."""
+    stamps = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in (images, labels))
+    return _decode_mnist_pair(*stamps)
+
+
+@functools.lru_cache(maxsize=2)  # the two splits of one folder
+def _decode_mnist_pair(images_stamp: tuple, labels_stamp: tuple):
+    images, labels = Path(images_stamp[0]), Path(labels_stamp[0])
     x, y = read_idx(images), read_idx(labels)
     if x.ndim != 3 or x.dtype != np.uint8:
         raise DataError(f"{images}: holds {x.dtype} values of shape {x.shape}; MNIST images are "
@@ -179,8 +193,11 @@ def _read_mnist_pair(images: Path, labels: Path):
         raise DataError(f"{labels}: holds labels of shape {y.shape} for {len(x)} images in "
                         f"{images.name}; expected ({len(x)},): check that the files belong "
                         "together")
-    flat = x.reshape(len(x), -1).astype(np.float32) / np.float32(255.0)
-    return flat, y.astype(np.int64), (int(x.shape[1]), int(x.shape[2]))
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    np.divide(flat, np.float32(255.0), out=flat)  # in place: one float copy, not two
+    y = y.astype(np.int64)
+    flat.flags.writeable = y.flags.writeable = False
+    return flat, y, (int(x.shape[1]), int(x.shape[2]))
 
 
 def _mnist(folder: Path):

@@ -1,14 +1,13 @@
 """The documentation site: a strict build, the generated reference, the README as a front
-door, every code block of the tutorials and how-to guides run at smoke size (by a fork server
-that imports the frameworks once: run as a script, this file is that server), and the built
-site in headless Chromium.
+door, every code block of the tutorials and how-to guides run at smoke size (by a fork server,
+tests/forkserver.py, that imports the frameworks once; the runners it is given are here), and
+the built site in headless Chromium.
 
 The conventions these tests enforce are written for authors in docs/contributing/docs.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import gzip
@@ -19,19 +18,14 @@ import json
 import math
 import os
 import re
-import select
 import shutil
-import signal
-import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
 import tomllib
-import traceback
 import typing
 from pathlib import Path
 
@@ -40,6 +34,8 @@ import pytest
 from ppl_vae import spec as spec_module
 from ppl_vae.cli import build_parser
 from ppl_vae.reference import cli_reference_markdown, spec_keys, spec_reference_markdown
+from tests import forkserver
+from tests.forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -417,20 +413,16 @@ def test_code_block_that_needs_what_this_machine_lacks(block):
 #
 # A page's commands start many Python processes (every `ppl-vae`, every `python examples/…`),
 # and each would import torch, pyro, jax, matplotlib and arviz again: seconds apiece, most of
-# the cost of a smoke-sized run. So each test process starts one server (this file, run as a
-# script) that imports them once and forks a child per request: a page (its python blocks in
-# one namespace, its bash blocks in bash), a `ppl-vae` command of a bash block, or an example
-# script whose command line is to be parsed. A tiny client on PATH sends the command's argv,
-# working folder, environment and its stdin, stdout and stderr to the server, and exits with
-# the child's exit code. A forked child starts as clean as a fresh process: the imports create
-# no thread and no JAX backend (`_serve` checks), so nothing is shared between commands.
+# the cost of a smoke-sized run. So each test process starts one fork server (tests/forkserver.py,
+# with this file's RUNNERS) that imports them once and forks a child per request: a page (its
+# python blocks in one namespace, its bash blocks in bash), a `ppl-vae` command of a bash block,
+# or an example script whose command line is to be parsed. A tiny client on PATH sends the
+# command's argv, working folder, environment and its stdin, stdout and stderr to the server,
+# and exits with the child's exit code. A forked child starts as clean as a fresh process, so
+# nothing is shared between commands.
 
-WARM_MODULES = ("numpy", "torch", "torch._dynamo", "pyro", "jax", "numpyro", "flax.linen", "optax",
-                "matplotlib.pyplot", "arviz", "sklearn.datasets", "ppl_vae.cli",
-                "ppl_vae.training", "ppl_vae.evaluation", "ppl_vae.report", "ppl_vae.plots",
-                "ppl_vae.sweep", "ppl_vae.pyro.train", "ppl_vae.pyro.hooks",
-                "ppl_vae.numpyro.train", "ppl_vae.numpyro.hooks", "mlflow.tracking",
-                "tensorboardX")
+#: What the server imports: the pages also track runs with MLflow and TensorBoard.
+WARM_MODULES = (*forkserver.WARM_MODULES, "mlflow.tracking", "tensorboardX")
 SMOKE_EVAL = ["--iwae-k", "10", "--particles", "1"]  # eval and sweep-report: small estimates
 
 
@@ -572,7 +564,7 @@ RUNNERS = {"cli": _smoke_cli, "example": _parse_example, "page": _run_page, "raw
 WARM_PYTHON_MODULES = {"ppl_vae.cli": "raw-cli", "torch.distributed.run": "module"}
 
 CLIENT = '''#!{python} -S
-"""{what}: sent to the docs tests' fork server (tests/test_docs.py), which runs it in a warm
+"""{what}: sent to the docs tests' fork server (tests/forkserver.py), which runs it in a warm
 child process with this process's stdin, stdout and stderr; exits with its exit code."""
 import json, os, socket, sys
 kind, argv = {kind!r}, sys.argv[1:]
@@ -590,70 +582,9 @@ sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 sock.connect({path!r})
 request = {{"kind": kind, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}}
 socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
+sock.recv(16)  # the child's pid
 sys.exit(int(sock.recv(16) or b"1"))
 '''
-
-
-def _exit_code(stop: SystemExit) -> int:
-    if stop.code is None or isinstance(stop.code, int):
-        return stop.code or 0
-    print(stop.code, file=sys.stderr)
-    return 1
-
-
-def _handle(conn: socket.socket) -> None:
-    """In a forked child: take the request's stdio, folder and environment, run it, answer
-    with the exit code and end."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it; a child waits
-    message, fds, _, _ = socket.recv_fds(conn, 1 << 22, 3)
-    request = json.loads(message)
-    for fd, target in zip(fds, (0, 1, 2), strict=True):
-        os.dup2(fd, target)
-        os.close(fd)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    # as a fresh interpreter would: PYTHONPATH first (a page's own module, PYTHONPATH=.)
-    sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.executable = os.environ.get("DOCS_PYTHON", sys.executable)
-    code = 1
-    try:
-        code = RUNNERS[request["kind"]](request["argv"])
-    except SystemExit as stop:
-        code = _exit_code(stop)
-    except BaseException:  # noqa: BLE001 (reported as a failed command, as Python would)
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    conn.send(str(code).encode())
-    os._exit(code if 0 <= code < 256 else 1)
-
-
-def _serve(path: str) -> None:
-    """The fork server: import the heavy modules, then fork a child per connection."""
-    for name in WARM_MODULES:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 (the command that needs it reports the error)
-            pass
-    from jax._src import xla_bridge
-
-    assert not xla_bridge.backends_are_initialized(), "an import started JAX: forks unsafe"
-    assert threading.active_count() == 1, "an import started a thread: forks unsafe"
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    server.bind(path)
-    server.listen(64)
-    print("ready", flush=True)
-    while True:
-        conn, _ = server.accept()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if os.fork() == 0:
-            server.close()
-            _handle(conn)
-        conn.close()
 
 
 def _small_shared(target: Path, rows: int = 1000) -> Path | None:
@@ -685,17 +616,26 @@ def _small_shared(target: Path, rows: int = 1000) -> Path | None:
     return target
 
 
-class ForkServer:
-    """The server of one test process, its support folder (the clients on PATH, a small
-    ../shared) and the environment pages run in."""
+class DocsServer(ForkServer):
+    """The fork server of one test process with this file's runners, its support folder (the
+    clients on PATH, a small ../shared) and the environment pages run in."""
 
     def __init__(self, folder: Path):
-        self.folder, self.bin = folder, folder / "bin"
+        self.bin = folder / "bin"
         self.bin.mkdir(parents=True)
         self.shared = _small_shared(folder / "shared")
-        # a short path: a Unix socket's may not exceed 107 bytes, and pytest's tmp paths grow
-        self.socket_dir = tempfile.mkdtemp(prefix="ppl-vae-docs-")
-        self.socket = os.path.join(self.socket_dir, "server.sock")
+        env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+               # XLA's CPU compiler at -O0: a smoke run's NumPyro time is compilation.
+               # (XLA ignores the flags after a word it does not know, such as a bare
+               # intra_op_parallelism_threads=1, which would hide the device count
+               # `--devices` adds.)
+               "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false "
+                            "--xla_backend_optimization_level=0",
+               "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore",
+               # a child's sys.executable: what it starts with it comes back here too
+               "DOCS_PYTHON": str(self.bin / "python")}
+        super().__init__(folder, env, runners=__file__)
         for name, kind, what in (("ppl-vae", "cli", "ppl-vae at smoke size"),
                                  ("python", "python", "python -m ppl_vae.cli, torchrun, or "
                                   "examples/X.py (parsed only)")):
@@ -703,57 +643,11 @@ class ForkServer:
                 python=sys.executable, path=self.socket, kind=kind, what=what,
                 modules=WARM_PYTHON_MODULES))
             (self.bin / name).chmod(0o755)
-        self.env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
-                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
-                    # XLA's CPU compiler at -O0: a smoke run's NumPyro time is compilation.
-                    # (XLA ignores the flags after a word it does not know, such as a bare
-                    # intra_op_parallelism_threads=1, which would hide the device count
-                    # `--devices` adds.)
-                    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false "
-                                 "--xla_backend_optimization_level=0",
-                    "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore",
-                    # a child's sys.executable: what it starts with it comes back here too
-                    "DOCS_PYTHON": str(self.bin / "python")}
-        self.log = open(folder / "server.log", "w")  # noqa: SIM115 (closed in close())
-        # -P: tests/ not on sys.path, where tests/pyro and tests/numpyro would shadow the packages
-        self.process = subprocess.Popen([sys.executable, "-P", __file__, "serve", self.socket],
-                                        env=self.env, stdout=subprocess.PIPE, stderr=self.log,
-                                        text=True, start_new_session=True)
-        started, _, _ = select.select([self.process.stdout], [], [], 600)
-        ready = self.process.stdout.readline() if started else "(no answer in 600 s)"
-        if ready.strip() != "ready":
-            self.close()
-            raise RuntimeError(f"the docs fork server did not start: {ready!r}\n"
-                               f"{(folder / 'server.log').read_text()[-4000:]}")
-
-    def run(self, kind: str, argv: list[str], cwd: Path, timeout: float) -> tuple[int, str]:
-        """(exit code, stdout and stderr) of one request."""
-        out = self.folder / f"out-{os.getpid()}-{time.monotonic_ns()}.txt"
-        with open(out, "w") as fh, open(os.devnull) as devnull, \
-                socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
-            conn.settimeout(timeout)
-            conn.connect(self.socket)
-            request = {"kind": kind, "argv": argv, "cwd": str(cwd), "env": self.env}
-            socket.send_fds(conn, [json.dumps(request).encode()],
-                            [devnull.fileno(), fh.fileno(), fh.fileno()])
-            try:
-                code = int(conn.recv(16) or b"1")
-            except TimeoutError:
-                code = 124
-        return code, out.read_text()
-
-    def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # the server and any child left
-        self.process.wait()
-        self.process.stdout.close()
-        self.log.close()
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def fork_server(tmp_path_factory):
-    server = ForkServer(tmp_path_factory.mktemp("docs-server"))
+    server = DocsServer(tmp_path_factory.mktemp("docs-server"))
     yield server
     server.close()
 
@@ -889,7 +783,3 @@ def test_smoke_overrides_keep_a_resume_longer_than_its_first_run():
     warm = spec_module.load_spec("vae_digits", ["train.lr_schedule={kind='cosine', warmup=500}"])
     assert spec_module.load_spec(warm, smoke_overrides(warm)).train.lr_schedule.warmup == 2
 
-
-if __name__ == "__main__":  # the fork server of the code-block tests
-    if sys.argv[1:2] == ["serve"]:
-        _serve(sys.argv[2])
