@@ -3,6 +3,8 @@
 in a clone without it."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,20 @@ import pytest
 # Set XLA_FLAGS yourself to test at another level.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
-from ppl_vae.data import MNIST_FILES, _find_file
-from ppl_vae.experiments import MNIST_ENV, default_mnist
+# One JAX compilation cache for the whole run, shared by the pytest-xdist workers and every
+# process they start: many tests and smoke runs compile the same programs (the digits VAE's
+# step, its eval), and a program compiled once is read back by the others. A fresh folder per
+# run (made here, in the first process, before the workers start; removed at the end), so a
+# run never reads a previous run's executables. Set JAX_COMPILATION_CACHE_DIR yourself to keep
+# one between runs.
+_OWN_CACHE: Path | None = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = Path(tempfile.mkdtemp(prefix="ppl_vae-tests-xla-cache-"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_OWN_CACHE)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from ppl_vae.data import MNIST_FILES, _find_file  # noqa: E402 (after the environment above)
+from ppl_vae.experiments import MNIST_ENV, default_mnist  # noqa: E402
 
 
 def mnist_missing(train: bool = False) -> str | None:
@@ -99,3 +113,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid in SLOW or item.nodeid.split("[")[0] in SLOW:
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_unconfigure(config):
+    # (only the process that made the cache folder removes it: the first one, after its workers)
+    if _OWN_CACHE is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

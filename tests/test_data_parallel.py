@@ -93,17 +93,15 @@ fit("vae_digits", "numpyro", out_dir=root + "/one_two", overrides=tiny + ["train
 
 def test_numpyro_two_devices_equal_one_and_checkpoints_move_between_them(tmp_path):
     pytest.importorskip("numpyro")
-    # XLA compiles the same programs in each fit: a compilation cache shared by the processes
-    # takes ~15 s off the test (it changes no number)
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
-             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    # (XLA compiles the same programs in each fit: the suite's compilation cache, which these
+    # processes inherit from tests/conftest.py, takes ~15 s off the test and changes no number)
     # the command line simulates the two CPU devices itself (no XLA_FLAGS given)
     _run([*CLI, "train", "vae_digits", "--backend", "numpyro", *_sets(TINY + HALF), "--devices",
-          "2", "--out", str(tmp_path / "two_one"), "--no-progress"], cache | {"XLA_FLAGS": ""})
+          "2", "--out", str(tmp_path / "two_one"), "--no-progress"], {"XLA_FLAGS": ""})
     assert "data-parallel over 2 devices" in load_run(tmp_path / "two_one").info["step_mode"]
     code = NUMPYRO_SCRIPT.format(tiny=TINY, half=HALF)
     _run([sys.executable, "-c", textwrap.dedent(code), str(tmp_path)],
-         cache | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+         {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     two_one, one_two = load_run(tmp_path / "two_one"), load_run(tmp_path / "one_two")
     _assert_same_run(two_one, one_two)
     assert _train_records(two_one) == [10, 20]

@@ -143,6 +143,15 @@ OBJECTIVE_CASES = {
     # an enumerated discrete site under the bounds; a relaxed one's draws from the same noise
     "enumerate-graph": ("iwae", "iwae-dreg", "stl"), "categorical-relaxed": ("capacity",),
 }
+#: The cases also checked in float64, at 1e-9: one per formula. Left to float32 (1e-5) are the
+#: variants that change only the architecture around a formula checked here: the activations,
+#: the networks without hidden layers, a fixed Gaussian scale beside a learned one, a learned
+#: N(μ, σ) prior beside the mixture, the VampPrior and IAF inside a graph. (Each float64 case
+#: costs ~3 s of compilation in a child process; all 39 took ~110 s of the suite.)
+FLOAT64_DROPPED = {"gaussian-fixed", "learned_normal", "conv-linear",
+                   "autoregressive-linear-categorical", "vamp-full-graph", "iaf-linear-graph",
+                   *(c for c in CASES if c.startswith("act-"))}
+FLOAT64_CASES = [c for c in CASES if c not in FLOAT64_DROPPED]
 #: The pairs also checked in float64.
 OBJECTIVES_FLOAT64 = [("two-layer", "iwae-dreg"), ("two-layer", "capacity"),
                       ("m2", "iwae-dreg"), ("m2", "free-bits-stl")]
@@ -436,16 +445,17 @@ def test_objectives_agree_float32(case, objective):
 
 @pytest.mark.parametrize("half", [0, 1])
 def test_terms_and_gradients_agree_float64(half):
-    """In float64 (JAX's 64-bit mode is process-wide, so in a child process) to 1e-9. The cases
-    go in two halves, two child processes, which `pytest -n 2` (make test) runs side by side."""
-    code = ("import json, tests.test_parity as t; "
-            f"print(json.dumps({{c: t.compare(c, 'float64') for c in list(t.CASES)[{half}::2]}}))")
+    """In float64 (JAX's 64-bit mode is process-wide, so in a child process) to 1e-9, the cases
+    of `FLOAT64_CASES`. They go in two halves, two child processes, which `pytest -n 2` (make
+    test) runs side by side."""
+    code = ("import json, tests.test_parity as t; print(json.dumps({c: t.compare(c, 'float64') "
+            f"for c in t.FLOAT64_CASES[{half}::2]}}))")
     env = {**os.environ, "JAX_ENABLE_X64": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 0, done.stderr[-3000:]
     worst = json.loads(done.stdout.strip().splitlines()[-1])
-    assert list(worst) == list(CASES)[half::2]
+    assert list(worst) == FLOAT64_CASES[half::2]
     for case, w in worst.items():
         assert w["terms"] < 1e-9 and w["grads"] < 1e-9, (case, w)
 

@@ -297,6 +297,22 @@ def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def _signal_masks(pgid: int) -> str:
+    """The blocked, ignored and caught signal masks (/proc) of each process in a group."""
+    lines = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if os.getpgid(int(status.parent.name)) != pgid:
+                continue
+            text = status.read_text()
+        except (OSError, ProcessLookupError):
+            continue
+        fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+        lines.append(f"{status.parent.name} {fields.get('Name', '?')}: " + ", ".join(
+            f"{k} {fields.get(k, '?')}" for k in ("SigBlk", "SigIgn", "SigCgt")))
+    return "\n".join(lines)
+
+
 def test_ctrl_c_stops_every_point_at_a_checkpoint_and_the_command_continues(tmp_path):
     pytest.importorskip("numpyro")
     out = tmp_path / "ctrl_c"
@@ -312,9 +328,10 @@ def test_ctrl_c_stops_every_point_at_a_checkpoint_and_the_command_continues(tmp_
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.5)
+    signals = _signal_masks(proc.pid)  # (shown if the driver misses the Ctrl-C)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
     output, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 130, output
+    assert proc.returncode == 130, f"{output}\nsignal masks before the Ctrl-C:\n{signals}"
     assert "continue with: ppl-vae sweep vae_digits" in output
     statuses = _statuses(out)
     assert statuses == {"0-beta0.5": "interrupted", "1-beta2": "interrupted"}, output
