@@ -16,15 +16,18 @@ demo: $(STAMP)
 	$(BIN)/ppl-vae eval runs/vae_digits --plots
 	$(BIN)/ppl-vae sample runs/vae_digits --n 64 --out runs/vae_digits/samples.png
 
-# pytest-xdist, two worker processes: the suite took 700 s on 2 quiet cores (2026-12-07).
+# pytest-xdist, two worker processes, an idle one taking queued tests from the busy one
+# (worksteal): the suite took 552 s on 2 quiet cores (2026-12-08; 700 s before the changes of
+# that day: one XLA compilation cache per run, float64 parity on one case per formula, the
+# longest tests first).
 test: $(STAMP)
 	$(BIN)/ruff check ppl_vae tests examples benchmarks
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 # The suite without the tests marked slow (the smoke runs of examples and benchmarks, launches of
 # data-parallel processes, longer trainings; tests/conftest.py and the test files mark them).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 # make bench DEVICE=cuda: the GPU benchmark (batches 128, 1024, 4096 and the conv step)
 DEVICE ?= cpu

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-# XLA's CPU compiler at LLVM -O0 for the whole suite and every process it starts (examples,
-# benchmarks, the CLI): most of a NumPyro test's time is compilation (75 of 95 s in the
-# posterior_collapse smoke run at the default level, 61 programs), and the tests check values,
-# never speed. The same programs, the same numbers (the smoke tables agree digit for digit).
-# Set XLA_FLAGS yourself to test at another level.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# XLA's CPU compiler at LLVM -O0 without its expensive passes (what JAX's
+# jax_disable_most_optimizations sets) for the whole suite and every process it starts
+# (examples, benchmarks, the CLI): most of a NumPyro test's time is compilation (75 of 95 s in
+# the posterior_collapse smoke run at the default level, 61 programs; 36 s at -O0, 31 s with the
+# passes off too), and the tests check values, never speed. The same programs, the same numbers
+# (the smoke tables agree digit for digit). Set XLA_FLAGS yourself to test at another level.
+XLA_TEST_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ.setdefault("XLA_FLAGS", XLA_TEST_FLAGS)
 
 # One JAX compilation cache for the whole run, shared by the pytest-xdist workers and every
 # process they start: many tests and smoke runs compile the same programs (the digits VAE's
@@ -109,10 +111,25 @@ SLOW = (
 )
 
 
+#: Run first (in this order; the rest keeps its order): the longest tests, so that the two
+#: pytest-xdist workers do not end on them one beside an idle other (`make test` also lets an
+#: idle worker take tests queued for the busy one: --dist worksteal). The float64 parity
+#: children (≈ 40 s each) and the examples' smoke runs (one session-scoped fork server per
+#: worker, so moving the module changes no fixture's life).
+FIRST = ("tests/test_parity.py::test_terms_and_gradients_agree_float64",
+         "tests/test_parity.py::test_objectives_agree_float64",
+         "tests/test_examples.py::test_example_smoke")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid in SLOW or item.nodeid.split("[")[0] in SLOW:
             item.add_marker(pytest.mark.slow)
+
+    def rank(item) -> int:
+        return next((i for i, p in enumerate(FIRST) if item.nodeid.startswith(p)), len(FIRST))
+
+    items.sort(key=rank)  # (stable: the rest keeps the collection order)
 
 
 def pytest_unconfigure(config):

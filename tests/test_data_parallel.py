@@ -18,6 +18,7 @@ import pytest
 
 from ppl_vae.runs import load_run
 from ppl_vae.spec import SpecError, load_spec
+from tests.conftest import XLA_TEST_FLAGS
 
 #: 20 steps in windows of 10; a 2-device run trains the first 10 (or the last 10) of them.
 TINY = ["train.steps=20", "train.log_every=10", "train.eval_every=10",
@@ -95,13 +96,13 @@ def test_numpyro_two_devices_equal_one_and_checkpoints_move_between_them(tmp_pat
     pytest.importorskip("numpyro")
     # (XLA compiles the same programs in each fit: the suite's compilation cache, which these
     # processes inherit from tests/conftest.py, takes ~15 s off the test and changes no number)
-    # the command line simulates the two CPU devices itself (no XLA_FLAGS given)
+    # the command line simulates the two CPU devices itself (XLA_FLAGS without a device count)
     _run([*CLI, "train", "vae_digits", "--backend", "numpyro", *_sets(TINY + HALF), "--devices",
-          "2", "--out", str(tmp_path / "two_one"), "--no-progress"], {"XLA_FLAGS": ""})
+          "2", "--out", str(tmp_path / "two_one"), "--no-progress"], {"XLA_FLAGS": XLA_TEST_FLAGS})
     assert "data-parallel over 2 devices" in load_run(tmp_path / "two_one").info["step_mode"]
     code = NUMPYRO_SCRIPT.format(tiny=TINY, half=HALF)
     _run([sys.executable, "-c", textwrap.dedent(code), str(tmp_path)],
-         {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+         {"XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {XLA_TEST_FLAGS}"})
     two_one, one_two = load_run(tmp_path / "two_one"), load_run(tmp_path / "one_two")
     _assert_same_run(two_one, one_two)
     assert _train_records(two_one) == [10, 20]
@@ -119,7 +120,8 @@ def test_numpyro_two_processes_of_one_device_equal_one(tmp_path):
             "fit('vae_digits', 'numpyro', out_dir=sys.argv[1], overrides=sys.argv[2:], "
             "progress=False)")
     cmd = [sys.executable, "-c", code, str(tmp_path / "hosts"), *TINY, 'train.devices="all"']
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+    env = {**os.environ, "XLA_FLAGS": XLA_TEST_FLAGS,
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
            "JAX_NUM_PROCESSES": "2"}
     procs = [subprocess.Popen(cmd, env=env | {"JAX_PROCESS_ID": str(i)}, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
@@ -141,7 +143,7 @@ def test_numpyro_asks_for_simulated_devices_when_there_are_too_few(tmp_path):
             "fit('vae_digits', 'numpyro', out_dir='{}', overrides=['train.devices=2'])")
     done = subprocess.run([sys.executable, "-c", code.format(tmp_path / "run")],
                           capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "XLA_FLAGS": ""})
+                          env={**os.environ, "XLA_FLAGS": XLA_TEST_FLAGS})
     assert done.returncode != 0
     assert "xla_force_host_platform_device_count=2" in done.stderr
     assert "JAX sees 1 cpu device" in done.stderr

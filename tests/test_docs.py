@@ -631,7 +631,8 @@ class DocsServer(ForkServer):
                # intra_op_parallelism_threads=1, which would hide the device count
                # `--devices` adds.)
                "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false "
-                            "--xla_backend_optimization_level=0",
+                            "--xla_backend_optimization_level=0 "
+                            "--xla_llvm_disable_expensive_passes=true",
                "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore",
                # a child's sys.executable: what it starts with it comes back here too
                "DOCS_PYTHON": str(self.bin / "python")}
