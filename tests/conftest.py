@@ -114,7 +114,7 @@ SLOW = (
 #: Run first (in this order; the rest keeps its order): the longest tests, so that the two
 #: pytest-xdist workers do not end on them one beside an idle other (`make test` also lets an
 #: idle worker take tests queued for the busy one: --dist worksteal). The float64 parity
-#: children (≈ 40 s each) and the examples' smoke runs (one session-scoped fork server per
+#: children (≈ 30 s each) and the examples' smoke runs (one session-scoped fork server per
 #: worker, so moving the module changes no fixture's life).
 FIRST = ("tests/test_parity.py::test_terms_and_gradients_agree_float64",
          "tests/test_parity.py::test_objectives_agree_float64",
